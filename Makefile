@@ -1,0 +1,91 @@
+# dotp - DNS to DNS-over-TLS proxy.
+#
+#   make            ./dotp: static, stripped, musl + BearSSL, Mozilla roots
+#   make run        run it on 127.0.0.1:5353 and [::1]:5353 (no root needed)
+#   make test       unit tests, fuzz corpus replay and integration tests
+#                   (installs what it needs with apt-get when run as root)
+#   make image      the FROM scratch container image (buildah or docker)
+#   make clean
+#
+# BEARSSL_SRC=DIR builds BearSSL from an unpacked source tree instead of
+# Debian's source package. Local overrides go in config.mak.
+
+.POSIX:
+.SUFFIXES:
+
+CC	= musl-gcc
+HOSTCC	= cc
+CFLAGS	= -Os
+LDFLAGS	=
+BUILD	= build
+BEARSSL_SRC =
+IMAGE	= dotp:latest
+VERSION	= 0.1.0
+
+-include config.mak
+
+BR	= $(BUILD)/bearssl
+WARN	= -std=c11 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wpedantic \
+	  -Wwrite-strings -Wimplicit-fallthrough -Wcast-qual -Wformat=2
+# Size: sections collected, no unwind tables. Safety: stack protector,
+# RELRO, static PIE (ASLR). musl has no _FORTIFY_SOURCE.
+HARDEN	= -fstack-protector-strong -fPIE
+SIZE	= -ffunction-sections -fdata-sections -fno-asynchronous-unwind-tables \
+	  -fno-unwind-tables
+ALL_CFLAGS  = $(WARN) $(HARDEN) $(SIZE) -I$(BR)/inc -I$(BUILD) \
+	  -DDOTP_VERSION='"$(VERSION)"' $(CFLAGS)
+ALL_LDFLAGS = -static-pie -Wl,--gc-sections -Wl,-z,relro,-z,now \
+	  -Wl,-z,noseparate-code -s $(LDFLAGS)
+# Sanitizer builds (host compiler, glibc) link the same libbearssl.a:
+# BearSSL calls almost nothing from libc.
+SAN	= -fsanitize=address,undefined -fno-sanitize-recover=all -g -O1 \
+	  -fno-omit-frame-pointer
+
+all: dotp
+
+$(BR)/libbearssl.a: bearssl/build.sh bearssl/deps.sh
+	sh bearssl/build.sh $(BR) $(BEARSSL_SRC)
+
+$(BUILD)/ta.h: ca-bundle/mozilla-roots.pem ca-bundle/mkta.sh $(BR)/libbearssl.a
+	sh ca-bundle/mkta.sh $(BR)/brssl ca-bundle/mozilla-roots.pem $@
+
+dotp: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+	$(CC) $(ALL_CFLAGS) -o $@ dotp.c $(BR)/libbearssl.a $(ALL_LDFLAGS)
+	@echo "dotp: $$(stat -c %s $@) bytes, static, stripped"
+
+# Unprivileged run with the defaults otherwise (Cloudflare upstreams).
+run: dotp
+	./dotp -l 127.0.0.1:5353 -l '[::1]:5353'
+
+# --- tests ------------------------------------------------------------------
+
+TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython \
+	  python3-pytest openssl iproute2 util-linux buildah clang \
+	  libclang-rt-14-dev
+
+$(BUILD)/unit: tests/unit.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \
+	  -o $@ tests/unit.c $(BR)/libbearssl.a
+
+# dotp built with ASan + UBSan, for the integration suite.
+$(BUILD)/dotp-san: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+	$(HOSTCC) $(WARN) $(SAN) -I$(BR)/inc -I$(BUILD) -o $@ dotp.c \
+	  $(BR)/libbearssl.a
+
+test-deps:
+	sh bearssl/deps.sh $(TEST_PKGS)
+
+test: test-deps dotp $(BUILD)/unit $(BUILD)/dotp-san
+	sh tests/run-all.sh
+
+image: dotp
+	sh tests/image.sh build $(IMAGE)
+
+clean:
+	rm -f dotp
+	rm -rf $(BUILD)/unit $(BUILD)/dotp-san $(BUILD)/ta.h $(BUILD)/test
+
+distclean:
+	rm -rf dotp $(BUILD)
+
+.PHONY: all run test test-deps image clean distclean

@@ -1,0 +1,487 @@
+/*
+ * Unit tests for the pure parts of dotp.c: DNS wire helpers, frame
+ * reassembly, the query ID table and the config parsers.
+ * The whole of dotp.c is included with main() compiled out, so every
+ * static function is reachable. Inputs are copied to the end of a page
+ * followed by an unmapped guard page: a read one byte past the input
+ * faults even without ASan.
+ */
+#define DOTP_NO_MAIN
+#include "../dotp.c"
+
+#include <sys/mman.h>
+
+static int t_pass, t_fail;
+
+#define ok(cond, ...) do {						\
+	if (cond) {							\
+		t_pass++;						\
+	} else {							\
+		t_fail++;						\
+		printf("FAIL %s:%d: ", __FILE__, __LINE__);		\
+		printf(__VA_ARGS__);					\
+		printf("\n");						\
+	}								\
+} while (0)
+
+/* Copies len bytes so that they end exactly at a guard page. */
+static unsigned char *
+guard(const void *data, size_t len)
+{
+	static unsigned char *base;
+	static size_t pg;
+
+	if (base == NULL) {
+		pg = (size_t)sysconf(_SC_PAGESIZE);
+		base = mmap(NULL, 18 * pg, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (base == MAP_FAILED)
+			abort();
+		mprotect(base + 17 * pg, pg, PROT_NONE);
+	}
+	if (len > 17 * pg)
+		abort();
+	memcpy(base + 17 * pg - len, data, len);
+	return base + 17 * pg - len;
+}
+
+/* Builds a query for name (dotted, "" for the root) into buf. */
+static size_t
+mkquery(unsigned char *buf, uint16_t id, const char *name, uint16_t type,
+    int edns, uint16_t udp)
+{
+	size_t	 n = DNS_HEADER_LEN;
+	const char *p = name;
+
+	memset(buf, 0, DNS_HEADER_LEN);
+	wr16(buf, id);
+	wr16(buf + DNS_OFF_FLAGS, DNS_FLAG_RD);
+	wr16(buf + DNS_OFF_QDCOUNT, 1);
+	while (*p) {
+		size_t l = strcspn(p, ".");
+		buf[n++] = (unsigned char)l;
+		memcpy(buf + n, p, l);
+		n += l;
+		p += l;
+		if (*p == '.')
+			p++;
+	}
+	buf[n++] = 0;
+	wr16(buf + n, type);
+	wr16(buf + n + 2, 1);
+	n += 4;
+	if (edns) {
+		static const unsigned char opt[11] = { 0, 0, 41 };
+		memcpy(buf + n, opt, sizeof opt);
+		wr16(buf + n + 3, udp);
+		wr16(buf + DNS_OFF_ARCOUNT, 1);
+		n += sizeof opt;
+	}
+	return n;
+}
+
+static void
+test_skip_name(void)
+{
+	/* www.example.test at 12, then a pointer to it at 30. */
+	unsigned char m[64] = { 0 };
+	size_t	 n = 12;
+
+	memcpy(m + n, "\3www\7example\4test\0", 18);
+	n += 18;
+	m[n++] = 0xc0; m[n++] = 12;
+	ok(dns_skip_name(guard(m, n), n, 12) == 30, "plain name");
+	ok(dns_skip_name(guard(m, n), n, 30) == 32, "pointer back");
+	/* Pointer to itself and forward pointers loop or escape: refused. */
+	m[30] = 0xc0; m[31] = 30;
+	ok(dns_skip_name(guard(m, 32), 32, 30) == 0, "self pointer");
+	m[31] = 31;
+	ok(dns_skip_name(guard(m, 32), 32, 30) == 0, "forward pointer");
+	/* Truncated: every prefix of a valid name is bad. */
+	for (size_t cut = 12; cut < 30; cut++)
+		ok(dns_skip_name(guard(m, cut), cut, 12) == 0,
+		    "truncated at %zu", cut);
+	/* Label types 0x40 and 0x80 are refused. */
+	m[12] = 0x41;
+	ok(dns_skip_name(guard(m, 30), 30, 12) == 0, "label 0x40");
+	m[12] = 0x81;
+	ok(dns_skip_name(guard(m, 30), 30, 12) == 0, "label 0x80");
+	/* A 256-byte name (4 x 63 + ...) is refused, 255 accepted. */
+	{
+		unsigned char big[400];
+		size_t	 k, p = 0;
+
+		for (k = 0; k < 4; k++) {
+			big[p++] = 62;
+			memset(big + p, 'a', 62);
+			p += 62;
+		}
+		big[p++] = 0;	/* 4 * 63 + 1 = 253 */
+		ok(dns_skip_name(guard(big, p), p, 0) == p, "253-byte name");
+		ok(dns_check_qname(guard(big, p), p, 0) == p, "253 qname");
+		big[p - 1] = 1; big[p] = 'b'; big[p + 1] = 0;
+		ok(dns_skip_name(guard(big, p + 2), p + 2, 0) == p + 2,
+		    "255-byte name");
+		big[p + 1] = 1; big[p + 2] = 'c'; big[p + 3] = 0;
+		ok(dns_skip_name(guard(big, p + 4), p + 4, 0) == 0,
+		    "257-byte name refused");
+		ok(dns_check_qname(guard(big, p + 4), p + 4, 0) == 0,
+		    "257-byte qname refused");
+	}
+	/* Chains of backward pointers stay bounded by the name length. */
+	{
+		unsigned char c[200];
+		size_t	 k;
+
+		c[0] = 1; c[1] = 'a'; c[2] = 0;
+		for (k = 3; k + 1 < sizeof c; k += 2) {
+			c[k] = 0xc0;
+			c[k + 1] = (unsigned char)(k - 2 > 2 ? k - 2 : 0);
+		}
+		ok(dns_skip_name(guard(c, 199), 199, 197) == 199,
+		    "pointer chain");
+	}
+}
+
+static void
+test_check_query(void)
+{
+	unsigned char q[DOTP_QUERY_MAX + 8], *g;
+	struct qinfo qi;
+	size_t	 n;
+
+	n = mkquery(q, 0x1234, "www.example.test", 1, 0, 0);
+	ok(dns_check_query(guard(q, n), n, &qi) == QC_OK, "plain query");
+	ok(qi.qend == n && !qi.has_opt, "qend %zu", qi.qend);
+	ok(dns_udp_limit(&qi, 1232) == 512, "no EDNS: 512");
+	n = mkquery(q, 1, "www.example.test", 1, 1, 4096);
+	ok(dns_check_query(guard(q, n), n, &qi) == QC_OK, "EDNS query");
+	ok(qi.has_opt && qi.udp_size == 4096, "udp size %u", qi.udp_size);
+	ok(dns_udp_limit(&qi, 1232) == 1232, "capped to 1232");
+	qi.udp_size = 100;
+	ok(dns_udp_limit(&qi, 1232) == 512, "raised to 512");
+	/* Every truncation of a valid query is refused or dropped. */
+	for (size_t cut = 0; cut < n; cut++) {
+		int r = dns_check_query(guard(q, cut), cut, &qi);
+		ok(r == (cut < 12 ? QC_DROP : DNS_RCODE_FORMERR),
+		    "cut %zu -> %d", cut, r);
+	}
+	/* Responses are dropped. */
+	n = mkquery(q, 1, "a.test", 1, 0, 0);
+	q[2] |= 0x80;
+	ok(dns_check_query(guard(q, n), n, &qi) == QC_DROP, "QR dropped");
+	/* Other opcodes: NOTIMP. */
+	n = mkquery(q, 1, "a.test", 1, 0, 0);
+	q[2] |= 2 << 3;	/* opcode 2 (STATUS) */
+	ok(dns_check_query(guard(q, n), n, &qi) == DNS_RCODE_NOTIMP,
+	    "STATUS -> NOTIMP");
+	/* QDCOUNT 0 and 2: FORMERR. */
+	n = mkquery(q, 1, "a.test", 1, 0, 0);
+	wr16(q + 4, 0);
+	ok(dns_check_query(guard(q, n), n, &qi) == DNS_RCODE_FORMERR, "qd 0");
+	wr16(q + 4, 2);
+	ok(dns_check_query(guard(q, n), n, &qi) == DNS_RCODE_FORMERR, "qd 2");
+	/* Compression in the question: FORMERR. */
+	n = mkquery(q, 1, "a.test", 1, 0, 0);
+	q[12] = 0xc0; q[13] = 12;
+	ok(dns_check_query(guard(q, n), n, &qi) == DNS_RCODE_FORMERR,
+	    "compressed qname");
+	/* Trailing garbage beyond the counted records is tolerated; a
+	 * counted record that runs past the end is not. */
+	n = mkquery(q, 1, "a.test", 1, 1, 1232);
+	wr16(q + 10, 2);
+	ok(dns_check_query(guard(q, n), n, &qi) == DNS_RCODE_FORMERR,
+	    "ARCOUNT past end");
+	/* Oversized query. */
+	memset(q, 0, sizeof q);
+	n = mkquery(q, 1, "a.test", 1, 0, 0);
+	g = guard(q, DOTP_QUERY_MAX + 1);
+	ok(dns_check_query(g, DOTP_QUERY_MAX + 1, &qi) == DNS_RCODE_FORMERR,
+	    "oversized");
+}
+
+static void
+test_answer_and_errors(void)
+{
+	unsigned char q[300], a[300], out[600];
+	struct qinfo qi;
+	size_t	 n, m;
+
+	n = mkquery(q, 7, "Www.Example.TEST", 28, 1, 1232);
+	dns_check_query(q, n, &qi);
+	memcpy(a, q, n);
+	wr16(a + 2, 0x8180);
+	for (size_t i = 12; i < qi.qend; i++)
+		if (a[i] >= 'A' && a[i] <= 'Z')
+			a[i] = (unsigned char)(a[i] + 32);
+	ok(dns_check_answer(guard(a, n), n, q, qi.qend), "case-insensitive");
+	a[qi.qend - 3] = 1;	/* QTYPE A instead of AAAA */
+	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "type differs");
+	a[qi.qend - 3] = 28;
+	wr16(a + 2, 0x0180);
+	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "QR clear");
+	wr16(a + 2, 0x8181);
+	wr16(a + 4, 0);
+	ok(dns_check_answer(guard(a, 12), 12, q, qi.qend),
+	    "no question with FORMERR");
+	wr16(a + 2, 0x8180);
+	ok(!dns_check_answer(guard(a, 12), 12, q, qi.qend),
+	    "no question with NOERROR");
+	ok(!dns_check_answer(guard(a, 11), 11, q, qi.qend), "short");
+
+	m = dns_make_error(q, n, qi.qend, 1, DNS_RCODE_SERVFAIL, out,
+	    sizeof out);
+	ok(m == qi.qend + 11, "servfail length %zu", m);
+	ok(rd16(out) == 7 && (rd16(out + 2) & 0xf) == 2, "servfail rcode");
+	ok(rd16(out + 2) & DNS_FLAG_QR && rd16(out + 2) & DNS_FLAG_RD,
+	    "QR and RD");
+	ok(rd16(out + 4) == 1 && rd16(out + 10) == 1, "counts");
+	ok(memcmp(out + 12, q + 12, qi.qend - 12) == 0, "question echoed");
+	m = dns_make_error(q, 12, 0, 0, DNS_RCODE_FORMERR, out, sizeof out);
+	ok(m == 12 && rd16(out + 4) == 0, "header-only formerr");
+	ok(dns_make_error(q, 11, 0, 0, 1, out, sizeof out) == 0, "no header");
+}
+
+/* An answer with many A records, and an OPT at the end. */
+static size_t
+mkbig(unsigned char *a, int nrr, int opt, const unsigned char *q,
+    size_t qend)
+{
+	size_t	 n = qend;
+	int	 k;
+
+	memcpy(a, q, qend);
+	wr16(a + 2, 0x8180);
+	wr16(a + 6, (uint16_t)nrr);
+	wr16(a + 10, opt ? 1 : 0);
+	for (k = 0; k < nrr; k++) {
+		static const unsigned char rr[16] = {
+			0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 0, 0, 4, 192, 0, 2, 0
+		};
+		memcpy(a + n, rr, sizeof rr);
+		a[n + 15] = (unsigned char)k;
+		n += sizeof rr;
+	}
+	if (opt) {
+		static const unsigned char o[19] = {
+			0, 0, 41, 4, 0xd0, 0, 0, 0x80, 0, 0, 8,
+			0, 12, 0, 4, 0, 0, 0, 0		/* padding option */
+		};
+		memcpy(a + n, o, sizeof o);
+		n += sizeof o;
+	}
+	return n;
+}
+
+static void
+test_truncate(void)
+{
+	unsigned char q[300], a[4000], out[1300];
+	struct qinfo qi;
+	size_t	 n, an, t;
+
+	n = mkquery(q, 9, "big.example.test", 1, 1, 4096);
+	dns_check_query(q, n, &qi);
+	an = mkbig(a, 100, 1, q, qi.qend);
+	ok(an > 1232, "big answer %zu", an);
+	ok(dns_find_opt(a, an, qi.qend) == an - 19, "find opt");
+	t = dns_truncate(guard(a, an), an, 1, out, 512);
+	ok(t <= 512, "fits %zu", t);
+	ok(rd16(out + 2) & DNS_FLAG_TC, "TC set");
+	ok(rd16(out + 4) == 1 && rd16(out + 6) == 0 && rd16(out + 8) == 0,
+	    "counts");
+	ok(rd16(out + 10) == 1, "OPT kept");
+	ok(t == qi.qend + 19, "OPT with options %zu", t);
+	ok(memcmp(out + 12, q + 12, qi.qend - 12) == 0, "question kept");
+	t = dns_truncate(guard(a, an), an, 0, out, 512);
+	ok(t == qi.qend && rd16(out + 10) == 0, "no OPT when client had none");
+	/* The question survives even at the 512 floor with a long name. */
+	{
+		char	 name[260];
+		int	 k;
+
+		for (k = 0; k < 4; k++)
+			memset(name + k * 63, 'x', 62), name[k * 63 + 62] = '.';
+		name[4 * 63 - 1] = '\0';
+		n = mkquery(q, 9, name, 1, 1, 512);
+		ok(dns_check_query(q, n, &qi) == QC_OK, "long name query");
+		an = mkbig(a, 200, 1, q, qi.qend);
+		t = dns_truncate(guard(a, an), an, 1, out, 512);
+		ok(t <= 512 && rd16(out + 4) == 1, "long name truncated %zu",
+		    t);
+	}
+}
+
+static void
+test_frames(void)
+{
+	unsigned char s[100];
+	size_t	 cut;
+
+	wr16(s, 20);
+	memset(s + 2, 0xab, 20);
+	wr16(s + 22, 12);
+	memset(s + 24, 0xcd, 12);
+	for (cut = 0; cut <= 36; cut++) {
+		long r = frame_complete(guard(s, cut), cut, 12, 1024);
+		ok(r == (cut < 22 ? 0 : 22), "cut %zu -> %ld", cut, r);
+	}
+	ok(frame_complete(guard(s + 22, 14), 14, 12, 1024) == 14, "second");
+	wr16(s, 11);
+	ok(frame_complete(guard(s, 2), 2, 12, 1024) == -1, "below 12");
+	wr16(s, 1025);
+	ok(frame_complete(guard(s, 2), 2, 12, 1024) == -1, "above max");
+	wr16(s, 65535);
+	ok(frame_complete(guard(s, 2), 2, 12, 65535) == 0, "max waits");
+}
+
+static void
+test_idtab(void)
+{
+	static int live[DOTP_MAX_QUERIES];
+	int	 n = 0, i, k, round;
+
+	q_init();
+	memset(G.idtab, 0, sizeof G.idtab);
+	G.qlive = 0;
+	/* Fill the table, free a random half, refill: every live ID must
+	 * stay findable and unique through backward-shift deletions. */
+	for (round = 0; round < 4; round++) {
+		while ((i = q_alloc()) >= 0) {
+			G.q[i].state = Q_QUEUED;
+			G.q[i].cl.kind = CK_UDP;
+			live[n++] = i;
+		}
+		ok(n == DOTP_MAX_QUERIES, "filled %d", n);
+		for (k = 0; k < n; ) {
+			uint16_t r;
+			rand16(&r);
+			if (r & 1) {
+				q_free(live[k]);
+				live[k] = live[--n];
+			} else {
+				k++;
+			}
+		}
+		for (k = 0; k < n; k++)
+			if (q_find(G.q[live[k]].up_id) != live[k])
+				break;
+		ok(k == n, "all %d live IDs found", n);
+	}
+	while (n > 0)
+		q_free(live[--n]);
+	for (k = 0; k < DOTP_IDTAB_SIZE && G.idtab[k] == 0; k++)
+		/* nothing */;
+	ok(k == DOTP_IDTAB_SIZE && G.qlive == 0 && G.age.n == 0,
+	    "table empty after all freed");
+}
+
+static void
+test_config(void)
+{
+	struct sockaddr_text a;
+	long	 v;
+
+	ok(parse_addr("127.0.0.1", 53, &a) == 0 &&
+	    !strcmp(a.text, "127.0.0.1:53"), "v4 default port");
+	ok(parse_addr("127.0.0.1:5300", 53, &a) == 0 &&
+	    !strcmp(a.text, "127.0.0.1:5300"), "v4 port");
+	ok(parse_addr("[::1]:853", 53, &a) == 0 &&
+	    !strcmp(a.text, "[::1]:853") && a.u.sa.sa_family == AF_INET6,
+	    "v6 bracketed");
+	ok(parse_addr("::1", 53, &a) == 0 && !strcmp(a.text, "[::1]:53"),
+	    "bare v6");
+	ok(parse_addr("[::1]", 853, &a) == 0 && !strcmp(a.text, "[::1]:853"),
+	    "v6 no port");
+	ok(parse_addr("1.2.3.4.5", 53, &a) < 0, "bad v4");
+	ok(parse_addr("127.0.0.1:99999", 53, &a) < 0, "port range");
+	ok(parse_addr("127.0.0.1:0", 53, &a) < 0, "port 0");
+	ok(parse_addr("127.0.0.1:", 53, &a) < 0, "empty port");
+	ok(parse_addr("[::1", 53, &a) < 0, "unclosed bracket");
+	ok(parse_addr("[::1]x", 53, &a) < 0, "junk after bracket");
+	ok(parse_addr("host.example:853", 53, &a) < 0, "host name");
+	ok(parse_addr("", 53, &a) < 0, "empty");
+	ok(valid_cert_name("cloudflare-dns.com"), "name ok");
+	ok(!valid_cert_name(""), "empty name");
+	ok(!valid_cert_name("1.1.1.1"), "IP as name");
+	ok(!valid_cert_name("a..b"), "empty label");
+	ok(!valid_cert_name("a b"), "space");
+	ok(parse_int("3000", 1, 600000, &v) == 0 && v == 3000, "int");
+	ok(parse_int("0", 1, 600000, &v) < 0, "int range");
+	ok(parse_int("12x", 1, 600000, &v) < 0, "int junk");
+	ok(parse_int("-5", 1, 600000, &v) < 0, "int sign");
+	ok(parse_int("", 1, 600000, &v) < 0, "int empty");
+	ok(parse_int("99999999999999999999", 1, 600000, &v) < 0, "overflow");
+}
+
+static void
+test_cfg_parse(void)
+{
+	struct config cfg;
+	static char a0[] = "dotp", a1[] = "-l", a2[] = "127.0.0.1:5300",
+	    a3[] = "-u", a4[] = "[::1]:8853#dot.test", a5[] = "--timeout",
+	    a6[] = "1500", a7[] = "-q";
+	char	*argv1[] = { a0, a1, a2, a3, a4, a5, a6, a7, NULL };
+	char	*argv0[] = { a0, NULL };
+
+	setenv("DOTP_UPSTREAM", "127.0.0.2#a.test, 127.0.0.3:54#b.test", 1);
+	setenv("DOTP_LISTEN", "127.0.0.9:53", 1);
+	optind = 1;
+	cfg_parse(&cfg, 8, argv1);
+	ok(cfg.nlisten == 1 && !strcmp(cfg.listen[0].text, "127.0.0.1:5300"),
+	    "flag listen wins over env");
+	ok(cfg.nup == 1 && !strcmp(cfg.up[0].text, "[::1]:8853") &&
+	    !strcmp(cfg.up_name[0], "dot.test"), "flag upstream");
+	ok(cfg.timeout_ms == 1500 && cfg.verbosity == LOG_ERR, "timeout, -q");
+	optind = 1;
+	cfg_parse(&cfg, 1, argv0);
+	ok(cfg.nup == 2 && !strcmp(cfg.up[1].text, "127.0.0.3:54") &&
+	    !strcmp(cfg.up_name[1], "b.test"), "env upstream list");
+	ok(cfg.nlisten == 1 && !strcmp(cfg.listen[0].text, "127.0.0.9:53"),
+	    "env listen");
+	unsetenv("DOTP_UPSTREAM");
+	unsetenv("DOTP_LISTEN");
+	optind = 1;
+	cfg_parse(&cfg, 1, argv0);
+	ok(cfg.nlisten == 2 && !strcmp(cfg.listen[1].text, "[::1]:53"),
+	    "default listen");
+	ok(cfg.nup == 2 && !strcmp(cfg.up[0].text, "1.1.1.1:853") &&
+	    !strcmp(cfg.up_name[0], "cloudflare-dns.com"), "default upstream");
+	ok(cfg.timeout_ms == DOTP_TIMEOUT_MS, "default timeout");
+}
+
+static void
+test_tls_errors(void)
+{
+	char	 b[80];
+
+	ok(!strcmp(tls_strerror(BR_ERR_X509_NOT_TRUSTED, b, sizeof b),
+	    "certificate not trusted"), "62");
+	ok(strstr(tls_strerror(BR_ERR_X509_BAD_SERVER_NAME, b, sizeof b),
+	    "name mismatch") != NULL, "56");
+	ok(strstr(tls_strerror(BR_ERR_X509_EXPIRED, b, sizeof b),
+	    "expired") != NULL, "54");
+	ok(strstr(tls_strerror(BR_ERR_RECV_FATAL_ALERT + 40, b, sizeof b),
+	    "received fatal alert 40") != NULL, "alert");
+#ifndef DOTP_NO_EMBEDDED_TAS
+	ok(DOTP_EMBEDDED_TAS_NUM > 100, "embedded anchors %d",
+	    DOTP_EMBEDDED_TAS_NUM);
+#endif
+}
+
+int
+main(void)
+{
+	log_verbosity = -1;	/* quiet */
+	test_skip_name();
+	test_check_query();
+	test_answer_and_errors();
+	test_truncate();
+	test_frames();
+	test_idtab();
+	test_config();
+	test_cfg_parse();
+	test_tls_errors();
+	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
+	return t_fail != 0;
+}
