@@ -13,7 +13,8 @@
 .POSIX:
 .SUFFIXES:
 
-CC	= musl-gcc
+# gcc with musl's specs, rewritten for a static PIE (see below).
+CC	= gcc -specs $(SPECS)
 HOSTCC	= cc
 CFLAGS	= -Os
 LDFLAGS	=
@@ -25,6 +26,7 @@ VERSION	= 0.1.0
 -include config.mak
 
 BR	= $(BUILD)/bearssl
+SPECS	= $(BUILD)/musl-static-pie.specs
 WARN	= -std=c11 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wpedantic \
 	  -Wwrite-strings -Wimplicit-fallthrough -Wcast-qual -Wformat=2
 # Size: sections collected, no unwind tables. Safety: stack protector,
@@ -49,9 +51,24 @@ $(BR)/libbearssl.a: bearssl/build.sh bearssl/deps.sh
 $(BUILD)/ta.h: ca-bundle/mozilla-roots.pem ca-bundle/mkta.sh $(BR)/libbearssl.a
 	sh ca-bundle/mkta.sh $(BR)/brssl ca-bundle/mozilla-roots.pem $@
 
-dotp: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+# Debian's musl-gcc links dynamically even when asked for -static-pie
+# (its specs always name a dynamic linker), and such a binary cannot run
+# FROM scratch. Its specs are rewritten for a static PIE: rcrt1.o, no
+# dynamic linker. The result is checked: no PT_INTERP, no NEEDED.
+$(SPECS): bearssl/deps.sh
+	sh bearssl/deps.sh musl-tools binutils
+	mkdir -p $(BUILD)
+	spec=$$(sed -n 's/.*-specs "\(.*\)".*/\1/p' "$$(command -v musl-gcc)") && \
+	sed -e 's/Scrt1\.o/rcrt1.o/' \
+	    -e 's/^-dynamic-linker [^ ]* /-static -pie --no-dynamic-linker -z text /' \
+	    "$$spec" > $@.tmp && grep -q rcrt1.o $@.tmp && \
+	grep -q -- '--no-dynamic-linker' $@.tmp && mv $@.tmp $@
+
+dotp: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h $(SPECS)
 	$(CC) $(ALL_CFLAGS) -o $@ dotp.c $(BR)/libbearssl.a $(ALL_LDFLAGS)
-	@echo "dotp: $$(stat -c %s $@) bytes, static, stripped"
+	@if readelf -ld $@ | grep -q -e INTERP -e NEEDED; then \
+	  echo "dotp: not a static binary" >&2; rm -f $@; exit 1; fi
+	@echo "dotp: $$(stat -c %s $@) bytes, static-pie, stripped"
 
 # Unprivileged run with the defaults otherwise (Cloudflare upstreams).
 run: dotp
@@ -61,7 +78,7 @@ run: dotp
 
 TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython \
 	  python3-pytest openssl iproute2 util-linux buildah clang \
-	  libclang-rt-14-dev
+	  libclang-rt-14-dev procps
 
 $(BUILD)/unit: tests/unit.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \

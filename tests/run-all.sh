@@ -1,0 +1,40 @@
+#!/bin/sh
+# run-all.sh - the whole test suite, as `make test` runs it (after the
+# Makefile has built ./dotp, build/unit and build/dotp-san).
+#   unit               C unit tests attached to dotp.c (ASan + UBSan)
+#   integration        pytest against real unbound over TLS, release binary
+#   integration-asan   the same suite with dotp built with ASan + UBSan
+#   image              the FROM scratch image: built, size, run from its root
+# Ends with one summary line; exits non-zero if any suite failed.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+pass=0
+fail=0
+failed=
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
+
+suite() {
+	name=$1
+	shift
+	echo "=== $name"
+	if "$@"; then
+		pass=$((pass + 1))
+		echo "=== $name: PASS"
+	else
+		fail=$((fail + 1))
+		failed="$failed $name"
+		echo "=== $name: FAIL"
+	fi
+}
+
+suite unit ./build/unit
+suite integration sh tests/run-integration.sh
+suite integration-asan env DOTP_BIN="$PWD/build/dotp-san" \
+	sh tests/run-integration.sh
+suite image sh tests/image.sh test dotp-test:latest
+
+[ -z "$failed" ] || echo "failed suites:$failed"
+echo "suites: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
