@@ -459,6 +459,16 @@ fd_close(int *fd)
 	errno = saved;
 }
 
+/* Copies the string src into dst of size len (len > 0), cutting it. */
+static void
+str_copy(char *dst, size_t len, const char *src)
+{
+	size_t	 n = strnlen(src, len - 1);
+
+	memmove(dst, src, n);
+	dst[n] = '\0';
+}
+
 /* Formats an address as "1.2.3.4:53" or "[::1]:53". */
 static void
 addr_text(const struct sockaddr *sa, char *buf, size_t len)
@@ -1401,11 +1411,10 @@ up_connect(struct upstream *u, int64_t now)
 }
 
 /* Dispatches one answer frame (msg, len) from upstream u. */
-static void	q_deliver(int, const unsigned char *, size_t, int64_t);
+static void	q_deliver(int, unsigned char *, size_t);
 
 static void
-up_answer(struct upstream *u, const unsigned char *msg, size_t len,
-    int64_t now)
+up_answer(struct upstream *u, unsigned char *msg, size_t len)
 {
 	int	 i = q_find(rd16(msg + DNS_OFF_ID));
 	struct query *q;
@@ -1419,7 +1428,7 @@ up_answer(struct upstream *u, const unsigned char *msg, size_t len,
 		return;
 	}
 	qlist_remove(&u->fl, i);
-	q_deliver(i, msg, len, now);
+	q_deliver(i, msg, len);
 }
 
 /* Injects every queued query that fits into SENDAPP, then flushes so
@@ -1478,7 +1487,7 @@ up_recvapp(struct upstream *u, int64_t now)
 	u->rxa.have += len;
 	while ((fl = frame_complete(u->rx + off, u->rxa.have - off,
 	    DNS_HEADER_LEN, DNS_MSG_MAX)) > 0) {
-		up_answer(u, u->rx + off + 2, (size_t)fl - 2, now);
+		up_answer(u, u->rx + off + 2, (size_t)fl - 2);
 		off += (size_t)fl;
 	}
 	if (fl < 0)
@@ -1720,20 +1729,16 @@ client_send(const struct client *cl, const unsigned char *msg, size_t len)
 		tcp_send(&G.tcp[cl->idx], msg, len);
 }
 
-/* Delivers the answer msg to the client of query i, with its ID, and
+/* Delivers the answer msg (in an upstream's rx buffer, which dotp owns
+ * and may patch) to the client of query i, with the client's ID, and
  * frees the slot. The query MUST be off its upstream list. */
 static void
-q_deliver(int i, const unsigned char *msg, size_t len, int64_t now)
+q_deliver(int i, unsigned char *msg, size_t len)
 {
 	struct query *q = &G.q[i];
-	unsigned char *m = (unsigned char *)(uintptr_t)msg;
 	unsigned char small[DNS_EDNS_UDP_MAX];
-	uint16_t saved = rd16(msg);
 
-	(void)now;
-	/* The answer sits in the upstream's rx buffer and is not read
-	 * again after this call: patch the ID in place. */
-	wr16(m + DNS_OFF_ID, q->client_id);
+	wr16(msg + DNS_OFF_ID, q->client_id);
 	if (q->cl.kind == CK_UDP && len > q->udp_limit) {
 		size_t n = dns_truncate(msg, len, q->has_opt, small,
 		    q->udp_limit < sizeof small ? q->udp_limit : sizeof small);
@@ -1741,7 +1746,6 @@ q_deliver(int i, const unsigned char *msg, size_t len, int64_t now)
 	} else {
 		client_send(&q->cl, msg, len);
 	}
-	wr16(m + DNS_OFF_ID, saved);
 	G.st.answers++;
 	q_free(i);
 }
@@ -1793,6 +1797,7 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
     int64_t now)
 {
 	struct qinfo qi;
+	struct query *q;
 	unsigned char out[DNS_UDP_MIN];
 	size_t	 n;
 	int	 r, i, ui;
@@ -1804,18 +1809,15 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 		return;
 	}
 	if (r != QC_OK) {
-		n = dns_make_error(m, len, r == DNS_RCODE_NOTIMP ? 0 : 0, 0, r,
-		    out, sizeof out);
+		/* Header only: the question may be what is wrong. */
+		n = dns_make_error(m, len, 0, 0, r, out, sizeof out);
 		if (n > 0)
 			client_send(cl, out, n);
 		return;
 	}
-	i = q_alloc();
-	if (i < 0 || (ui = up_pick(-1)) < 0) {
-		if (i >= 0) {
-			/* can't happen: there is always an upstream */
-			age_remove(i);
-		}
+	ui = up_pick(-1);	/* never -1: there is at least one upstream */
+	if ((i = q_alloc()) < 0) {
+		log_msg(LOG_DEBUG, "query table full, SERVFAIL");
 		n = dns_make_error(m, len, qi.qend, qi.has_opt,
 		    DNS_RCODE_SERVFAIL, out, sizeof out);
 		if (n > 0)
@@ -1823,7 +1825,7 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 		G.st.servfail++;
 		return;
 	}
-	struct query *q = &G.q[i];
+	q = &G.q[i];
 	memcpy(q->qbuf, m, len);
 	q->qlen = (uint16_t)len;
 	q->qend = (uint16_t)qi.qend;
@@ -2127,7 +2129,8 @@ loop_run(void)
 		now = now_ms();
 		n = 0;
 		for (i = 0; i < G.nup; i++, n++)
-			if (pfd[n].revents && pfd[n].fd >= 0)
+			if (pfd[n].revents && pfd[n].fd >= 0 &&
+			    pfd[n].fd == G.up[i].fd)
 				up_service(&G.up[i], pfd[n].revents, now);
 		for (j = 0; j < DOTP_MAX_TCP; j++) {
 			struct tcpclient *c = &G.tcp[j];
@@ -2345,8 +2348,7 @@ cfg_upstream(struct config *cfg, const char *v, const char *what)
 	if (!valid_cert_name(hash + 1))
 		cfg_die("bad %s value '%s': '%s' is not a DNS name to check "
 		    "the certificate against", what, v, hash + 1);
-	snprintf(cfg->up_name[cfg->nup], sizeof cfg->up_name[0], "%s",
-	    hash + 1);
+	str_copy(cfg->up_name[cfg->nup], sizeof cfg->up_name[0], hash + 1);
 	cfg->nup++;
 }
 
@@ -2505,7 +2507,7 @@ listen_open(const struct sockaddr_text *a, struct listener *l,
 	int	 one = 1, type;
 
 	l->udp = l->tcp = -1;
-	snprintf(l->label, sizeof l->label, "%s", a->text);
+	str_copy(l->label, sizeof l->label, a->text);
 	for (type = 0; type < 2; type++) {
 		int fd = socket(a->u.sa.sa_family, (type ? SOCK_STREAM :
 		    SOCK_DGRAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -2574,8 +2576,8 @@ setup(void)
 		u->fl = (struct qlist)QLIST_ZERO;
 		memcpy(&u->addr, &cfg->up[i].u, sizeof u->addr);
 		u->addrlen = cfg->up[i].len;
-		snprintf(u->label, sizeof u->label, "%s", cfg->up[i].text);
-		snprintf(u->name, sizeof u->name, "%s", cfg->up_name[i]);
+		str_copy(u->label, sizeof u->label, cfg->up[i].text);
+		str_copy(u->name, sizeof u->name, cfg->up_name[i]);
 		tls_setup(u);
 		if (br_ssl_engine_last_error(&u->cc.eng) != BR_ERR_OK) {
 			fprintf(stderr, "dotp: TLS setup failed (error %d)\n",

@@ -1,0 +1,701 @@
+"""Helpers for the dotp integration suite: test PKI, unbound DoT upstream,
+dotp process control, raw DNS exchanges, a connection-counting TCP relay and
+a "black hole" TLS upstream that accepts connections and never answers.
+
+Everything here is plain Python + the openssl/unbound CLIs; the pytest
+fixtures that wire it together live in conftest.py.
+"""
+
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+REPO = Path(__file__).resolve().parents[2]
+DOTP_BIN = os.environ.get("DOTP_BIN") or str(REPO / "dotp")
+
+# Strings that mean a sanitizer build found a bug; any of them in dotp's
+# stderr fails the test.
+SANITIZER_MARKERS = (
+    "AddressSanitizer",
+    "LeakSanitizer",
+    "UndefinedBehaviorSanitizer",
+    "ThreadSanitizer",
+    "MemorySanitizer",
+    "runtime error:",
+)
+
+
+def run(cmd, **kw):
+    """Run a helper command, raise with its output on failure."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, **kw)
+    if p.returncode != 0:
+        raise RuntimeError("command failed (%d): %s\n%s"
+                           % (p.returncode, " ".join(map(str, cmd)), p.stdout))
+    return p.stdout
+
+
+# --------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------
+
+class PortAllocator:
+    """Hands out ports that are free for UDP and TCP on 127.0.0.1 and ::1.
+    Never hands the same port out twice in a session."""
+
+    def __init__(self, start=20000):
+        self.next = start
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _free(port):
+        for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            for typ in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                s = socket.socket(fam, typ)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    return False
+                finally:
+                    s.close()
+        return True
+
+    def get(self):
+        with self.lock:
+            while True:
+                port = self.next
+                self.next += 1
+                if self.next > 60000:
+                    raise RuntimeError("out of test ports")
+                if self._free(port):
+                    return port
+
+
+# --------------------------------------------------------------------------
+# Test PKI (openssl CLI)
+# --------------------------------------------------------------------------
+
+class PKI:
+    """Creates in `d`:
+      ca.pem            trust bundle given to dotp (--ca-file): the two test roots
+      ca-ec.pem/.key    test root A, EC P-256
+      ca-rsa.pem/.key   test root B, RSA-2048
+      rogue-ca.*        a CA that is NOT in ca.pem
+    and server certs (self.certs[name] = (cert_pem, key_pem)):
+      good-rsa     dot.test, RSA-2048 key, signed by the EC root (ecdsa-with-SHA256)
+      good-ec      dot.test, P-256 key, signed by the RSA root (sha256WithRSAEncryption)
+      wrong-name   other.test, signed by the EC root
+      expired      dot.test, signed by the EC root, valid 2020-01-01..2021-01-01
+      self-signed  dot.test, self-signed RSA-2048
+      untrusted    dot.test, signed by rogue-ca
+    """
+
+    def __init__(self, d):
+        self.dir = Path(d)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.certs = {}
+        self._serial = 0x1000
+        self._build()
+
+    # -- key / cert primitives ------------------------------------------
+    def _key(self, name, kind):
+        path = self.dir / (name + ".key")
+        if kind == "ec":
+            run(["openssl", "genpkey", "-algorithm", "EC",
+                 "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path])
+        else:
+            run(["openssl", "genpkey", "-algorithm", "RSA",
+                 "-pkeyopt", "rsa_keygen_bits:2048", "-out", path])
+        return path
+
+    def _ca(self, name, kind, cn):
+        key = self._key(name, kind)
+        pem = self.dir / (name + ".pem")
+        run(["openssl", "req", "-x509", "-new", "-key", key, "-sha256",
+             "-days", "3650", "-subj", "/CN=" + cn,
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash",
+             "-out", pem])
+        return pem, key
+
+    def _extfile(self, dns_name, kind):
+        ku = "digitalSignature,keyEncipherment" if kind == "rsa" else "digitalSignature"
+        path = self.dir / ("ext-%s-%s.cnf" % (dns_name, kind))
+        path.write_text(
+            "[ ext ]\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,%s\n"
+            "extendedKeyUsage=serverAuth\n"
+            "subjectAltName=DNS:%s\n" % (ku, dns_name))
+        return path
+
+    def _leaf(self, name, kind, dns_name, ca=None, dates=None):
+        key = self._key(name, kind)
+        pem = self.dir / (name + ".pem")
+        csr = self.dir / (name + ".csr")
+        ext = self._extfile(dns_name, kind)
+        run(["openssl", "req", "-new", "-key", key, "-subj", "/CN=" + dns_name,
+             "-out", csr])
+        self._serial += 1
+        if ca is None:  # self-signed end-entity certificate
+            run(["openssl", "x509", "-req", "-in", csr, "-signkey", key,
+                 "-days", "365", "-sha256", "-extfile", ext, "-extensions", "ext",
+                 "-out", pem])
+        elif dates is None:
+            run(["openssl", "x509", "-req", "-in", csr, "-CA", ca[0],
+                 "-CAkey", ca[1], "-set_serial", str(self._serial),
+                 "-days", "365", "-sha256", "-extfile", ext, "-extensions", "ext",
+                 "-out", pem])
+        else:
+            # OpenSSL 3.0's `x509 -req` has no -not_before/-not_after; use
+            # `openssl ca`, which accepts fixed -startdate/-enddate.
+            db = self.dir / ("cadb-" + name)
+            db.mkdir(exist_ok=True)
+            (db / "index.txt").write_text("")
+            (db / "serial").write_text("%X\n" % self._serial)
+            cnf = db / "ca.cnf"
+            cnf.write_text(
+                "[ ca ]\ndefault_ca = tca\n"
+                "[ tca ]\n"
+                "database = %s/index.txt\nserial = %s/serial\n"
+                "new_certs_dir = %s\ndefault_md = sha256\npolicy = pol\n"
+                "unique_subject = no\ncopy_extensions = none\n"
+                "[ pol ]\ncommonName = supplied\n" % (db, db, db)
+                + ext.read_text())
+            run(["openssl", "ca", "-batch", "-config", cnf, "-cert", ca[0],
+                 "-keyfile", ca[1], "-in", csr, "-out", pem, "-notext",
+                 "-startdate", dates[0], "-enddate", dates[1],
+                 "-extensions", "ext"])
+        self.certs[name] = (pem, key)
+        return pem, key
+
+    def _build(self):
+        ca_ec = self._ca("ca-ec", "ec", "dotp test root EC")
+        ca_rsa = self._ca("ca-rsa", "rsa", "dotp test root RSA")
+        rogue = self._ca("rogue-ca", "rsa", "dotp rogue root")
+        self.ca_pem = self.dir / "ca.pem"
+        self.ca_pem.write_text(ca_ec[0].read_text() + ca_rsa[0].read_text())
+        self.rogue_ca_pem = rogue[0]
+
+        self._leaf("good-rsa", "rsa", "dot.test", ca=ca_ec)
+        self._leaf("good-ec", "ec", "dot.test", ca=ca_rsa)
+        self._leaf("wrong-name", "ec", "other.test", ca=ca_ec)
+        self._leaf("expired", "ec", "dot.test", ca=ca_ec,
+                   dates=("20200101000000Z", "20210101000000Z"))
+        self._leaf("self-signed", "rsa", "dot.test", ca=None)
+        self._leaf("untrusted", "rsa", "dot.test", ca=rogue)
+
+
+# --------------------------------------------------------------------------
+# unbound upstream
+# --------------------------------------------------------------------------
+
+BIG_TXT_STRINGS = ["%s" % (chr(ord("a") + i) * 255) for i in range(7)]  # RDATA 1792 bytes
+
+ZONE = [
+    "example.test. 3600 IN SOA ns.example.test. hostmaster.example.test. 1 3600 900 604800 300",
+    "example.test. 3600 IN NS ns.example.test.",
+    "ns.example.test. 3600 IN A 192.0.2.53",
+    "www.example.test. 300 IN A 192.0.2.10",
+    "www.example.test. 300 IN A 192.0.2.11",
+    "www.example.test. 300 IN AAAA 2001:db8::10",
+    "example.test. 300 IN MX 10 mail.example.test.",
+    "example.test. 300 IN MX 20 mx2.example.test.",
+    "mail.example.test. 300 IN A 192.0.2.25",
+    "alias.example.test. 300 IN CNAME www.example.test.",
+    "big.example.test. 300 IN TXT " + " ".join('"%s"' % s for s in BIG_TXT_STRINGS),
+]
+
+
+class Unbound:
+    def __init__(self, workdir, cert, key, tls_port, plain_port, ipv6=False):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tls_port = tls_port
+        self.plain_port = plain_port
+        self.ipv6 = ipv6
+        self.log = self.dir / "unbound.log"
+        self.conf = self.dir / "unbound.conf"
+        hosts = ["127.0.0.1"] + (["::1"] if ipv6 else [])
+        lines = [
+            "server:",
+            "  verbosity: 1",
+            "  num-threads: 1",
+            '  username: ""',
+            '  chroot: ""',
+            '  directory: "%s"' % self.dir,
+            '  pidfile: ""',
+            "  do-daemonize: no",
+            "  use-syslog: no",
+            '  logfile: "%s"' % self.log,
+            "  do-ip4: yes",
+            "  do-ip6: %s" % ("yes" if ipv6 else "no"),
+            "  do-udp: yes",
+            "  do-tcp: yes",
+            "  port: %d" % plain_port,
+            "  tls-port: %d" % tls_port,
+            '  tls-service-key: "%s"' % key,
+            '  tls-service-pem: "%s"' % cert,
+            "  incoming-num-tcp: 1000",
+            "  tcp-idle-timeout: 300000",
+            "  so-reuseport: no",
+            '  module-config: "iterator"',
+            "  access-control: 127.0.0.0/8 allow",
+            "  access-control: ::1/128 allow",
+            "  hide-identity: yes",
+            "  hide-version: yes",
+            "  qname-minimisation: no",
+            "  rrset-roundrobin: no",
+            "  minimal-responses: yes",
+            '  local-zone: "." refuse',
+            '  local-zone: "example.test." static',
+        ]
+        for h in hosts:
+            lines.append("  interface: %s@%d" % (h, plain_port))
+            lines.append("  interface: %s@%d" % (h, tls_port))
+        for rr in ZONE:
+            lines.append("  local-data: '%s'" % rr)
+        lines += ["remote-control:", "  control-enable: no", ""]
+        self.conf.write_text("\n".join(lines))
+        run(["unbound-checkconf", self.conf])
+        self.stderr = open(self.dir / "unbound.stderr", "wb")
+        self.proc = subprocess.Popen(["unbound", "-d", "-c", str(self.conf)],
+                                     stdout=self.stderr, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout=10.0):
+        q = make_query("www.example.test", "A", qid=1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("unbound exited (%s):\n%s" % (
+                    self.proc.returncode, self.logs()))
+            try:
+                udp_exchange("127.0.0.1", self.plain_port, q, timeout=0.2, check_id=False)
+                tcp_exchange("127.0.0.1", self.plain_port, q, timeout=0.5, check_id=False)
+                if tcp_listening(self.tls_port):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("unbound did not become ready:\n" + self.logs())
+
+    def logs(self):
+        out = ""
+        for f in (self.log, self.dir / "unbound.stderr"):
+            if f.exists():
+                out += f.read_text(errors="replace")
+        return out
+
+    def direct(self, wire, tcp=True, host="127.0.0.1", timeout=2.0):
+        """Ask unbound's plain-DNS port directly."""
+        if tcp:
+            return tcp_exchange(host, self.plain_port, wire, timeout=timeout)
+        return udp_exchange(host, self.plain_port, wire, timeout=timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.stderr.close()
+
+
+# --------------------------------------------------------------------------
+# socket state helpers (/proc/net is per network namespace)
+# --------------------------------------------------------------------------
+
+def _proc_net_ports(files, want_state=None):
+    ports = set()
+    for f in files:
+        try:
+            with open(f) as fh:
+                next(fh)
+                for line in fh:
+                    parts = line.split()
+                    local, state = parts[1], parts[3]
+                    if want_state and state != want_state:
+                        continue
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+        except FileNotFoundError:
+            pass
+    return ports
+
+
+def tcp_listening(port):
+    return port in _proc_net_ports(["/proc/net/tcp", "/proc/net/tcp6"], "0A")
+
+
+def udp_bound(port):
+    return port in _proc_net_ports(["/proc/net/udp", "/proc/net/udp6"])
+
+
+# --------------------------------------------------------------------------
+# DNS wire helpers
+# --------------------------------------------------------------------------
+
+def make_query(name, rdtype, qid=0x1234, edns=False, payload=1232):
+    """Wire-format query with RD set. edns=False -> no OPT record."""
+    if edns:
+        m = dns.message.make_query(name, rdtype, use_edns=0, payload=payload)
+    else:
+        m = dns.message.make_query(name, rdtype, use_edns=False)
+    m.id = qid
+    return m.to_wire()
+
+
+def zero_id(wire):
+    return b"\x00\x00" + wire[2:]
+
+
+def set_id(wire, qid):
+    return struct.pack("!H", qid) + wire[2:]
+
+
+def wire_id(wire):
+    return struct.unpack("!H", wire[:2])[0]
+
+
+def _family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _check_id(answer, query, transport):
+    if answer[:2] != query[:2]:
+        raise AssertionError("%s answer has ID %d, the query had ID %d: %s" % (
+            transport, wire_id(answer), wire_id(query), describe(answer)))
+
+
+def udp_exchange(host, port, wire, timeout=2.0, check_id=True):
+    """Send one UDP query from a fresh connected socket and return the first
+    datagram that comes back (raises socket.timeout if none). With check_id
+    an answer whose ID differs from the query's is an AssertionError."""
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    try:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.send(wire)
+        data = s.recv(65535)
+    finally:
+        s.close()
+    if check_id:
+        _check_id(data, wire, "UDP")
+    return data
+
+
+def recv_exact(s, n, deadline):
+    buf = b""
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out reading %d bytes (got %d)" % (n, len(buf)))
+        s.settimeout(left)
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return buf
+
+
+def tcp_read_msg(s, deadline):
+    (n,) = struct.unpack("!H", recv_exact(s, 2, deadline))
+    return recv_exact(s, n, deadline)
+
+
+def tcp_exchange(host, port, wire, timeout=2.0, check_id=True):
+    deadline = time.monotonic() + timeout
+    s = socket.create_connection((host, port), timeout=timeout)
+    try:
+        s.sendall(struct.pack("!H", len(wire)) + wire)
+        data = tcp_read_msg(s, deadline)
+    finally:
+        s.close()
+    if check_id:
+        _check_id(data, wire, "TCP")
+    return data
+
+
+def rcode(wire):
+    return wire[3] & 0x0F
+
+
+def tc_bit(wire):
+    return bool(wire[2] & 0x02)
+
+
+def describe(wire):
+    try:
+        return str(dns.message.from_wire(wire))
+    except Exception as e:  # truncated messages etc.
+        return "<%d bytes, unparsable: %s> %r" % (len(wire), e, wire[:64])
+
+
+# --------------------------------------------------------------------------
+# dotp process
+# --------------------------------------------------------------------------
+
+class Dotp:
+    """A running dotp. stderr goes to a file (self.logfile)."""
+
+    def __init__(self, args, workdir, env=None, wait_ports=(), probe=None):
+        self.args = [DOTP_BIN] + [str(a) for a in args]
+        self.logfile = Path(workdir) / ("dotp-%d.stderr" % time.monotonic_ns())
+        self._err = open(self.logfile, "wb")
+        full_env = dict(os.environ)
+        for k in list(full_env):
+            if k.startswith("DOTP_") and k != "DOTP_BIN":
+                del full_env[k]
+        full_env.update(env or {})
+        if not os.path.exists(DOTP_BIN):
+            raise RuntimeError("dotp binary not found: %s (set DOTP_BIN)" % DOTP_BIN)
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+                                     stdout=self._err, stderr=self._err, env=full_env)
+        self.returncode = None
+        self._wait_ready(wait_ports, probe)
+
+    def _wait_ready(self, ports, probe, timeout=10.0):
+        """Ready when every listen port is bound for UDP and listening for
+        TCP (seen in /proc/net, so no query is sent), then optionally when a
+        probe query (host, port) gets any answer."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("dotp exited early with status %s: %s\nstderr:\n%s"
+                                     % (self.proc.returncode, self.args, self.log()))
+            if all(udp_bound(p) and tcp_listening(p) for p in ports):
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("dotp did not bind %s within %ss\nstderr:\n%s"
+                                 % (ports, timeout, self.log()))
+        if probe:
+            q = make_query("www.example.test", "A", qid=0x0dd)
+            while time.monotonic() < deadline:
+                try:
+                    udp_exchange(probe[0], probe[1], q, timeout=0.5, check_id=False)
+                    return
+                except OSError:
+                    if self.proc.poll() is not None:
+                        break
+            raise AssertionError("dotp did not answer a probe query on %s\nstderr:\n%s"
+                                 % (probe, self.log()))
+
+    def log(self):
+        try:
+            return self.logfile.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, needle, timeout=2.0):
+        """Wait until `needle` (str, case-insensitive) shows up in stderr."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if needle.lower() in text.lower():
+                return text
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+
+    def send_signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout=5.0):
+        """Send `sig`, wait for exit, return the exit status (negative = killed
+        by a signal, 'hung' if it did not exit in time)."""
+        if self.returncode is not None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                self.returncode = "hung"
+        if self.returncode is None:
+            self.returncode = self.proc.returncode
+        self._err.close()
+        return self.returncode
+
+    def sanitizer_report(self):
+        text = self.log()
+        return [m for m in SANITIZER_MARKERS if m in text]
+
+
+def run_dotp(args, env=None, timeout=10.0):
+    """Run dotp to completion (CLI tests). Returns CompletedProcess."""
+    full_env = dict(os.environ)
+    for k in list(full_env):
+        if k.startswith("DOTP_") and k != "DOTP_BIN":
+            del full_env[k]
+    full_env.update(env or {})
+    if not os.path.exists(DOTP_BIN):
+        raise RuntimeError("dotp binary not found: %s (set DOTP_BIN)" % DOTP_BIN)
+    cmd = [DOTP_BIN] + [str(a) for a in args]
+    try:
+        return subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr or b""
+        if isinstance(err, bytes):
+            err = err.decode(errors="replace")
+        raise AssertionError("%s (env %s) did not exit within %ss (it should have "
+                             "exited at once)\nstderr:\n%s" % (
+                                 cmd, env, timeout, err))
+
+
+# --------------------------------------------------------------------------
+# TCP relay that counts connections, and a black-hole listener
+# --------------------------------------------------------------------------
+
+class Relay:
+    """Plain TCP relay (TLS passes through untouched) that counts accepted
+    connections. One thread per direction per connection."""
+
+    def __init__(self, listen, target):
+        self.target = target
+        self.accepted = 0
+        self.lock = threading.Lock()
+        self.ls = socket.socket(_family(listen[0]), socket.SOCK_STREAM)
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(listen)
+        self.ls.listen(128)
+        self.closed = False
+        self.socks = []
+        self.t = threading.Thread(target=self._accept_loop, daemon=True)
+        self.t.start()
+
+    def _accept_loop(self):
+        while not self.closed:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+            try:
+                u = socket.create_connection(self.target, timeout=5)
+                u.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.closed = True
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.ls.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+class BlackHole:
+    """Accepts TCP connections and never sends a byte (a hung upstream)."""
+
+    def __init__(self, listen):
+        self.ls = socket.socket(_family(listen[0]), socket.SOCK_STREAM)
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(listen)
+        self.ls.listen(128)
+        self.conns = []
+        self.closed = False
+        self.t = threading.Thread(target=self._loop, daemon=True)
+        self.t.start()
+
+    def _loop(self):
+        while not self.closed:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def close(self):
+        self.closed = True
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.ls.close()
+        for c in self.conns:
+            c.close()
+
+
+def udp_burst(host, port, queries, n_socks=5, timeout=5.0):
+    """Send `queries` (list of wire messages) spread over n_socks UDP sockets
+    as fast as possible (query i goes out on socket i % n_socks), then
+    collect answers for up to `timeout` seconds. Returns (pending, answers,
+    missing): pending and answers map (sock_index, qid) -> query / first
+    answer wire, missing lists the keys that got no answer."""
+    socks = []
+    for _ in range(n_socks):
+        s = socket.socket(_family(host), socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.connect((host, port))
+        s.setblocking(False)
+        socks.append(s)
+    pending = {}
+    try:
+        for i, q in enumerate(queries):
+            si = i % n_socks
+            key = (si, wire_id(q))
+            assert key not in pending, "duplicate (socket, id) in burst"
+            pending[key] = q
+            socks[si].send(q)
+        answers = {}
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(pending) and time.monotonic() < deadline:
+            r, _, _ = select.select(socks, [], [], max(0, deadline - time.monotonic()))
+            for s in r:
+                si = socks.index(s)
+                while True:
+                    try:
+                        data = s.recv(65535)
+                    except BlockingIOError:
+                        break
+                    answers.setdefault((si, wire_id(data)), data)
+        missing = [k for k in pending if k not in answers]
+        return pending, answers, missing
+    finally:
+        for s in socks:
+            s.close()
