@@ -565,14 +565,12 @@ def run_dotp(args, env=None, timeout=10.0):
 # TCP relay that counts connections, and a black-hole listener
 # --------------------------------------------------------------------------
 
-class Relay:
-    """Plain TCP relay (TLS passes through untouched) that counts accepted
-    connections. One thread per direction per connection."""
+class _TcpServer:
+    """A listening TCP socket whose accepted connections go to
+    self._accepted(conn) on a thread; close() stops it and closes every
+    socket it collected in self.socks."""
 
-    def __init__(self, listen, target):
-        self.target = target
-        self.accepted = 0
-        self.lock = threading.Lock()
+    def __init__(self, listen):
         self.ls = socket.socket(_family(listen[0]), socket.SOCK_STREAM)
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.ls.bind(listen)
@@ -588,17 +586,44 @@ class Relay:
                 c, _ = self.ls.accept()
             except OSError:
                 return
-            with self.lock:
-                self.accepted += 1
+            self._accepted(c)
+
+    def close(self):
+        self.closed = True
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.ls.close()
+        for s in self.socks:
             try:
-                u = socket.create_connection(self.target, timeout=5)
-                u.settimeout(None)
+                s.close()
             except OSError:
-                c.close()
-                continue
-            self.socks += [c, u]
-            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+                pass
+
+
+class Relay(_TcpServer):
+    """Plain TCP relay (TLS passes through untouched) that counts accepted
+    connections. One thread per direction per connection."""
+
+    def __init__(self, listen, target):
+        self.target = target
+        self.accepted = 0
+        self.lock = threading.Lock()
+        super().__init__(listen)
+
+    def _accepted(self, c):
+        with self.lock:
+            self.accepted += 1
+        try:
+            u = socket.create_connection(self.target, timeout=5)
+            u.settimeout(None)
+        except OSError:
+            c.close()
+            return
+        self.socks += [c, u]
+        threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+        threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
 
     @staticmethod
     def _pump(src, dst):
@@ -615,50 +640,12 @@ class Relay:
         except OSError:
             pass
 
-    def close(self):
-        self.closed = True
-        try:
-            self.ls.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.ls.close()
-        for s in self.socks:
-            try:
-                s.close()
-            except OSError:
-                pass
 
-
-class BlackHole:
+class BlackHole(_TcpServer):
     """Accepts TCP connections and never sends a byte (a hung upstream)."""
 
-    def __init__(self, listen):
-        self.ls = socket.socket(_family(listen[0]), socket.SOCK_STREAM)
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(listen)
-        self.ls.listen(128)
-        self.conns = []
-        self.closed = False
-        self.t = threading.Thread(target=self._loop, daemon=True)
-        self.t.start()
-
-    def _loop(self):
-        while not self.closed:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-
-    def close(self):
-        self.closed = True
-        try:
-            self.ls.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.ls.close()
-        for c in self.conns:
-            c.close()
+    def _accepted(self, c):
+        self.socks.append(c)
 
 
 def udp_burst(host, port, queries, n_socks=5, timeout=5.0):
