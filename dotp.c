@@ -74,6 +74,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
+#include <stddef.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -94,8 +95,8 @@
 
 /*
  * Each limit is a named constant with its reason. They bound memory:
- * every table below is allocated once, in BSS, and pages that are never
- * touched cost no RSS.
+ * every table is sized once at start (BSS, or calloc from the options),
+ * and pages that are never touched cost no RSS.
  */
 
 /* Largest DNS message (the TCP length prefix is 16 bits). */
@@ -106,13 +107,21 @@
  * + 4 bytes; an OPT record with cookies, client subnet and padding adds
  * a few hundred. Larger "queries" are not queries: FORMERR. */
 #define DOTP_QUERY_MAX		1024
-/* Query slots: queries waiting for an answer, all clients together.
- * Over it new queries get SERVFAIL at once (never unbounded memory). */
+/* Query slots (--max-queries): queries waiting for an answer, all
+ * clients together. Over it new queries get SERVFAIL at once. The upper
+ * bound keeps the ID table (twice as large) within 16-bit IDs. */
 #define DOTP_MAX_QUERIES	4096
-/* ID lookup table: open addressing, load factor at most 1/2. */
-#define DOTP_IDTAB_SIZE		(2 * DOTP_MAX_QUERIES)
+#define DOTP_MAX_QUERIES_CAP	16384
 #define DOTP_MAX_LISTEN		16
+/* Upstreams: a query remembers the ones it was sent to in a bitmask. */
 #define DOTP_MAX_UPSTREAMS	8
+/* Connections per upstream (--max-conns) and in-flight queries per
+ * connection before another one opens (--conn-queries). unbound serves
+ * 100+ pipelined queries per connection by default; public resolvers
+ * shed far above that. */
+#define DOTP_MAX_CONNS		4
+#define DOTP_MAX_CONNS_CAP	16
+#define DOTP_CONN_QUERIES	128
 /* Concurrent TCP clients; when full, new connections are closed at once
  * (the client falls back or retries; existing clients are not hurt). */
 #define DOTP_MAX_TCP		256
@@ -130,17 +139,29 @@
  * gives up, and long enough for a fresh TCP + TLS handshake and a retry
  * on a second upstream over a slow path. */
 #define DOTP_TIMEOUT_MS		3000
-/* A TCP connect plus the TLS handshake must finish within this. */
+/* TCP connect, then the TLS handshake, each within its own limit. */
+#define DOTP_CONNECT_MS		1000
 #define DOTP_HANDSHAKE_MS	2000
-/* An upstream connection with nothing in flight is closed after this;
- * public resolvers close idle DoT connections after about 10 s anyway. */
-#define DOTP_UP_IDLE_MS		30000
-/* Back-off after a failed connection: doubling from 1 s to 60 s. */
+/* A connection with nothing in flight is closed after this; public
+ * resolvers close idle DoT connections after about 10 s anyway. */
+#define DOTP_IDLE_MS		30000
+/* SIGTERM: in-flight queries get this long to finish. */
+#define DOTP_DRAIN_MS		2000
+/* Attempt timeout (RFC 6298 style RTO from the upstream's smoothed
+ * RTT): SRTT + 4 * RTTVAR, within [MIN, MAX], never above --timeout/2;
+ * INIT until the first sample. A query unanswered that long is re-sent
+ * to the next upstream. */
+#define DOTP_ATTEMPT_INIT_MS	750
+#define DOTP_ATTEMPT_MIN_MS	200
+#define DOTP_ATTEMPT_MAX_MS	1500
+/* Back-off after a failure: doubling from 1 s to 60 s. */
 #define DOTP_BACKOFF_MIN_MS	1000
 #define DOTP_BACKOFF_MAX_MS	60000
-/* A query is sent at most this many times (first send plus resends after
- * a connection died under it). */
+/* A query is sent at most this many times (first send, re-sends after
+ * a connection died under it, and a hedge to the next upstream). */
 #define DOTP_MAX_TRIES		3
+/* After EMFILE on connect, wait this long before the next socket(). */
+#define DOTP_FD_WAIT_MS		100
 /* Longest poll() sleep: deadlines are re-checked at least this often. */
 #define DOTP_MAX_SLEEP_MS	1000
 /* Datagrams read from one UDP socket per wake-up, for fairness. */
@@ -208,24 +229,32 @@ struct client {
  * struct query: one client question waiting for its answer.
  * Owns: a copy of the client's query, whose ID bytes hold the upstream
  * ID while the slot lives (the client's ID is kept in client_id).
- * Invariants: state Q_FREE slots are only on the free list; a live slot
- * is on the age list and on exactly one list (tx or fl) of upstream up;
- * its up_id is in the ID table.
+ * Invariants: a live slot is on the age list and, by state, on exactly
+ * one list: Q_QUEUED on its upstream's tx, Q_SENT on its connection's fl,
+ * Q_LATE on its connection's late list (Q_LOOSE only inside a function
+ * that is moving it). Its up_id is in the ID table. An answer is taken
+ * from (conn, gen) of the current send or from (pconn, pgen), an earlier
+ * send that was hedged to another upstream and may still answer first.
  */
-enum qstate { Q_FREE, Q_QUEUED, Q_SENT };
+enum qstate { Q_FREE, Q_LOOSE, Q_QUEUED, Q_SENT, Q_LATE };
 struct query {
 	uint8_t	 state;		/* enum qstate */
 	uint8_t	 tries;		/* times injected into a TLS session */
-	uint8_t	 up;		/* upstream index */
+	uint8_t	 up;		/* upstream of the current attempt */
+	uint8_t	 tried;		/* bitmask of upstreams it was sent to */
+	uint8_t	 has_opt;	/* client sent OPT (kept when truncating) */
 	uint16_t client_id;	/* ID the client used */
 	uint16_t up_id;		/* ID on the wire upstream */
 	uint16_t udp_limit;	/* largest answer the client can take */
 	uint16_t qlen;		/* bytes in qbuf */
 	uint16_t qend;		/* end of the question in qbuf */
-	uint8_t	 has_opt;	/* client sent OPT (kept when truncating) */
-	uint32_t sent_gen;	/* upstream generation it was sent on */
-	int	 prev, next;	/* upstream tx/fl list, or free list */
+	int	 conn;		/* connection of the current send, or -1 */
+	uint32_t gen;		/* its generation */
+	int	 pconn;		/* connection of a hedged earlier send, or -1 */
+	uint32_t pgen;		/* its generation */
+	int	 prev, next;	/* tx, fl or late list; free list */
 	int	 aprev, anext;	/* age list (deadline order) */
+	int64_t	 sent_at;	/* when the current send was injected */
 	int64_t	 deadline;	/* SERVFAIL at this time */
 	struct client cl;
 	unsigned char qbuf[DOTP_QUERY_MAX];
@@ -238,29 +267,50 @@ struct qlist {
 };
 #define QLIST_ZERO	{ -1, -1, 0 }
 
-/* Reassembles 2-byte-length-prefixed frames from a byte stream. */
-struct frame_rx {
-	size_t	 have;		/* bytes in buf */
+/*
+ * struct conn: one TCP + TLS connection to an upstream.
+ * Owns: fd, the BearSSL client context and its two buffers, the answer
+ * assembler rx[], and the queries on the wire (fl in send order, each
+ * with an attempt deadline; late: past it, with nowhere else to go).
+ *
+ *   C_FREE        fd == -1; fl and late are empty.
+ *   C_CONNECTING  fd open, connect() in progress; the engine was reset
+ *                 and holds the ClientHello; deadline = connect limit.
+ *   C_HANDSHAKE   connected; the engine has not yet offered SENDAPP;
+ *                 deadline = handshake limit.
+ *   C_READY       the handshake completed; frames flow both ways.
+ *
+ * gen increments at every connect, so (conn, gen) names one session.
+ * A connection with no query at all is a probe of its upstream's health.
+ */
+enum conn_state { C_FREE, C_CONNECTING, C_HANDSHAKE, C_READY };
+struct conn {
+	int	 up;		/* owning upstream */
+	int	 fd;
+	enum conn_state state;
+	uint32_t gen;
+	int64_t	 deadline;	/* connect or handshake limit */
+	int64_t	 last_active;	/* last send or answer, for the idle close */
+	int64_t	 owe_since;	/* owes answers and got none since; 0: owes none */
+	struct qlist fl, late;
+	unsigned char sid[32];	/* session ID offered (resumption check) */
+	size_t	 sid_len;
+	br_ssl_client_context cc;
+	br_x509_minimal_context xc;
+	unsigned char ibuf[BR_SSL_BUFSIZE_INPUT];
+	unsigned char obuf[BR_SSL_BUFSIZE_OUTPUT];
+	size_t	 rx_have;	/* bytes in rx */
+	unsigned char rx[DOTP_FRAME_MAX];
 };
 
 /*
- * struct upstream: one configured resolver and its TLS connection.
- * Owns: fd, the BearSSL client context and its two buffers, the answer
- * assembler rx[], the tx list (queries waiting to be injected) and the
- * fl list (queries on the wire of the current generation).
- *
- *   UP_IDLE       fd == -1; fl is empty.
- *   UP_CONNECTING fd open, connect() in progress; the engine was reset
- *                 and holds the ClientHello; deadline = handshake limit.
- *   UP_HANDSHAKE  connected; the engine has not yet offered SENDAPP.
- *   UP_READY      the handshake completed; frames flow both ways.
- *   UP_BACKOFF    fd == -1 after a failure; fl is empty; deadline is the
- *                 earliest time of the next attempt.
- *
- * generation increments at every connect, so a query's sent_gen tells
- * whether it is on the current session.
+ * struct upstream: one configured resolver.
+ * Owns: its connections G.conn[up * max_conns ...], the tx list of
+ * queries waiting for room on one of them, its health and RTT estimate,
+ * and the last TLS session (shared by its connections for resumption).
+ * Healthy (down == 0) or down until retry_at, when a probe connection
+ * tests it; down upstreams are picked only when all are down.
  */
-enum up_state { UP_IDLE, UP_CONNECTING, UP_HANDSHAKE, UP_READY, UP_BACKOFF };
 struct upstream {
 	char	 label[64];	/* "ADDR:PORT" for logs */
 	char	 name[256];	/* name the certificate must carry (SNI) */
@@ -270,25 +320,19 @@ struct upstream {
 		struct sockaddr_in6	sin6;
 	} addr;
 	socklen_t addrlen;
-	int	 fd;
-	enum up_state state;
-	uint32_t gen;		/* connection generation */
-	int64_t	 deadline;	/* handshake, or back-off end */
-	int64_t	 last_active;	/* for the idle close */
-	int64_t	 failed_at;	/* last failure, for least-recently-failed */
+	struct qlist tx;
+	int	 down;
 	int	 backoff_ms;	/* current back-off, 0 when healthy */
-	int	 down;		/* logged as down; log recovery once */
-	struct qlist tx, fl;
-	br_ssl_client_context cc;
-	br_x509_minimal_context xc;
-	unsigned char ibuf[BR_SSL_BUFSIZE_INPUT];
-	unsigned char obuf[BR_SSL_BUFSIZE_OUTPUT];
-	struct frame_rx rxa;
-	unsigned char rx[DOTP_FRAME_MAX];
+	int64_t	 retry_at;	/* end of back-off: probe then */
+	int64_t	 failed_at;	/* last failure, for least-recently-failed */
+	int	 have_rtt;
+	int	 srtt, rttvar;	/* milliseconds, RFC 6298 */
+	br_ssl_session_parameters sess;
+	int	 have_sess;
+	unsigned long sent, answered, failures, hs_full, hs_resumed;
 };
 
-/*
- * struct tcpclient: one accepted TCP client.
+/* struct tcpclient: one accepted TCP client.
  * Owns: fd, its input assembler, and out (malloc'd on first need, at
  * most DOTP_TCP_OUT_MAX bytes, freed when the client goes).
  * Invariant: fd == -1 iff the slot is free; gen moves on at every close.
@@ -299,8 +343,8 @@ struct tcpclient {
 	int	 eof;		/* client shut its side: close when done */
 	unsigned pending;	/* queries not yet answered */
 	int64_t	 idle_since;	/* last time pending and out became empty */
-	struct frame_rx rxa;
-	unsigned char rx[2 + DOTP_QUERY_MAX];
+	size_t	 rx_have;
+	unsigned char *rx;	/* G.tcprx[slot]: 2 + DOTP_QUERY_MAX bytes */
 	unsigned char *out;	/* queued answer frames */
 	size_t	 out_len, out_off, out_cap;
 };
@@ -322,6 +366,8 @@ struct sockaddr_text {
 	char	 text[64];
 };
 
+enum policy { POLICY_FIRST, POLICY_RR };
+
 struct config {
 	struct sockaddr_text listen[DOTP_MAX_LISTEN];
 	int	 nlisten;
@@ -329,8 +375,10 @@ struct config {
 	char	 up_name[DOTP_MAX_UPSTREAMS][256];
 	int	 nup;
 	const char *ca_file;
-	int	 timeout_ms;
 	int	 verbosity;	/* enum log_level: the highest printed */
+	int	 policy;	/* enum policy */
+	int	 timeout_ms, attempt_ms, connect_ms, handshake_ms, idle_ms;
+	int	 drain_ms, conn_queries, max_conns, max_queries;
 };
 
 /* The whole process state (kilo's E). */
@@ -342,19 +390,33 @@ struct dotp {
 	struct listener lst[DOTP_MAX_LISTEN];
 	int	 nup;
 	struct upstream up[DOTP_MAX_UPSTREAMS];
+	int	 rr;		/* round-robin cursor */
+	struct conn *conn;	/* nup * max_conns, calloc'd at start */
+	int	 nconn;
 	struct tcpclient tcp[DOTP_MAX_TCP];
+	/* Input buffers apart from the slots, so that marking the slots
+	 * free at start does not touch (and make resident) the buffers. */
+	unsigned char tcprx[DOTP_MAX_TCP][2 + DOTP_QUERY_MAX];
 	unsigned ntcp;
-	struct query q[DOTP_MAX_QUERIES];
-	int	 qfree;		/* free list head */
+	struct query *q;	/* max_queries slots, calloc'd at start */
+	int	 nq;
+	int	 qfree;		/* free list head (slots used before) */
+	int	 qhigh;		/* slots at and past it were never used */
 	unsigned qlive;
 	struct qlist age;	/* live queries, oldest first */
-	uint16_t idtab[DOTP_IDTAB_SIZE];	/* slot + 1, 0 = empty */
+	uint16_t *idtab;	/* slot + 1, 0 = empty; 2 * nq rounded up */
+	unsigned idmask;
 	unsigned char rnd[64];	/* getrandom() pool for IDs */
 	size_t	 rnd_left;
 	int	 kick;		/* an upstream has work: poll without sleep */
+	int	 draining;	/* SIGTERM seen: no new queries */
+	int64_t	 drain_until;
+	int64_t	 fd_wait_until;	/* after EMFILE on socket() */
+	int	 fd_burst;	/* EMFILE logged, until a socket works */
+	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
 	struct {		/* counters, logged at exit */
 		unsigned long queries, answers, servfail, dropped;
-		unsigned long stray, udp_send_fail, tcp_refused;
+		unsigned long stray, udp_send_fail, tcp_refused, full;
 	} st;
 };
 
@@ -368,8 +430,11 @@ static int log_verbosity = LOG_INFO;
 
 static void	log_msg(enum log_level, const char *, ...)
 		    __attribute__((format(printf, 2, 3)));
-static void	q_retry(int, int);
+static void	q_retry(int, int, int, int64_t);
 static void	q_servfail(int);
+static void	q_deliver(int, unsigned char *, size_t);
+static void	tcp_done_query(const struct client *);
+static void	tcp_send(struct tcpclient *, const unsigned char *, size_t);
 
 /* ==== 6. Utilities ==== */
 
@@ -804,11 +869,14 @@ frame_complete(const unsigned char *buf, size_t have, size_t min, size_t max)
 /* ==== 8. Query table ==== */
 
 /*
- * Query slots live in G.q[]; free ones form a LIFO list so the same few
- * slots (and pages) serve a light load. Upstream IDs map back to slots
- * through G.idtab, an open-addressing table keyed by the ID itself (IDs
- * are random, so the low bits hash well); deletion shifts entries back,
- * so no tombstones build up.
+ * Query slots live in G.q[] (G.nq of them, --max-queries). Slots from
+ * G.qhigh on were never used and are not touched (their pages cost no
+ * RSS); freed ones form a LIFO list, taken first, so the same few slots
+ * serve a light load.
+ * Upstream IDs map back to slots through G.idtab, an open-addressing
+ * table keyed by the ID itself (IDs are random, so the low bits hash
+ * well), at most half full; deletion shifts entries back, so no
+ * tombstones build up.
  */
 
 static void
@@ -875,30 +943,41 @@ age_remove(int i)
 	G.age.n--;
 }
 
-static void
-q_init(void)
+/* Sizes and links the tables for n slots. Returns 0, or -1 when out of
+ * memory (start-up only). */
+static int
+q_init(int n)
 {
-	int	 i;
+	unsigned size = 1;
 
-	for (i = 0; i < DOTP_MAX_QUERIES; i++) {
-		G.q[i].state = Q_FREE;
-		G.q[i].next = i + 1 < DOTP_MAX_QUERIES ? i + 1 : -1;
-	}
-	G.qfree = 0;
+	while (size < 2 * (unsigned)n)
+		size *= 2;
+	free(G.q);
+	free(G.idtab);
+	G.q = calloc((size_t)n, sizeof *G.q);
+	G.idtab = calloc(size, sizeof *G.idtab);
+	if (G.q == NULL || G.idtab == NULL)
+		return -1;
+	G.nq = n;
+	G.idmask = size - 1;
+	G.qfree = -1;
+	G.qhigh = 0;
+	G.qlive = 0;
 	G.age = (struct qlist)QLIST_ZERO;
+	return 0;
 }
 
 /* Slot index for upstream ID id, or -1. */
 static int
 q_find(uint16_t id)
 {
-	unsigned h = id & (DOTP_IDTAB_SIZE - 1);
+	unsigned h = id & G.idmask;
 
 	while (G.idtab[h] != 0) {
 		int i = G.idtab[h] - 1;
 		if (G.q[i].up_id == id)
 			return i;
-		h = (h + 1) & (DOTP_IDTAB_SIZE - 1);
+		h = (h + 1) & G.idmask;
 	}
 	return -1;
 }
@@ -906,10 +985,10 @@ q_find(uint16_t id)
 static void
 id_insert(int i)
 {
-	unsigned h = G.q[i].up_id & (DOTP_IDTAB_SIZE - 1);
+	unsigned h = G.q[i].up_id & G.idmask;
 
 	while (G.idtab[h] != 0)
-		h = (h + 1) & (DOTP_IDTAB_SIZE - 1);
+		h = (h + 1) & G.idmask;
 	G.idtab[h] = (uint16_t)(i + 1);
 }
 
@@ -918,7 +997,7 @@ id_insert(int i)
 static void
 id_remove(int i)
 {
-	unsigned mask = DOTP_IDTAB_SIZE - 1, h, j, home;
+	unsigned mask = G.idmask, h, j, home;
 
 	h = G.q[i].up_id & mask;
 	while (G.idtab[h] != (uint16_t)(i + 1))
@@ -951,12 +1030,13 @@ rand16(uint16_t *v)
 }
 
 /* Takes a free slot and gives it a fresh upstream ID unique among live
- * queries. Returns the slot, or -1 when the table is full. */
+ * queries. Returns the slot (state Q_LOOSE), or -1 when the table is
+ * full. */
 static int
 q_alloc(void)
 {
 	uint16_t id;
-	int	 i = G.qfree;
+	int	 i = G.qfree >= 0 ? G.qfree : G.qhigh < G.nq ? G.qhigh : -1;
 
 	if (i < 0)
 		return -1;
@@ -964,18 +1044,22 @@ q_alloc(void)
 		if (rand16(&id) < 0)
 			return -1;
 	} while (q_find(id) >= 0);
-	G.qfree = G.q[i].next;
+	if (i == G.qfree)
+		G.qfree = G.q[i].next;
+	else
+		G.qhigh++;
 	G.q[i].up_id = id;
+	G.q[i].state = Q_LOOSE;
 	G.q[i].prev = G.q[i].next = -1;
+	G.q[i].conn = G.q[i].pconn = -1;
+	G.q[i].tries = G.q[i].tried = 0;
 	id_insert(i);
 	age_push(i);
 	G.qlive++;
 	return i;
 }
 
-static void	tcp_done_query(const struct client *);
-
-/* Frees slot i. It MUST already be off its upstream list. */
+/* Frees slot i. It MUST be Q_LOOSE (off every upstream list). */
 static void
 q_free(int i)
 {
@@ -991,17 +1075,26 @@ q_free(int i)
 	G.qlive--;
 }
 
-/* Takes query i off the list of its upstream it is on. */
+/* Takes query i off whichever list its state puts it on: Q_LOOSE. */
 static void
 q_unlink(int i)
 {
 	struct query *q = &G.q[i];
-	struct upstream *u = &G.up[q->up];
 
-	if (q->state == Q_QUEUED)
-		qlist_remove(&u->tx, i);
-	else if (q->state == Q_SENT)
-		qlist_remove(&u->fl, i);
+	switch (q->state) {
+	case Q_QUEUED:
+		qlist_remove(&G.up[q->up].tx, i);
+		break;
+	case Q_SENT:
+		qlist_remove(&G.conn[q->conn].fl, i);
+		break;
+	case Q_LATE:
+		qlist_remove(&G.conn[q->conn].late, i);
+		break;
+	default:
+		break;
+	}
+	q->state = Q_LOOSE;
 }
 
 /* ==== 9. TLS setup ==== */
@@ -1193,13 +1286,13 @@ static const uint16_t dotp_suites[] = {
 	BR_TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 };
 
-/* Sets up the BearSSL client of upstream u, once, at start. */
+/* Sets up the BearSSL client of connection c, once, at start. */
 static void
-tls_setup(struct upstream *u)
+tls_setup(struct conn *c)
 {
-	br_ssl_engine_context *eng = &u->cc.eng;
+	br_ssl_engine_context *eng = &c->cc.eng;
 
-	br_ssl_client_zero(&u->cc);
+	br_ssl_client_zero(&c->cc);
 	br_ssl_engine_set_versions(eng, BR_TLS12, BR_TLS12);
 	br_ssl_engine_set_suites(eng, dotp_suites,
 	    sizeof dotp_suites / sizeof dotp_suites[0]);
@@ -1213,20 +1306,20 @@ tls_setup(struct upstream *u)
 	br_ssl_engine_set_rsavrfy(eng, &br_rsa_i31_pkcs1_vrfy);
 	br_ssl_engine_set_ecdsa(eng, &br_ecdsa_i31_vrfy_asn1);
 
-	br_x509_minimal_init(&u->xc, &br_sha256_vtable, G.tas, G.ntas);
-	br_x509_minimal_set_hash(&u->xc, br_sha256_ID, &br_sha256_vtable);
-	br_x509_minimal_set_hash(&u->xc, br_sha384_ID, &br_sha384_vtable);
-	br_x509_minimal_set_hash(&u->xc, br_sha512_ID, &br_sha512_vtable);
-	br_x509_minimal_set_rsa(&u->xc, &br_rsa_i31_pkcs1_vrfy);
-	br_x509_minimal_set_ecdsa(&u->xc, &br_ec_all_m31,
+	br_x509_minimal_init(&c->xc, &br_sha256_vtable, G.tas, G.ntas);
+	br_x509_minimal_set_hash(&c->xc, br_sha256_ID, &br_sha256_vtable);
+	br_x509_minimal_set_hash(&c->xc, br_sha384_ID, &br_sha384_vtable);
+	br_x509_minimal_set_hash(&c->xc, br_sha512_ID, &br_sha512_vtable);
+	br_x509_minimal_set_rsa(&c->xc, &br_rsa_i31_pkcs1_vrfy);
+	br_x509_minimal_set_ecdsa(&c->xc, &br_ec_all_m31,
 	    &br_ecdsa_i31_vrfy_asn1);
-	br_ssl_engine_set_x509(eng, &u->xc.vtable);
+	br_ssl_engine_set_x509(eng, &c->xc.vtable);
 
 	/* Two separate buffers: the bidi single-buffer call of 0.6
 	 * overlaps them. The input side stays full size (servers send
 	 * 16 KB records regardless of Max Fragment Length). */
-	br_ssl_engine_set_buffers_bidi(eng, u->ibuf, sizeof u->ibuf,
-	    u->obuf, sizeof u->obuf);
+	br_ssl_engine_set_buffers_bidi(eng, c->ibuf, sizeof c->ibuf,
+	    c->obuf, sizeof c->obuf);
 	br_ssl_engine_add_flags(eng, BR_OPT_NO_RENEGOTIATION);
 }
 
@@ -1266,97 +1359,179 @@ tls_strerror(int err, char *buf, size_t len)
 	return buf;
 }
 
-/* ==== 10. Upstream connections ==== */
+/* ==== 10. Upstreams and their connections ==== */
 
 /*
- * The state machine of struct upstream (see its comment), driven from
- * the poll() loop. Nothing here blocks. New work is only queued here;
- * connects and pumps happen in up_kick(), once per loop pass, so failure
- * paths never recurse into connects.
+ * The state machine of struct conn (see its comment), driven from the
+ * poll() loop, and the health of struct upstream. Nothing here blocks.
+ * New work is only queued; connections are opened and fed in up_kick(),
+ * once per loop pass, so failure paths never recurse into connects.
+ *
+ * Failures and what they mean:
+ *   - connect, handshake or verification failure, or a connection that
+ *     owes answers and sends none for an attempt timeout: the upstream is
+ *     marked down (back-off) and its queries go to another upstream;
+ *   - a close by the server after the handshake (close_notify, FIN, RST),
+ *     or our idle close: normal; queries on it are sent again, on a new
+ *     connection to the same upstream.
  */
 
-/* Picks the upstream for a query: the first one (in -u order) that is
- * not backing off, skipping `not` (the one that just failed, or -1).
- * If every upstream is backing off, a fresh query (not < 0) still tries
- * the least recently failed one. Returns an index, or -1. */
-static int
-up_pick(int not)
+static struct conn *
+conn_of(int ui, int k)
 {
-	int	 i, best = -1;
+	return &G.conn[ui * G.cfg.max_conns + k];
+}
+
+static unsigned
+conn_inflight(const struct conn *c)
+{
+	return c->fl.n + c->late.n;
+}
+
+/* The attempt timeout of u, in milliseconds (see DOTP_ATTEMPT_*). */
+static int
+up_attempt_ms(const struct upstream *u)
+{
+	int	 t;
+
+	if (G.cfg.attempt_ms > 0)
+		t = G.cfg.attempt_ms;
+	else if (!u->have_rtt)
+		t = DOTP_ATTEMPT_INIT_MS;
+	else {
+		t = u->srtt + 4 * u->rttvar;
+		if (t < DOTP_ATTEMPT_MIN_MS)
+			t = DOTP_ATTEMPT_MIN_MS;
+		if (t > DOTP_ATTEMPT_MAX_MS)
+			t = DOTP_ATTEMPT_MAX_MS;
+	}
+	if (t > G.cfg.timeout_ms / 2)
+		t = G.cfg.timeout_ms / 2;
+	return t > 0 ? t : 1;
+}
+
+/* Folds one round-trip sample into u's estimate (RFC 6298 2.2-2.3). */
+static void
+up_rtt_sample(struct upstream *u, int64_t rtt)
+{
+	int	 r = rtt > 60000 ? 60000 : (int)rtt, d;
+
+	if (!u->have_rtt) {
+		u->srtt = r;
+		u->rttvar = r / 2;
+		u->have_rtt = 1;
+		return;
+	}
+	d = u->srtt > r ? u->srtt - r : r - u->srtt;
+	u->rttvar = (3 * u->rttvar + d) / 4;
+	u->srtt = (7 * u->srtt + r) / 8;
+}
+
+/* Is there an upstream other than ui that is healthy? */
+static int
+up_other_healthy(int ui)
+{
+	int	 i;
 
 	for (i = 0; i < G.nup; i++)
-		if (i != not && G.up[i].state != UP_BACKOFF)
+		if (i != ui && !G.up[i].down)
+			return 1;
+	return 0;
+}
+
+/*
+ * Picks the upstream for a send: by policy (first healthy in -u order,
+ * or round-robin over the healthy ones), skipping those in the bitmask
+ * skip. If none is healthy and allow_down, the least recently failed of
+ * the others. Returns an index, or -1.
+ */
+static int
+up_pick(unsigned skip, int allow_down)
+{
+	int	 i, k, best = -1;
+
+	for (k = 0; k < G.nup; k++) {
+		i = G.cfg.policy == POLICY_RR ? (G.rr + k) % G.nup : k;
+		if (!(skip & 1u << i) && !G.up[i].down) {
+			if (G.cfg.policy == POLICY_RR)
+				G.rr = (i + 1) % G.nup;
 			return i;
-	if (not >= 0)
+		}
+	}
+	if (!allow_down)
 		return -1;
 	for (i = 0; i < G.nup; i++)
-		if (best < 0 || G.up[i].failed_at < G.up[best].failed_at)
+		if (!(skip & 1u << i) &&
+		    (best < 0 || G.up[i].failed_at < G.up[best].failed_at))
 			best = i;
 	return best;
 }
 
-/* Queues query i on upstream ui. */
+/* Queues Q_LOOSE query i on upstream ui. */
 static void
 up_enqueue(int ui, int i)
 {
-	struct upstream *u = &G.up[ui];
+	struct query *q = &G.q[i];
 
-	G.q[i].up = (uint8_t)ui;
-	G.q[i].state = Q_QUEUED;
-	qlist_push(&u->tx, i);
+	q->up = (uint8_t)ui;
+	q->tried |= (uint8_t)(1u << ui);
+	q->state = Q_QUEUED;
+	qlist_push(&G.up[ui].tx, i);
 	G.kick = 1;
 }
 
+/* Marks u down for a back-off; logged at error when it was up. */
+static void
+up_down(struct upstream *u, int64_t now, const char *why)
+{
+	u->backoff_ms = u->backoff_ms ? 2 * u->backoff_ms : DOTP_BACKOFF_MIN_MS;
+	if (u->backoff_ms > DOTP_BACKOFF_MAX_MS)
+		u->backoff_ms = DOTP_BACKOFF_MAX_MS;
+	u->retry_at = now + u->backoff_ms;
+	u->failed_at = now;
+	u->failures++;
+	log_msg(u->down ? LOG_DEBUG : LOG_ERR, "upstream %s %s name=%s "
+	    "retry_in_ms=%d", u->label, why, u->name, u->backoff_ms);
+	u->down = 1;
+}
+
 /*
- * Ends the connection of u. failed: it broke before or during the
- * handshake, or with a TLS error (back off); otherwise it was a normal
- * close (idle, close_notify, EOF after the handshake).
- * Every query on u's lists is moved on (q_retry).
+ * Ends connection c. failed: see the section comment. Every query on it
+ * is sent again or answered (q_retry); after a failure the queries
+ * waiting on its upstream move on too, since it is now down.
  */
 static void
-up_close(struct upstream *u, int failed, int64_t now)
+conn_end(struct conn *c, const char *failed, int64_t now)
 {
+	struct upstream *u = &G.up[c->up];
 	struct qlist moved = QLIST_ZERO;
-	int	 i, ui = (int)(u - G.up);
+	struct qlist *from[3] = { &c->fl, &c->late, &u->tx };
+	int	 i, k, stall = failed && c->state == C_READY;
 
-	fd_close(&u->fd);
-	if (failed) {
-		u->backoff_ms = u->backoff_ms ? u->backoff_ms * 2 :
-		    DOTP_BACKOFF_MIN_MS;
-		if (u->backoff_ms > DOTP_BACKOFF_MAX_MS)
-			u->backoff_ms = DOTP_BACKOFF_MAX_MS;
-		u->state = UP_BACKOFF;
-		u->deadline = now + u->backoff_ms;
-		u->failed_at = now;
-	} else {
-		u->state = UP_IDLE;
-	}
-	u->rxa.have = 0;
-	/* Detach both lists first: q_retry may queue on another upstream,
-	 * or on u itself after a clean close. */
-	while ((i = u->fl.head) >= 0) {
-		qlist_remove(&u->fl, i);
-		qlist_push(&moved, i);
-	}
-	while ((i = u->tx.head) >= 0) {
-		qlist_remove(&u->tx, i);
-		qlist_push(&moved, i);
-	}
+	fd_close(&c->fd);
+	c->state = C_FREE;
+	c->rx_have = 0;
+	c->owe_since = 0;
+	if (failed)
+		up_down(u, now, failed);
+	for (k = 0; k < (failed ? 3 : 2); k++)
+		while ((i = from[k]->head) >= 0) {
+			q_unlink(i);
+			qlist_push(&moved, i);
+		}
 	while ((i = moved.head) >= 0) {
 		qlist_remove(&moved, i);
-		G.q[i].state = Q_QUEUED;	/* on no list now */
-		q_retry(i, failed ? ui : -1);
+		q_retry(i, failed ? c->up : -1, stall, now);
 	}
 }
 
-/* Logs a failure of u at error level the first time, at debug while it
- * stays down, then closes it as failed. */
+/* Fails c with a formatted reason (upstream marked down). */
 static void
-up_fail(struct upstream *u, int64_t now, const char *fmt, ...)
+conn_fail(struct conn *c, int64_t now, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 static void
-up_fail(struct upstream *u, int64_t now, const char *fmt, ...)
+conn_fail(struct conn *c, int64_t now, const char *fmt, ...)
 {
 	char	 why[160];
 	va_list	 ap;
@@ -1364,84 +1539,142 @@ up_fail(struct upstream *u, int64_t now, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof why, fmt, ap);
 	va_end(ap);
-	log_msg(u->down ? LOG_DEBUG : LOG_ERR, "upstream %s %s name=%s",
-	    u->label, why, u->name);
-	u->down = 1;
-	up_close(u, 1, now);
+	conn_end(c, why, now);
 }
 
-/* Starts a connection: socket, non-blocking connect, engine reset with
- * fresh entropy. The ClientHello then waits in SENDREC. */
-static void
-up_connect(struct upstream *u, int64_t now)
+/*
+ * Opens connection k of upstream ui: socket, non-blocking connect, and
+ * an engine reset with fresh entropy that offers the upstream's last
+ * session. The ClientHello then waits in SENDREC.
+ * Returns 0, or -1 if no socket could be had (EMFILE: not the
+ * upstream's fault; the next try waits DOTP_FD_WAIT_MS).
+ */
+static int
+conn_open(int ui, struct conn *c, int64_t now)
 {
+	struct upstream *u = &G.up[ui];
 	unsigned char seed[32];
 	int	 fd;
 
 	fd = socket(u->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
 	    SOCK_CLOEXEC, 0);
 	if (fd < 0) {
-		up_fail(u, now, "socket failed: %s", strerror(errno));
-		return;
+		if (!G.fd_burst)
+			log_msg(LOG_WARN, "upstream %s socket: %s", u->label,
+			    strerror(errno));
+		G.fd_burst = 1;
+		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
+		return -1;
 	}
-	u->fd = fd;
-	u->gen++;
-	u->state = UP_CONNECTING;
-	u->deadline = now + DOTP_HANDSHAKE_MS;
-	u->last_active = now;
-	u->rxa.have = 0;
+	G.fd_burst = 0;
+	c->up = ui;
+	c->fd = fd;
+	c->gen++;
+	c->state = C_CONNECTING;
+	c->deadline = now + G.cfg.connect_ms;
+	c->last_active = now;
+	c->owe_since = 0;
+	c->rx_have = 0;
+	c->sid_len = 0;
 	set_nodelay(fd);
 	if (fill_random(seed, sizeof seed) < 0) {
-		up_fail(u, now, "getrandom failed: %s", strerror(errno));
-		return;
+		conn_fail(c, now, "getrandom failed: %s", strerror(errno));
+		return 0;
 	}
-	br_ssl_engine_inject_entropy(&u->cc.eng, seed, sizeof seed);
-	/* resume = 1: reuse the last session if the server still has it. */
-	if (!br_ssl_client_reset(&u->cc, u->name, 1)) {
-		up_fail(u, now, "TLS reset failed (error %d)",
-		    br_ssl_engine_last_error(&u->cc.eng));
-		return;
+	br_ssl_engine_inject_entropy(&c->cc.eng, seed, sizeof seed);
+	if (u->have_sess) {
+		br_ssl_engine_set_session_parameters(&c->cc.eng, &u->sess);
+		c->sid_len = u->sess.session_id_len;
+		memcpy(c->sid, u->sess.session_id, c->sid_len);
+	}
+	if (!br_ssl_client_reset(&c->cc, u->name, u->have_sess)) {
+		conn_fail(c, now, "TLS reset failed (error %d)",
+		    br_ssl_engine_last_error(&c->cc.eng));
+		return 0;
 	}
 	if (connect(fd, &u->addr.sa, u->addrlen) < 0 &&
 	    errno != EINPROGRESS) {
-		up_fail(u, now, "connect failed: %s", strerror(errno));
-		return;
+		conn_fail(c, now, "connect failed: %s", strerror(errno));
+		return 0;
 	}
-	log_msg(LOG_DEBUG, "upstream %s connecting gen=%u", u->label, u->gen);
+	log_msg(LOG_DEBUG, "upstream %s connecting gen=%u%s", u->label,
+	    c->gen, conn_inflight(c) || u->tx.n ? "" : " probe");
+	return 0;
 }
 
-/* Dispatches one answer frame (msg, len) from upstream u. */
-static void	q_deliver(int, unsigned char *, size_t);
-
+/* The handshake of c completed: record the session, tell resumed from
+ * full (the server echoed the session ID we offered), mark u healthy. */
 static void
-up_answer(struct upstream *u, unsigned char *msg, size_t len)
+conn_ready(struct conn *c, int64_t now)
 {
-	int	 i = q_find(rd16(msg + DNS_OFF_ID));
+	struct upstream *u = &G.up[c->up];
+	int	 resumed;
+
+	c->state = C_READY;
+	c->last_active = now;
+	br_ssl_engine_get_session_parameters(&c->cc.eng, &u->sess);
+	resumed = c->sid_len > 0 && u->sess.session_id_len == c->sid_len &&
+	    memcmp(u->sess.session_id, c->sid, c->sid_len) == 0;
+	u->have_sess = u->sess.session_id_len > 0;
+	if (resumed)
+		u->hs_resumed++;
+	else
+		u->hs_full++;
+	log_msg(LOG_DEBUG, "upstream %s ready gen=%u handshake=%s", u->label,
+	    c->gen, resumed ? "resumed" : "full");
+	if (u->down)
+		log_msg(LOG_INFO, "upstream %s is up again", u->label);
+	u->down = 0;
+	u->backoff_ms = 0;
+}
+
+/* Dispatches one answer frame (msg, len) that arrived on c. */
+static void
+conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
+{
+	int	 ci = (int)(c - G.conn), i = q_find(rd16(msg + DNS_OFF_ID));
+	int	 cur, prev;
 	struct query *q;
 
-	if (i < 0 || (q = &G.q[i])->state != Q_SENT ||
-	    &G.up[q->up] != u || q->sent_gen != u->gen ||
-	    !dns_check_answer(msg, len, q->qbuf, q->qend)) {
+	if (i < 0) {
 		G.st.stray++;
-		log_msg(LOG_DEBUG, "upstream %s stray answer dropped",
-		    u->label);
+		log_msg(LOG_DEBUG, "upstream %s answer for unknown ID dropped",
+		    G.up[c->up].label);
 		return;
 	}
-	qlist_remove(&u->fl, i);
+	q = &G.q[i];
+	cur = (q->state == Q_SENT || q->state == Q_LATE) && q->conn == ci &&
+	    q->gen == c->gen;
+	prev = q->pconn == ci && q->pgen == c->gen;
+	if ((!cur && !prev) || !dns_check_answer(msg, len, q->qbuf, q->qend)) {
+		G.st.stray++;
+		log_msg(LOG_DEBUG, "upstream %s answer for an ID not in flight"
+		    " on this connection dropped", G.up[c->up].label);
+		return;
+	}
+	if (cur && q->tries == 1)	/* Karn: only unambiguous samples */
+		up_rtt_sample(&G.up[c->up], now - q->sent_at);
+	G.up[c->up].answered++;
+	q_unlink(i);
+	c->owe_since = conn_inflight(c) > 0 ? now : 0;
+	c->last_active = now;
 	q_deliver(i, msg, len);
 }
 
-/* Injects every queued query that fits into SENDAPP, then flushes so
- * they leave as one record. Returns 1 if anything was injected. */
+/* Injects queries waiting on c's upstream into SENDAPP, while c has room
+ * under --conn-queries, then flushes so they leave as one record.
+ * Returns 1 if anything was injected. */
 static int
-up_inject(struct upstream *u)
+conn_inject(struct conn *c, int64_t now)
 {
-	br_ssl_engine_context *eng = &u->cc.eng;
+	br_ssl_engine_context *eng = &c->cc.eng;
+	struct upstream *u = &G.up[c->up];
 	unsigned char *buf;
 	size_t	 avail, need;
 	int	 i, did = 0;
 
-	while ((i = u->tx.head) >= 0) {
+	while ((i = u->tx.head) >= 0 &&
+	    conn_inflight(c) < (unsigned)G.cfg.conn_queries) {
 		struct query *q = &G.q[i];
 
 		buf = br_ssl_engine_sendapp_buf(eng, &avail);
@@ -1454,100 +1687,103 @@ up_inject(struct upstream *u)
 		memcpy(buf + 2, q->qbuf, q->qlen);
 		br_ssl_engine_sendapp_ack(eng, need);
 		/* Committed: these bytes belong to this session now. */
-		qlist_remove(&u->tx, i);
+		q_unlink(i);
 		q->state = Q_SENT;
-		q->sent_gen = u->gen;
+		q->conn = (int)(c - G.conn);
+		q->gen = c->gen;
+		q->sent_at = now;
 		q->tries++;
-		qlist_push(&u->fl, i);
+		qlist_push(&c->fl, i);
+		if (c->owe_since == 0 || conn_inflight(c) == 0)
+			c->owe_since = now;
+		u->sent++;
 		did = 1;
 	}
-	if (did)
+	if (did) {
 		br_ssl_engine_flush(eng, 0);
+		c->last_active = now;
+	}
 	return did;
 }
 
 /* Moves the decrypted bytes into the frame assembler and dispatches
  * every complete frame. Returns 1 on progress, -1 on a bad frame. */
 static int
-up_recvapp(struct upstream *u, int64_t now)
+conn_recvapp(struct conn *c, int64_t now)
 {
-	br_ssl_engine_context *eng = &u->cc.eng;
+	br_ssl_engine_context *eng = &c->cc.eng;
 	unsigned char *buf;
 	size_t	 len, room, off = 0;
 	long	 fl;
 
 	buf = br_ssl_engine_recvapp_buf(eng, &len);
-	room = sizeof u->rx - u->rxa.have;
+	room = sizeof c->rx - c->rx_have;
 	if (len > room)
 		len = room;
 	if (len == 0)
 		return 0;	/* can't happen: a frame always fits */
-	memcpy(u->rx + u->rxa.have, buf, len);
+	memcpy(c->rx + c->rx_have, buf, len);
 	br_ssl_engine_recvapp_ack(eng, len);
-	u->rxa.have += len;
-	while ((fl = frame_complete(u->rx + off, u->rxa.have - off,
+	c->rx_have += len;
+	while ((fl = frame_complete(c->rx + off, c->rx_have - off,
 	    DNS_HEADER_LEN, DNS_MSG_MAX)) > 0) {
-		up_answer(u, u->rx + off + 2, (size_t)fl - 2);
+		conn_answer(c, c->rx + off + 2, (size_t)fl - 2, now);
 		off += (size_t)fl;
 	}
 	if (fl < 0)
 		return -1;
 	if (off > 0) {
-		memmove(u->rx, u->rx + off, u->rxa.have - off);
-		u->rxa.have -= off;
+		memmove(c->rx, c->rx + off, c->rx_have - off);
+		c->rx_have -= off;
 	}
-	u->last_active = now;
 	return 1;
 }
 
-/* The engine reported CLOSED: decide between clean and failed. */
+/* The engine reported CLOSED: clean close or failure. */
 static void
-up_closed(struct upstream *u, int64_t now)
+conn_closed(struct conn *c, int64_t now)
 {
 	char	 buf[80];
-	int	 err = br_ssl_engine_last_error(&u->cc.eng);
+	int	 err = br_ssl_engine_last_error(&c->cc.eng);
 
-	if (err == BR_ERR_OK && u->state == UP_READY) {
-		log_msg(LOG_DEBUG, "upstream %s closed by server", u->label);
-		up_close(u, 0, now);
+	if (err == BR_ERR_OK && c->state == C_READY) {
+		log_msg(LOG_DEBUG, "upstream %s closed by server gen=%u",
+		    G.up[c->up].label, c->gen);
+		conn_end(c, NULL, now);
 		return;
 	}
-	up_fail(u, now, "%s", err == BR_ERR_OK ? "closed during handshake" :
-	    tls_strerror(err, buf, sizeof buf));
+	if (err != BR_ERR_OK)	/* don't offer a session that failed */
+		G.up[c->up].have_sess = 0;
+	conn_fail(c, now, "%s", err == BR_ERR_OK ?
+	    "closed during the handshake" : tls_strerror(err, buf, sizeof buf));
 }
 
 /*
  * Runs the engine until no step makes progress (STYLE.md 1.3): SENDREC
  * first, then RECVAPP, RECVREC, then SENDAPP. The state is read afresh
- * every round. Stops at EAGAIN; on any error the connection is closed.
+ * every round. Stops at EAGAIN; on any error the connection ends.
  */
 static void
-up_pump(struct upstream *u, int64_t now)
+conn_pump(struct conn *c, int64_t now)
 {
-	br_ssl_engine_context *eng = &u->cc.eng;
+	br_ssl_engine_context *eng = &c->cc.eng;
 	unsigned char *buf;
 	unsigned st;
 	size_t	 len;
 	ssize_t	 n;
 	int	 send_blocked = 0, r;
 
-	while (u->fd >= 0) {
+	while (c->fd >= 0 && c->state != C_CONNECTING) {
 		st = br_ssl_engine_current_state(eng);
 		if (st & BR_SSL_CLOSED) {
-			up_closed(u, now);
+			conn_closed(c, now);
 			return;
 		}
-		if (u->state == UP_HANDSHAKE && (st & BR_SSL_SENDAPP)) {
-			u->state = UP_READY;
-			u->backoff_ms = 0;
-			u->last_active = now;
-			log_msg(u->down ? LOG_INFO : LOG_DEBUG,
-			    "upstream %s ready gen=%u", u->label, u->gen);
-			u->down = 0;
-		}
+		if (c->state == C_HANDSHAKE && (st & BR_SSL_SENDAPP))
+			conn_ready(c, now);
 		if ((st & BR_SSL_SENDREC) && !send_blocked) {
 			buf = br_ssl_engine_sendrec_buf(eng, &len);
-			n = send(u->fd, buf, len, MSG_NOSIGNAL);
+			n = send(c->fd, buf, len, MSG_NOSIGNAL);
 			if (n > 0) {
 				br_ssl_engine_sendrec_ack(eng, (size_t)n);
 				continue;
@@ -1555,15 +1791,19 @@ up_pump(struct upstream *u, int64_t now)
 			if (n < 0 && errno == EINTR)
 				continue;
 			if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-				up_fail(u, now, "send failed: %s",
-				    strerror(errno));
+				if (c->state == C_READY)
+					conn_end(c, NULL, now);
+				else
+					conn_fail(c, now, "send failed: %s",
+					    strerror(errno));
 				return;
 			}
 			send_blocked = 1;
 		}
 		if (st & BR_SSL_RECVAPP) {
-			if ((r = up_recvapp(u, now)) < 0) {
-				up_fail(u, now, "bad frame from upstream");
+			if ((r = conn_recvapp(c, now)) < 0) {
+				conn_fail(c, now, "sent a frame shorter than "
+				    "a DNS header");
 				return;
 			}
 			if (r > 0)
@@ -1571,150 +1811,209 @@ up_pump(struct upstream *u, int64_t now)
 		}
 		if (st & BR_SSL_RECVREC) {
 			buf = br_ssl_engine_recvrec_buf(eng, &len);
-			n = recv(u->fd, buf, len, 0);
+			n = recv(c->fd, buf, len, 0);
 			if (n > 0) {
 				br_ssl_engine_recvrec_ack(eng, (size_t)n);
 				continue;
 			}
-			if (n == 0) {
-				if (u->state == UP_READY) {
-					log_msg(LOG_DEBUG, "upstream %s EOF",
-					    u->label);
-					up_close(u, 0, now);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+				/* EOF or reset: normal once ready. */
+				if (c->state == C_READY) {
+					log_msg(LOG_DEBUG, "upstream %s %s gen=%u",
+					    G.up[c->up].label, n == 0 ? "EOF" :
+					    strerror(errno), c->gen);
+					conn_end(c, NULL, now);
 				} else {
-					up_fail(u, now, "closed the connection"
-					    " during the handshake");
+					conn_fail(c, now, "%s during the "
+					    "handshake", n == 0 ? "EOF" :
+					    strerror(errno));
 				}
 				return;
 			}
-			if (errno == EINTR)
-				continue;
-			if (errno != EAGAIN && errno != EWOULDBLOCK) {
-				if (u->state == UP_READY && errno == ECONNRESET)
-					up_close(u, 0, now);
-				else
-					up_fail(u, now, "recv failed: %s",
-					    strerror(errno));
-				return;
-			}
 		}
-		if ((st & BR_SSL_SENDAPP) && u->state == UP_READY &&
-		    up_inject(u))
-			continue;
-		if ((st & BR_SSL_SENDAPP) && u->state == UP_READY &&
-		    u->tx.head >= 0 && !send_blocked) {
-			/* The next query did not fit in what is left of the
-			 * record: seal it so the buffer empties. */
-			br_ssl_engine_flush(eng, 0);
-			if (br_ssl_engine_current_state(eng) & BR_SSL_SENDREC)
+		if ((st & BR_SSL_SENDAPP) && c->state == C_READY) {
+			if (conn_inject(c, now))
 				continue;
+			if (G.up[c->up].tx.head >= 0 && !send_blocked &&
+			    conn_inflight(c) < (unsigned)G.cfg.conn_queries) {
+				/* The next query did not fit in what is left
+				 * of the record: seal it to empty the buffer. */
+				br_ssl_engine_flush(eng, 0);
+				if (br_ssl_engine_current_state(eng) &
+				    BR_SSL_SENDREC)
+					continue;
+			}
 		}
 		break;
 	}
 }
 
-/* Called before poll(): interest and deadline for u. */
+/* Called before poll(): interest and deadline for c. */
 static void
-up_pollset(struct upstream *u, struct pollfd *pfd, int64_t *deadline)
+conn_pollset(struct conn *c, struct pollfd *pfd, int64_t *deadline)
 {
+	struct upstream *u = &G.up[c->up];
+	int64_t	 t;
 	unsigned st;
 
-	pfd->fd = u->fd;
+	pfd->fd = c->fd;
 	pfd->events = 0;
 	pfd->revents = 0;
-	if (u->state == UP_IDLE || u->state == UP_BACKOFF) {
-		pfd->fd = -1;
-		if (u->state == UP_BACKOFF && u->deadline < *deadline)
-			*deadline = u->deadline;
+	if (c->state == C_FREE)
 		return;
-	}
-	if (u->state == UP_CONNECTING) {
+	if (c->state == C_CONNECTING) {
 		pfd->events = POLLOUT;
 	} else {
-		st = br_ssl_engine_current_state(&u->cc.eng);
+		st = br_ssl_engine_current_state(&c->cc.eng);
 		if (st & BR_SSL_SENDREC)
 			pfd->events |= POLLOUT;
 		if (st & BR_SSL_RECVREC)
 			pfd->events |= POLLIN;
 	}
-	if (u->state != UP_READY) {
-		if (u->deadline < *deadline)
-			*deadline = u->deadline;
-	} else if (u->fl.n == 0 && u->tx.n == 0) {
-		if (u->last_active + DOTP_UP_IDLE_MS < *deadline)
-			*deadline = u->last_active + DOTP_UP_IDLE_MS;
+	if (c->state != C_READY)
+		t = c->deadline;
+	else if (conn_inflight(c) == 0)
+		t = c->last_active + G.cfg.idle_ms;
+	else {
+		t = c->owe_since + up_attempt_ms(u) *
+		    (up_other_healthy(c->up) ? 1 : 2);
+		if (c->fl.head >= 0 && G.q[c->fl.head].sent_at +
+		    up_attempt_ms(u) < t)
+			t = G.q[c->fl.head].sent_at + up_attempt_ms(u);
 	}
+	if (t < *deadline)
+		*deadline = t;
 }
 
-/* Called after poll() for u's descriptor. */
+/* Called after poll() for c's descriptor. */
 static void
-up_service(struct upstream *u, short revents, int64_t now)
+conn_service(struct conn *c, short revents, int64_t now)
 {
 	if (revents & (POLLERR | POLLHUP))
 		revents |= POLLIN | POLLOUT;	/* let recv/send tell */
-	if (u->state == UP_CONNECTING) {
+	if (c->state == C_CONNECTING) {
 		int	 err = 0;
 		socklen_t sl = sizeof err;
 
 		if (!(revents & POLLOUT))
 			return;
-		if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
+		if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
 			err = errno;
 		if (err != 0) {
-			up_fail(u, now, "connect failed: %s", strerror(err));
+			conn_fail(c, now, "connect failed: %s", strerror(err));
 			return;
 		}
-		u->state = UP_HANDSHAKE;
+		c->state = C_HANDSHAKE;
+		c->deadline = now + G.cfg.handshake_ms;
 	}
-	up_pump(u, now);
+	conn_pump(c, now);
 }
 
-/* Once per loop pass: connect upstreams that have queued work, pump the
- * ready ones, expire handshakes, back-offs and idle connections. */
+/*
+ * The timers of a ready connection with queries in flight:
+ *   - it owes answers and sent none for an attempt timeout (twice that
+ *     when no other upstream is healthy): dead; it fails, and its
+ *     queries go elsewhere (or to a new connection, see q_retry);
+ *   - the oldest query passed its attempt timeout: it is sent to the
+ *     next untried healthy upstream too (a hedge; either answer wins),
+ *     or, with nowhere to go, waits on the late list.
+ */
+static void
+conn_timers(struct conn *c, int64_t now)
+{
+	struct upstream *u = &G.up[c->up];
+	int	 at = up_attempt_ms(u), i, ui;
+
+	if (conn_inflight(c) > 0 && now - c->owe_since >=
+	    (int64_t)at * (up_other_healthy(c->up) ? 1 : 2)) {
+		conn_fail(c, now, "answered nothing for %lld ms",
+		    (long long)(now - c->owe_since));
+		return;
+	}
+	while ((i = c->fl.head) >= 0 && now - G.q[i].sent_at >= at) {
+		struct query *q = &G.q[i];
+
+		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->tried, 0) : -1;
+		q_unlink(i);
+		if (ui < 0) {
+			q->state = Q_LATE;
+			qlist_push(&c->late, i);
+			continue;
+		}
+		log_msg(LOG_DEBUG, "upstream %s slow, query also sent to %s",
+		    u->label, G.up[ui].label);
+		q->pconn = q->conn;
+		q->pgen = q->gen;
+		up_enqueue(ui, i);
+	}
+}
+
+/*
+ * Once per loop pass: expire connects and handshakes, close idle
+ * connections, run the timers of busy ones, feed queued queries to
+ * ready connections with room, open a connection when all are full
+ * (one handshake at a time per upstream, up to --max-conns), and probe
+ * a down upstream whose back-off is over.
+ */
 static void
 up_kick(int64_t now)
 {
-	int	 i;
+	int	 ui, k;
 
 	G.kick = 0;
-	for (i = 0; i < G.nup; i++) {
-		struct upstream *u = &G.up[i];
+	for (ui = 0; ui < G.nup; ui++) {
+		struct upstream *u = &G.up[ui];
+		struct conn *idle = NULL;
+		int	 open = 0, opening = 0;
 
-		if (u->state == UP_BACKOFF && now >= u->deadline)
-			u->state = UP_IDLE;
-		if ((u->state == UP_CONNECTING || u->state == UP_HANDSHAKE) &&
-		    now >= u->deadline) {
-			up_fail(u, now, "%s timed out",
-			    u->state == UP_CONNECTING ? "connect" : "handshake");
-			continue;
+		for (k = 0; k < G.cfg.max_conns; k++) {
+			struct conn *c = conn_of(ui, k);
+
+			if (c->state == C_CONNECTING ||
+			    c->state == C_HANDSHAKE) {
+				if (now >= c->deadline) {
+					conn_fail(c, now, "%s timed out",
+					    c->state == C_CONNECTING ?
+					    "connect" : "handshake");
+					continue;
+				}
+				opening++;
+			} else if (c->state == C_READY) {
+				if (conn_inflight(c) == 0 && u->tx.n == 0 &&
+				    now - c->last_active >= G.cfg.idle_ms) {
+					log_msg(LOG_DEBUG, "upstream %s idle,"
+					    " closing gen=%u", u->label, c->gen);
+					br_ssl_engine_close(&c->cc.eng);
+					conn_pump(c, now);
+					if (c->fd >= 0)
+						conn_end(c, NULL, now);
+					continue;
+				}
+				conn_timers(c, now);
+				if (c->state == C_READY && u->tx.n > 0)
+					conn_pump(c, now);
+			}
+			if (c->state == C_FREE)
+				idle = c;
+			else
+				open++;
 		}
-		if (u->state == UP_READY && u->fl.n == 0 && u->tx.n == 0 &&
-		    now >= u->last_active + DOTP_UP_IDLE_MS) {
-			log_msg(LOG_DEBUG, "upstream %s idle, closing",
-			    u->label);
-			br_ssl_engine_close(&u->cc.eng);
-			up_pump(u, now);	/* best effort close_notify */
-			if (u->fd >= 0)
-				up_close(u, 0, now);
+		if (idle == NULL || opening > 0 || now < G.fd_wait_until)
 			continue;
-		}
-		if (u->tx.n == 0)
-			continue;
-		/* A query picked for a backing-off upstream (all are down)
-		 * makes it try now. */
-		if (u->state == UP_IDLE || u->state == UP_BACKOFF)
-			up_connect(u, now);
-		else if (u->state == UP_READY)
-			up_pump(u, now);
+		/* Open when queries wait (all connections are full or none
+		 * is ready), or to probe a down upstream after back-off. */
+		if (u->tx.n > 0 || (u->down && open == 0 && !G.draining &&
+		    now >= u->retry_at))
+			conn_open(ui, idle, now);
 	}
 }
 
 /* ==== 11. Answers and clients ==== */
 
-/* Sends one message to a client. UDP: truncated to the client's limit
- * (limit 0 for error answers that always fit). TCP: framed and queued. */
-static void	tcp_send(struct tcpclient *, const unsigned char *, size_t);
-
+/* Sends one message to a client. UDP: as is (callers truncate). TCP:
+ * framed and queued, if the client is still the same one. */
 static void
 client_send(const struct client *cl, const unsigned char *msg, size_t len)
 {
@@ -1729,9 +2028,10 @@ client_send(const struct client *cl, const unsigned char *msg, size_t len)
 		tcp_send(&G.tcp[cl->idx], msg, len);
 }
 
-/* Delivers the answer msg (in an upstream's rx buffer, which dotp owns
- * and may patch) to the client of query i, with the client's ID, and
- * frees the slot. The query MUST be off its upstream list. */
+/* Delivers the answer msg (in a connection's rx buffer, which dotp owns
+ * and may patch) to the client of query i, with the client's ID,
+ * truncated for a UDP client if needed, and frees the slot. The query
+ * MUST be Q_LOOSE. */
 static void
 q_deliver(int i, unsigned char *msg, size_t len)
 {
@@ -1750,7 +2050,7 @@ q_deliver(int i, unsigned char *msg, size_t len)
 	q_free(i);
 }
 
-/* Answers query i with SERVFAIL and frees it (off its list already). */
+/* Answers query i (Q_LOOSE) with SERVFAIL and frees it. */
 static void
 q_servfail(int i)
 {
@@ -1767,20 +2067,28 @@ q_servfail(int i)
 	q_free(i);
 }
 
-/* Query i lost its connection (failed: index of the upstream that
- * failed, or -1 after a clean close). Re-queue it while tries and time
- * remain, else SERVFAIL. */
+/*
+ * Query i (Q_LOOSE) lost its send. failed: the upstream that failed, or
+ * -1 after a clean close (then the same upstream, on a new connection).
+ * After a failure it goes to an upstream it was not queued on yet; only
+ * a stall (a silent connection, not a refusal) may go back to the same
+ * upstream, on a new connection. Tries and the deadline bound it all;
+ * past them, or with nowhere to go, the client gets SERVFAIL.
+ */
 static void
-q_retry(int i, int failed)
+q_retry(int i, int failed, int stall, int64_t now)
 {
 	struct query *q = &G.q[i];
 	int	 ui;
 
-	if (q->tries >= DOTP_MAX_TRIES || now_ms() >= q->deadline) {
+	if (q->tries >= DOTP_MAX_TRIES || now >= q->deadline) {
 		q_servfail(i);
 		return;
 	}
-	ui = failed >= 0 ? up_pick(failed) : q->up;
+	if (failed < 0)
+		ui = q->up;
+	else if ((ui = up_pick(q->tried | 1u << failed, 1)) < 0 && stall)
+		ui = failed;
 	if (ui < 0) {
 		q_servfail(i);
 		return;
@@ -1800,7 +2108,7 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	struct query *q;
 	unsigned char out[DNS_UDP_MIN];
 	size_t	 n;
-	int	 r, i, ui;
+	int	 r, i;
 
 	G.st.queries++;
 	r = dns_check_query(m, len, &qi);
@@ -1815,9 +2123,10 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 			client_send(cl, out, n);
 		return;
 	}
-	ui = up_pick(-1);	/* never -1: there is at least one upstream */
 	if ((i = q_alloc()) < 0) {
-		log_msg(LOG_DEBUG, "query table full, SERVFAIL");
+		if (G.st.full++ == 0)
+			log_msg(LOG_WARN, "query table full (--max-queries %d):"
+			    " SERVFAIL", G.nq);
 		n = dns_make_error(m, len, qi.qend, qi.has_opt,
 		    DNS_RCODE_SERVFAIL, out, sizeof out);
 		if (n > 0)
@@ -1833,12 +2142,12 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	q->udp_limit = dns_udp_limit(&qi, DNS_EDNS_UDP_MAX);
 	q->client_id = rd16(m);
 	wr16(q->qbuf + DNS_OFF_ID, q->up_id);
-	q->tries = 0;
 	q->deadline = now + G.cfg.timeout_ms;
 	q->cl = *cl;
 	if (cl->kind == CK_TCP)
 		G.tcp[cl->idx].pending++;
-	up_enqueue(ui, i);
+	/* Never -1: with every upstream down, the least recently failed. */
+	up_enqueue(up_pick(0, 1), i);
 }
 
 /* Reads what is waiting on UDP listener li. */
@@ -1885,7 +2194,7 @@ tcp_close(struct tcpclient *c)
 	free(c->out);
 	c->out = NULL;
 	c->out_len = c->out_off = c->out_cap = 0;
-	c->rxa.have = 0;
+	c->rx_have = 0;
 	c->pending = 0;
 	c->eof = 0;
 	c->gen++;
@@ -1960,6 +2269,31 @@ tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
 		tcp_close(c);
 }
 
+/*
+ * Out of descriptors, a pending connection would wake poll() for ever:
+ * give up the spare descriptor, accept the client and close it at once
+ * (a clear outcome for it), then take the spare again. Logged once per
+ * burst. Returns 0 if one client was taken off the backlog, -1 if not.
+ */
+static int
+tcp_shed(int lfd)
+{
+	int	 fd;
+
+	if (!G.fd_burst)
+		log_msg(LOG_WARN, "out of file descriptors (%s): closing new "
+		    "TCP clients until some are free", strerror(errno));
+	G.fd_burst = 1;
+	if (G.spare_fd < 0)
+		return -1;
+	close(G.spare_fd);
+	fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	if (fd >= 0)
+		close(fd);
+	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	return fd >= 0 ? 0 : -1;
+}
+
 /* Accepts what waits on TCP listener li. */
 static void
 tcp_accept(int li, int64_t now)
@@ -1970,11 +2304,12 @@ tcp_accept(int li, int64_t now)
 		fd = accept4(G.lst[li].tcp, NULL, NULL,
 		    SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0) {
-			if (errno == EMFILE || errno == ENFILE)
-				log_msg(LOG_WARN, "accept: %s",
-				    strerror(errno));
+			if ((errno == EMFILE || errno == ENFILE) &&
+			    tcp_shed(G.lst[li].tcp) == 0)
+				continue;
 			return;
 		}
+		G.fd_burst = 0;
 		for (j = 0; j < DOTP_MAX_TCP && G.tcp[j].fd >= 0; j++)
 			/* nothing */;
 		if (j == DOTP_MAX_TCP) {
@@ -1984,6 +2319,7 @@ tcp_accept(int li, int64_t now)
 		}
 		set_nodelay(fd);
 		G.tcp[j].fd = fd;
+		G.tcp[j].rx = G.tcprx[j];
 		G.tcp[j].idle_since = now;
 		G.ntcp++;
 	}
@@ -2000,8 +2336,8 @@ tcp_read(int j, int64_t now)
 	long	 fl;
 
 	while (c->fd >= 0 && !c->eof && c->pending < DOTP_TCP_PIPELINE) {
-		n = recv(c->fd, c->rx + c->rxa.have,
-		    sizeof c->rx - c->rxa.have, MSG_DONTWAIT);
+		n = recv(c->fd, c->rx + c->rx_have,
+		    sizeof G.tcprx[0] - c->rx_have, MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -2013,9 +2349,9 @@ tcp_read(int j, int64_t now)
 			c->eof = 1;
 			return;
 		}
-		c->rxa.have += (size_t)n;
+		c->rx_have += (size_t)n;
 		off = 0;
-		while ((fl = frame_complete(c->rx + off, c->rxa.have - off,
+		while ((fl = frame_complete(c->rx + off, c->rx_have - off,
 		    DNS_HEADER_LEN, DOTP_QUERY_MAX)) > 0) {
 			cl.kind = CK_TCP;
 			cl.idx = (uint16_t)j;
@@ -2031,16 +2367,25 @@ tcp_read(int j, int64_t now)
 			tcp_close(c);
 			return;
 		}
-		memmove(c->rx, c->rx + off, c->rxa.have - off);
-		c->rxa.have -= off;
+		memmove(c->rx, c->rx + off, c->rx_have - off);
+		c->rx_have -= off;
 	}
 }
 
 /* ==== 13. Event loop ==== */
 
+/* SIGTERM, SIGINT: the first starts the drain (the loop sees the flag
+ * when poll() returns EINTR); a second one ends the process at once. */
 static void
 on_signal(int sig)
 {
+	static const char msg[] =
+	    "level=warn msg=\"second signal, exiting now\"\n";
+
+	if (got_signal) {
+		(void)!write(2, msg, sizeof msg - 1);
+		_exit(1);
+	}
 	got_signal = sig;
 }
 
@@ -2069,27 +2414,66 @@ expire(int64_t now)
 	}
 }
 
+/* The first signal: take no more queries. TCP listeners close (new
+ * clients are refused); UDP sockets stay open to carry the answers but
+ * are no longer read. Queries in flight get --drain to finish. */
+static void
+drain_start(int64_t now)
+{
+	int	 i;
+
+	G.draining = 1;
+	G.drain_until = now + G.cfg.drain_ms;
+	for (i = 0; i < G.nlisten; i++)
+		fd_close(&G.lst[i].tcp);
+	log_msg(LOG_INFO, "signal %d, draining queries=%u drain_ms=%d",
+	    (int)got_signal, G.qlive, G.cfg.drain_ms);
+}
+
+/* The drain is over: time is up, or nothing is left to answer or to
+ * write. */
+static int
+drain_done(int64_t now)
+{
+	int	 j;
+
+	if (now >= G.drain_until)
+		return 1;
+	if (G.qlive > 0)
+		return 0;
+	for (j = 0; j < DOTP_MAX_TCP; j++)
+		if (G.tcp[j].fd >= 0 && G.tcp[j].out_len > 0)
+			return 0;
+	return 1;
+}
+
 /*
  * The loop: build the pollfd array afresh, sleep until the nearest
- * deadline, service upstreams first (answers free slots), then clients,
- * then listeners; then expire; then connect/pump upstreams with new work
- * so all queries of one pass share one TLS record.
+ * deadline, service upstream connections first (answers free slots),
+ * then clients, then listeners; then expire; then feed upstreams, so all
+ * queries of one pass share one TLS record. Returns after a drain.
  */
 static void
 loop_run(void)
 {
-	static struct pollfd pfd[2 * DOTP_MAX_LISTEN + DOTP_MAX_UPSTREAMS +
-	    DOTP_MAX_TCP];
+	static struct pollfd pfd[DOTP_MAX_UPSTREAMS * DOTP_MAX_CONNS_CAP +
+	    DOTP_MAX_TCP + 2 * DOTP_MAX_LISTEN];
 	static int tcp_at[DOTP_MAX_TCP];
 	int64_t	 now, deadline;
 	int	 n, i, j, r, timeout;
 
-	while (!got_signal) {
+	for (;;) {
 		now = now_ms();
+		if (got_signal && !G.draining)
+			drain_start(now);
+		if (G.draining && drain_done(now))
+			return;
 		deadline = now + DOTP_MAX_SLEEP_MS;
+		if (G.draining && G.drain_until < deadline)
+			deadline = G.drain_until;
 		n = 0;
-		for (i = 0; i < G.nup; i++)
-			up_pollset(&G.up[i], &pfd[n++], &deadline);
+		for (i = 0; i < G.nconn; i++)
+			conn_pollset(&G.conn[i], &pfd[n++], &deadline);
 		for (j = 0; j < DOTP_MAX_TCP; j++) {
 			struct tcpclient *c = &G.tcp[j];
 
@@ -2100,7 +2484,8 @@ loop_run(void)
 			pfd[n].fd = c->fd;
 			pfd[n].events = 0;
 			pfd[n].revents = 0;
-			if (!c->eof && c->pending < DOTP_TCP_PIPELINE)
+			if (!c->eof && !G.draining &&
+			    c->pending < DOTP_TCP_PIPELINE)
 				pfd[n].events |= POLLIN;
 			if (c->out_len > 0)
 				pfd[n].events |= POLLOUT;
@@ -2109,17 +2494,19 @@ loop_run(void)
 				deadline = c->idle_since + DOTP_TCP_IDLE_MS;
 		}
 		for (i = 0; i < G.nlisten; i++) {
-			pfd[n].fd = G.lst[i].udp;
+			pfd[n].fd = G.draining ? -1 : G.lst[i].udp;
 			pfd[n].events = POLLIN;
 			pfd[n++].revents = 0;
-			pfd[n].fd = G.lst[i].tcp;
+			pfd[n].fd = G.lst[i].tcp;	/* -1 once draining */
 			pfd[n].events = POLLIN;
 			pfd[n++].revents = 0;
 		}
 		if (G.age.head >= 0 && G.q[G.age.head].deadline < deadline)
 			deadline = G.q[G.age.head].deadline;
+		if (G.fd_burst && G.fd_wait_until < deadline)
+			deadline = G.fd_wait_until;
 		timeout = G.kick ? 0 : deadline <= now ? 0 :
-		    (int)(deadline - now + 1);
+		    (int)(deadline - now + 1);	/* +1: never wake early */
 		r = poll(pfd, (nfds_t)n, timeout);
 		if (r < 0) {
 			if (errno != EINTR)
@@ -2128,10 +2515,10 @@ loop_run(void)
 		}
 		now = now_ms();
 		n = 0;
-		for (i = 0; i < G.nup; i++, n++)
+		for (i = 0; i < G.nconn; i++, n++)
 			if (pfd[n].revents && pfd[n].fd >= 0 &&
-			    pfd[n].fd == G.up[i].fd)
-				up_service(&G.up[i], pfd[n].revents, now);
+			    pfd[n].fd == G.conn[i].fd)
+				conn_service(&G.conn[i], pfd[n].revents, now);
 		for (j = 0; j < DOTP_MAX_TCP; j++) {
 			struct tcpclient *c = &G.tcp[j];
 			short	 rev;
@@ -2148,13 +2535,13 @@ loop_run(void)
 					continue;
 				}
 			}
-			if (rev & (POLLIN | POLLERR | POLLHUP))
+			if ((rev & (POLLIN | POLLERR | POLLHUP)) && !G.draining)
 				tcp_read(j, now);
 		}
 		for (i = 0; i < G.nlisten; i++, n += 2) {
-			if (pfd[n].revents)
+			if (pfd[n].revents && !G.draining)
 				udp_service(i, now);
-			if (pfd[n + 1].revents)
+			if (pfd[n + 1].revents && !G.draining)
 				tcp_accept(i, now);
 		}
 		expire(now);
@@ -2169,7 +2556,8 @@ usage(FILE *f)
 {
 	fprintf(f,
 "usage: dotp [-l ADDR[:PORT]]... [-u HOST[:PORT]#NAME]... [--ca-file PEM]\n"
-"            [--timeout MS] [-v] [-q] [-h|--help] [-V|--version]\n"
+"            [--timeout MS] [--policy first|round-robin] [options] [-v] [-q]\n"
+"            [-h|--help] [-V|--version]\n"
 "\n"
 "  -l, --listen ADDR[:PORT]  serve DNS on UDP and TCP there (repeatable;\n"
 "                            IPv6 as [::1]:53); default 127.0.0.1:53 [::1]:53\n"
@@ -2179,15 +2567,34 @@ usage(FILE *f)
 "                            default 1.1.1.1#cloudflare-dns.com and\n"
 "                            1.0.0.1#cloudflare-dns.com\n"
 "      --ca-file PEM         trust these CAs instead of the embedded roots\n"
+"      --policy P            first (first healthy upstream, default) or\n"
+"                            round-robin (over the healthy ones)\n"
 "      --timeout MS          answer SERVFAIL after MS milliseconds (%d)\n"
+"      --attempt-timeout MS  re-send to the next upstream after MS without\n"
+"                            an answer (0: from the upstream's RTT, %d..%d)\n"
+"      --connect-timeout MS  TCP connect limit (%d)\n"
+"      --handshake-timeout MS TLS handshake limit (%d)\n"
+"      --idle-timeout MS     close an upstream connection idle that long (%d)\n"
+"      --conn-queries N      queries in flight per connection before another\n"
+"                            one opens (%d)\n"
+"      --max-conns N         connections per upstream (%d)\n"
+"      --max-queries N       queries waiting at once; over it, SERVFAIL (%d)\n"
+"      --drain MS            on SIGTERM, time given to queries in flight (%d)\n"
 "  -v, --verbose             debug logs\n"
 "  -q, --quiet               errors only\n"
 "  -h, --help                this text\n"
 "  -V, --version             print the version\n"
 "\n"
-"Environment: DOTP_LISTEN, DOTP_UPSTREAM (lists split by commas or spaces),\n"
-"DOTP_CA_FILE, DOTP_TIMEOUT, DOTP_VERBOSE=1, DOTP_QUIET=1. Flags win.\n",
-	    DOTP_TIMEOUT_MS);
+"Every option also reads from the environment: DOTP_LISTEN, DOTP_UPSTREAM\n"
+"(lists split by commas or spaces), DOTP_CA_FILE, DOTP_POLICY,\n"
+"DOTP_TIMEOUT, DOTP_ATTEMPT_TIMEOUT, DOTP_CONNECT_TIMEOUT,\n"
+"DOTP_HANDSHAKE_TIMEOUT, DOTP_IDLE_TIMEOUT, DOTP_CONN_QUERIES,\n"
+"DOTP_MAX_CONNS, DOTP_MAX_QUERIES, DOTP_DRAIN, DOTP_VERBOSE=1,\n"
+"DOTP_QUIET=1. Flags win.\n",
+	    DOTP_TIMEOUT_MS, DOTP_ATTEMPT_MIN_MS, DOTP_ATTEMPT_MAX_MS,
+	    DOTP_CONNECT_MS, DOTP_HANDSHAKE_MS, DOTP_IDLE_MS,
+	    DOTP_CONN_QUERIES, DOTP_MAX_CONNS, DOTP_MAX_QUERIES,
+	    DOTP_DRAIN_MS);
 }
 
 /* Prints one line about a bad value and exits 2. */
@@ -2377,15 +2784,64 @@ cfg_env_list(struct config *cfg, const char *env,
 	}
 }
 
+/*
+ * The numeric options: flag, environment variable, range, default, and
+ * where the value goes. getopt_long() returns 'N' + index for them.
+ */
+#define OPT_NUM	256	/* getopt_long value of numopts[0] */
+struct numopt {
+	const char *flag, *env, *unit;
+	long	 min, max;
+	int	 def;
+	size_t	 off;		/* offsetof(struct config, field) */
+};
+
+static const struct numopt numopts[] = {
+	{ "timeout", "DOTP_TIMEOUT", "milliseconds", 1, 600000,
+	    DOTP_TIMEOUT_MS, offsetof(struct config, timeout_ms) },
+	{ "attempt-timeout", "DOTP_ATTEMPT_TIMEOUT", "milliseconds (0: auto)",
+	    0, 600000, 0, offsetof(struct config, attempt_ms) },
+	{ "connect-timeout", "DOTP_CONNECT_TIMEOUT", "milliseconds", 1, 600000,
+	    DOTP_CONNECT_MS, offsetof(struct config, connect_ms) },
+	{ "handshake-timeout", "DOTP_HANDSHAKE_TIMEOUT", "milliseconds", 1,
+	    600000, DOTP_HANDSHAKE_MS, offsetof(struct config, handshake_ms) },
+	{ "idle-timeout", "DOTP_IDLE_TIMEOUT", "milliseconds", 1, 86400000,
+	    DOTP_IDLE_MS, offsetof(struct config, idle_ms) },
+	{ "drain", "DOTP_DRAIN", "milliseconds", 0, 600000, DOTP_DRAIN_MS,
+	    offsetof(struct config, drain_ms) },
+	{ "conn-queries", "DOTP_CONN_QUERIES", "a count", 1, 65535,
+	    DOTP_CONN_QUERIES, offsetof(struct config, conn_queries) },
+	{ "max-conns", "DOTP_MAX_CONNS", "a count", 1, DOTP_MAX_CONNS_CAP,
+	    DOTP_MAX_CONNS, offsetof(struct config, max_conns) },
+	{ "max-queries", "DOTP_MAX_QUERIES", "a count", 1,
+	    DOTP_MAX_QUERIES_CAP, DOTP_MAX_QUERIES,
+	    offsetof(struct config, max_queries) },
+};
+#define NUMOPTS	(int)(sizeof numopts / sizeof numopts[0])
+
+/* Sets numeric option k from v (what names the flag or env variable). */
 static void
-cfg_timeout(struct config *cfg, const char *v, const char *what)
+cfg_num(struct config *cfg, int k, const char *v, const char *what)
 {
+	const struct numopt *o = &numopts[k];
 	long	 t;
 
-	if (parse_int(v, 1, 600000, &t) < 0)
-		cfg_die("bad %s value '%s': expected milliseconds 1..600000",
+	if (parse_int(v, o->min, o->max, &t) < 0)
+		cfg_die("bad %s value '%s': expected %s %ld..%ld", what, v,
+		    o->unit, o->min, o->max);
+	*(int *)(void *)((char *)cfg + o->off) = (int)t;
+}
+
+static void
+cfg_policy(struct config *cfg, const char *v, const char *what)
+{
+	if (strcmp(v, "first") == 0)
+		cfg->policy = POLICY_FIRST;
+	else if (strcmp(v, "round-robin") == 0)
+		cfg->policy = POLICY_RR;
+	else
+		cfg_die("bad %s value '%s': expected first or round-robin",
 		    what, v);
-	cfg->timeout_ms = (int)t;
 }
 
 /* A boolean env switch: "1"/"yes"/"true" on, "0"/"no"/"false"/"" off. */
@@ -2409,24 +2865,40 @@ cfg_env_bool(const char *env)
 static void
 cfg_parse(struct config *cfg, int argc, char *argv[])
 {
-	static const struct option longopts[] = {
+	static struct option longopts[] = {
 		{ "listen",	required_argument, NULL, 'l' },
 		{ "upstream",	required_argument, NULL, 'u' },
 		{ "ca-file",	required_argument, NULL, 'C' },
-		{ "timeout",	required_argument, NULL, 'T' },
+		{ "policy",	required_argument, NULL, 'P' },
 		{ "verbose",	no_argument,	   NULL, 'v' },
 		{ "quiet",	no_argument,	   NULL, 'q' },
 		{ "help",	no_argument,	   NULL, 'h' },
 		{ "version",	no_argument,	   NULL, 'V' },
-		{ NULL, 0, NULL, 0 }
+		[8 + NUMOPTS] = { NULL, 0, NULL, 0 }
 	};
-	int	 c, verbose = -1, quiet = -1, have_timeout = 0;
+	int	 c, k, verbose = -1, quiet = -1, have_policy = 0;
+	int	 given[NUMOPTS];
+	char	 flag[40];
 
+	for (k = 0; k < NUMOPTS; k++) {
+		longopts[8 + k].name = numopts[k].flag;
+		longopts[8 + k].has_arg = required_argument;
+		longopts[8 + k].val = OPT_NUM + k;
+	}
 	memset(cfg, 0, sizeof *cfg);
-	cfg->timeout_ms = DOTP_TIMEOUT_MS;
+	memset(given, 0, sizeof given);
+	for (k = 0; k < NUMOPTS; k++)
+		*(int *)(void *)((char *)cfg + numopts[k].off) = numopts[k].def;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":l:u:vqhV", longopts,
 	    NULL)) != -1) {
+		if (c >= OPT_NUM && c < OPT_NUM + NUMOPTS) {
+			k = c - OPT_NUM;
+			snprintf(flag, sizeof flag, "--%s", numopts[k].flag);
+			cfg_num(cfg, k, optarg, flag);
+			given[k] = 1;
+			continue;
+		}
 		switch (c) {
 		case 'l':
 			cfg_listen(cfg, optarg, "--listen");
@@ -2437,9 +2909,9 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 		case 'C':
 			cfg->ca_file = optarg;
 			break;
-		case 'T':
-			cfg_timeout(cfg, optarg, "--timeout");
-			have_timeout = 1;
+		case 'P':
+			cfg_policy(cfg, optarg, "--policy");
+			have_policy = 1;
 			break;
 		case 'v':
 			verbose = 1;
@@ -2478,8 +2950,11 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	if (cfg->ca_file == NULL && getenv("DOTP_CA_FILE") &&
 	    *getenv("DOTP_CA_FILE"))
 		cfg->ca_file = getenv("DOTP_CA_FILE");
-	if (!have_timeout && getenv("DOTP_TIMEOUT"))
-		cfg_timeout(cfg, getenv("DOTP_TIMEOUT"), "DOTP_TIMEOUT");
+	if (!have_policy && getenv("DOTP_POLICY"))
+		cfg_policy(cfg, getenv("DOTP_POLICY"), "DOTP_POLICY");
+	for (k = 0; k < NUMOPTS; k++)
+		if (!given[k] && getenv(numopts[k].env))
+			cfg_num(cfg, k, getenv(numopts[k].env), numopts[k].env);
 	if (verbose < 0)
 		verbose = cfg_env_bool("DOTP_VERBOSE");
 	if (quiet < 0)
@@ -2565,27 +3040,41 @@ setup(void)
 		exit(2);
 #endif
 	}
-	q_init();
+	G.nconn = cfg->nup * cfg->max_conns;
+	G.conn = calloc((size_t)G.nconn, sizeof *G.conn);
+	if (q_init(cfg->max_queries) < 0 || G.conn == NULL) {
+		fprintf(stderr, "dotp: out of memory for %d queries and %d "
+		    "connections\n", cfg->max_queries, G.nconn);
+		exit(1);
+	}
 	for (i = 0; i < DOTP_MAX_TCP; i++)
 		G.tcp[i].fd = -1;
 	for (i = 0; i < cfg->nup; i++) {
 		struct upstream *u = &G.up[i];
 
-		u->fd = -1;
 		u->tx = (struct qlist)QLIST_ZERO;
-		u->fl = (struct qlist)QLIST_ZERO;
 		memcpy(&u->addr, &cfg->up[i].u, sizeof u->addr);
 		u->addrlen = cfg->up[i].len;
 		str_copy(u->label, sizeof u->label, cfg->up[i].text);
 		str_copy(u->name, sizeof u->name, cfg->up_name[i]);
-		tls_setup(u);
-		if (br_ssl_engine_last_error(&u->cc.eng) != BR_ERR_OK) {
+	}
+	G.nup = cfg->nup;
+	for (i = 0; i < G.nconn; i++) {
+		struct conn *c = &G.conn[i];
+
+		c->up = i / cfg->max_conns;
+		c->fd = -1;
+		c->fl = (struct qlist)QLIST_ZERO;
+		c->late = (struct qlist)QLIST_ZERO;
+		tls_setup(c);
+		if (br_ssl_engine_last_error(&c->cc.eng) != BR_ERR_OK) {
 			fprintf(stderr, "dotp: TLS setup failed (error %d)\n",
-			    br_ssl_engine_last_error(&u->cc.eng));
+			    br_ssl_engine_last_error(&c->cc.eng));
 			exit(1);
 		}
 	}
-	G.nup = cfg->nup;
+	/* Held in reserve for accept() under EMFILE (tcp_shed). */
+	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	for (i = 0; i < cfg->nlisten; i++) {
 		const struct sockaddr_text *a = &cfg->listen[i];
 
@@ -2639,39 +3128,45 @@ log_start(void)
 	    G.cfg.timeout_ms);
 }
 
-/* Ends cleanly: close_notify to ready upstreams, SERVFAIL to what is
- * still waiting, sockets closed. */
+/* Ends cleanly after the drain: SERVFAIL to what is still waiting,
+ * close_notify to ready connections, answers written, sockets closed. */
 static void
 shutdown_all(void)
 {
 	int64_t	 now = now_ms();
+	unsigned long full = 0, resumed = 0;
 	int	 i;
 
 	while ((i = G.age.head) >= 0) {
 		q_unlink(i);
 		q_servfail(i);
 	}
-	for (i = 0; i < G.nup; i++) {
-		struct upstream *u = &G.up[i];
+	for (i = 0; i < G.nconn; i++) {
+		struct conn *c = &G.conn[i];
 
-		if (u->state == UP_READY) {
-			br_ssl_engine_close(&u->cc.eng);
-			up_pump(u, now);
+		if (c->state == C_READY) {
+			br_ssl_engine_close(&c->cc.eng);
+			conn_pump(c, now);	/* best effort close_notify */
 		}
-		fd_close(&u->fd);
+		fd_close(&c->fd);
 	}
 	for (i = 0; i < DOTP_MAX_TCP; i++)
 		if (G.tcp[i].fd >= 0) {
-			tcp_flush(&G.tcp[i]);
+			(void)tcp_flush(&G.tcp[i]);
 			tcp_close(&G.tcp[i]);
 		}
 	for (i = 0; i < G.nlisten; i++) {
 		fd_close(&G.lst[i].udp);
 		fd_close(&G.lst[i].tcp);
 	}
+	for (i = 0; i < G.nup; i++) {
+		full += G.up[i].hs_full;
+		resumed += G.up[i].hs_resumed;
+	}
 	log_msg(LOG_INFO, "dotp exiting queries=%lu answers=%lu servfail=%lu "
-	    "dropped=%lu stray=%lu", G.st.queries, G.st.answers,
-	    G.st.servfail, G.st.dropped, G.st.stray);
+	    "dropped=%lu stray=%lu handshakes_full=%lu handshakes_resumed=%lu",
+	    G.st.queries, G.st.answers, G.st.servfail, G.st.dropped,
+	    G.st.stray, full, resumed);
 }
 
 #ifndef DOTP_NO_MAIN
@@ -2693,7 +3188,6 @@ main(int argc, char *argv[])
 	setup();
 	log_start();
 	loop_run();
-	log_msg(LOG_INFO, "signal %d, shutting down", (int)got_signal);
 	shutdown_all();
 	return 0;
 }

@@ -341,9 +341,8 @@ test_idtab(void)
 	static int live[DOTP_MAX_QUERIES];
 	int	 n = 0, i, k, round;
 
-	q_init();
-	memset(G.idtab, 0, sizeof G.idtab);
-	G.qlive = 0;
+	ok(q_init(DOTP_MAX_QUERIES) == 0, "q_init");
+	ok(G.idmask + 1 >= 2 * DOTP_MAX_QUERIES, "ID table at most half full");
 	/* Fill the table, free a random half, refill: every live ID must
 	 * stay findable and unique through backward-shift deletions. */
 	for (round = 0; round < 4; round++) {
@@ -370,9 +369,9 @@ test_idtab(void)
 	}
 	while (n > 0)
 		q_free(live[--n]);
-	for (k = 0; k < DOTP_IDTAB_SIZE && G.idtab[k] == 0; k++)
+	for (k = 0; k <= (int)G.idmask && G.idtab[k] == 0; k++)
 		/* nothing */;
-	ok(k == DOTP_IDTAB_SIZE && G.qlive == 0 && G.age.n == 0,
+	ok(k == (int)G.idmask + 1 && G.qlive == 0 && G.age.n == 0,
 	    "table empty after all freed");
 }
 
