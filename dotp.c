@@ -11,16 +11,17 @@
  *
  *   client (UDP datagram or TCP frame)
  *     -> dns_check_query()            validate once, at the boundary
- *     -> q_new()                      copy into a query slot, draw a
+ *     -> client_query()               copy into a query slot, draw a
  *                                     random upstream ID, start deadline
- *     -> up_enqueue()                 tx list of the chosen upstream
- *     -> up_pump() SENDAPP            every queued frame is injected into
- *                                     the TLS engine, then one flush: the
- *                                     queries ready in one pass travel in
- *                                     one TLS record and one send()
+ *     -> up_pick(), up_enqueue()      the upstream's tx list (policy:
+ *                                     first healthy, or round-robin)
+ *     -> conn_inject() (SENDAPP)      queued frames go to a ready
+ *                                     connection with room; all queries
+ *                                     of one pass leave in one TLS record
  *     -> upstream answers, any order
- *     -> up_pump() RECVAPP            frames reassembled, q_find(ID)
- *     -> dns_check_answer()           same question as the query
+ *     -> conn_recvapp() (RECVAPP)     frames reassembled, q_find(ID)
+ *     -> conn_answer()                sent on this connection, same
+ *                                     question (dns_check_answer)
  *     -> q_deliver()                  client ID restored, truncated for
  *                                     UDP if needed, sent; slot freed
  *
@@ -28,12 +29,15 @@
  *
  *   struct query     one per client question in flight; fixed table
  *                    G.q[], free list, never malloc'd per query. A query
- *                    is in exactly one list of one upstream (tx: waiting
- *                    to be injected; fl: committed to the TLS session of
- *                    generation sent_gen), and in the global age list,
- *                    ordered by deadline.
- *   struct upstream  one per -u; owns its socket, BearSSL context and
- *                    buffers, and the frame assembler for its answers.
+ *                    is on exactly one list: its upstream's tx (waiting
+ *                    for room on a connection), or a connection's fl
+ *                    (on the wire) or late list; and on the global age
+ *                    list, ordered by deadline.
+ *   struct upstream  one per -u: health (down, back-off, probe), RTT
+ *                    estimate, the last TLS session for resumption, the
+ *                    tx list, and up to --max-conns connections.
+ *   struct conn      one TCP + TLS session to an upstream: socket,
+ *                    BearSSL context and buffers, answer assembler.
  *   struct tcpclient one per accepted TCP client; owns its socket, its
  *                    input assembler and a bounded output buffer.
  *   struct listener  one per -l; a UDP socket and a TCP listening socket.
@@ -41,13 +45,14 @@
  * INVARIANTS
  *
  *   - Bytes acked into the engine's SENDAPP buffer are committed to that
- *     TLS session. A query is injected whole or not at all, so a query is
- *     either QUEUED (not on the wire) or SENT (on generation sent_gen).
- *   - When a connection ends, every SENT and QUEUED query on it is moved
- *     to another upstream (or the same one after a clean close) or, when
- *     its tries or its deadline are spent, answered SERVFAIL. Every
- *     client query gets exactly one answer, or is dropped only when it
- *     was not DNS at all.
+ *     TLS session. A query is injected whole or not at all, so it is
+ *     either waiting (not on the wire) or sent on one (conn, gen).
+ *   - When a connection ends, every query on it is sent again (same
+ *     upstream after a clean close, another after a failure) or, when
+ *     its tries or deadline are spent, answered SERVFAIL. Every client
+ *     query gets exactly one answer, or is dropped only when it was not
+ *     DNS at all. A query hedged to a second upstream after its attempt
+ *     timeout takes the first of the two answers; the other is stray.
  *   - Upstream IDs are drawn from getrandom() and unique among all live
  *     queries; an answer is accepted only for an ID in flight on the
  *     connection it came from, with the same question.
@@ -2069,11 +2074,13 @@ q_servfail(int i)
 
 /*
  * Query i (Q_LOOSE) lost its send. failed: the upstream that failed, or
- * -1 after a clean close (then the same upstream, on a new connection).
- * After a failure it goes to an upstream it was not queued on yet; only
- * a stall (a silent connection, not a refusal) may go back to the same
- * upstream, on a new connection. Tries and the deadline bound it all;
- * past them, or with nowhere to go, the client gets SERVFAIL.
+ * -1 after a close by the server. It goes to a healthy upstream it was
+ * not queued on yet: a server that closes busy connections is shedding
+ * load, and one that keeps failing must not eat every try. After a close
+ * with no such upstream it goes back to the same one, on a new
+ * connection; after a failure only a stall (a silent connection, not a
+ * refusal) may do so. Tries and the deadline bound it all; past them, or
+ * with nowhere to go, the client gets SERVFAIL.
  */
 static void
 q_retry(int i, int failed, int stall, int64_t now)
@@ -2085,10 +2092,12 @@ q_retry(int i, int failed, int stall, int64_t now)
 		q_servfail(i);
 		return;
 	}
-	if (failed < 0)
-		ui = q->up;
-	else if ((ui = up_pick(q->tried | 1u << failed, 1)) < 0 && stall)
+	if (failed < 0) {
+		if ((ui = up_pick(q->tried, 0)) < 0)
+			ui = q->up;
+	} else if ((ui = up_pick(q->tried | 1u << failed, 1)) < 0 && stall) {
 		ui = failed;
+	}
 	if (ui < 0) {
 		q_servfail(i);
 		return;
