@@ -417,7 +417,8 @@ struct dotp {
 	int	 draining;	/* SIGTERM seen: no new queries */
 	int64_t	 drain_until;
 	int64_t	 fd_wait_until;	/* after EMFILE on socket() */
-	int	 fd_burst;	/* EMFILE logged, until a socket works */
+	int	 connect_burst;	/* EMFILE on socket() logged, until one works */
+	int	 accept_burst;	/* EMFILE on accept() logged, until one works */
 	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
 	struct {		/* counters, logged at exit */
 		unsigned long queries, answers, servfail, dropped;
@@ -1564,14 +1565,15 @@ conn_open(int ui, struct conn *c, int64_t now)
 	fd = socket(u->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
 	    SOCK_CLOEXEC, 0);
 	if (fd < 0) {
-		if (!G.fd_burst)
-			log_msg(LOG_WARN, "upstream %s socket: %s", u->label,
-			    strerror(errno));
-		G.fd_burst = 1;
+		if (!G.connect_burst)
+			log_msg(LOG_WARN, "upstream %s socket: %s; retrying "
+			    "every %d ms", u->label, strerror(errno),
+			    DOTP_FD_WAIT_MS);
+		G.connect_burst = 1;
 		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
 		return -1;
 	}
-	G.fd_burst = 0;
+	G.connect_burst = 0;
 	c->up = ui;
 	c->fd = fd;
 	c->gen++;
@@ -1752,7 +1754,7 @@ conn_closed(struct conn *c, int64_t now)
 	int	 err = br_ssl_engine_last_error(&c->cc.eng);
 
 	if (err == BR_ERR_OK && c->state == C_READY) {
-		log_msg(LOG_DEBUG, "upstream %s closed by server gen=%u",
+		log_msg(LOG_DEBUG, "upstream %s closed cleanly gen=%u",
 		    G.up[c->up].label, c->gen);
 		conn_end(c, NULL, now);
 		return;
@@ -2289,10 +2291,10 @@ tcp_shed(int lfd)
 {
 	int	 fd;
 
-	if (!G.fd_burst)
+	if (!G.accept_burst)
 		log_msg(LOG_WARN, "out of file descriptors (%s): closing new "
 		    "TCP clients until some are free", strerror(errno));
-	G.fd_burst = 1;
+	G.accept_burst = 1;
 	if (G.spare_fd < 0)
 		return -1;
 	close(G.spare_fd);
@@ -2318,7 +2320,7 @@ tcp_accept(int li, int64_t now)
 				continue;
 			return;
 		}
-		G.fd_burst = 0;
+		G.accept_burst = 0;
 		for (j = 0; j < DOTP_MAX_TCP && G.tcp[j].fd >= 0; j++)
 			/* nothing */;
 		if (j == DOTP_MAX_TCP) {
@@ -2512,8 +2514,8 @@ loop_run(void)
 		}
 		if (G.age.head >= 0 && G.q[G.age.head].deadline < deadline)
 			deadline = G.q[G.age.head].deadline;
-		if (G.fd_burst && G.fd_wait_until < deadline)
-			deadline = G.fd_wait_until;
+		if (G.fd_wait_until > now && G.fd_wait_until < deadline)
+			deadline = G.fd_wait_until;	/* connects resume */
 		timeout = G.kick ? 0 : deadline <= now ? 0 :
 		    (int)(deadline - now + 1);	/* +1: never wake early */
 		r = poll(pfd, (nfds_t)n, timeout);
