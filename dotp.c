@@ -417,6 +417,7 @@ struct dotp {
 	int	 draining;	/* SIGTERM seen: no new queries */
 	int64_t	 drain_until;
 	int64_t	 fd_wait_until;	/* after EMFILE on socket() */
+	int64_t	 tx_timer;	/* next up_tx_timer() check, from up_kick() */
 	int	 connect_burst;	/* EMFILE on socket() logged, until one works */
 	int	 accept_burst;	/* EMFILE on accept() logged, until one works */
 	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
@@ -1473,13 +1474,15 @@ up_pick(unsigned skip, int allow_down)
 	return best;
 }
 
-/* Queues Q_LOOSE query i on upstream ui. */
+/* Queues Q_LOOSE query i on upstream ui; sent_at holds the queueing
+ * time until the query is injected. */
 static void
-up_enqueue(int ui, int i)
+up_enqueue(int ui, int i, int64_t now)
 {
 	struct query *q = &G.q[i];
 
 	q->up = (uint8_t)ui;
+	q->sent_at = now;
 	q->tried |= (uint8_t)(1u << ui);
 	q->state = Q_QUEUED;
 	qlist_push(&G.up[ui].tx, i);
@@ -1953,8 +1956,49 @@ conn_timers(struct conn *c, int64_t now)
 		    u->label, G.up[ui].label);
 		q->pconn = q->conn;
 		q->pgen = q->gen;
-		up_enqueue(ui, i);
+		up_enqueue(ui, i, now);
 	}
+}
+
+/* Does upstream ui have a connection that completed its handshake? */
+static int
+up_has_ready(int ui)
+{
+	int	 k;
+
+	for (k = 0; k < G.cfg.max_conns; k++)
+		if (conn_of(ui, k)->state == C_READY)
+			return 1;
+	return 0;
+}
+
+/*
+ * Queries that waited an attempt timeout on ui without any connection
+ * of it being ready (a slow connect or handshake: nothing was sent, so
+ * this is a move, not a duplicate) go to the next healthy upstream they
+ * were not queued on, and ui is marked down, so that new queries do not
+ * wait on it too; a handshake that completes later marks it up again.
+ * Returns the time of the next such check, or INT64_MAX.
+ */
+static int64_t
+up_tx_timer(int ui, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	int	 at = up_attempt_ms(u), i, to;
+
+	if (u->tx.head < 0 || up_has_ready(ui))
+		return INT64_MAX;
+	while ((i = u->tx.head) >= 0 && now - G.q[i].sent_at >= at) {
+		if ((to = up_pick(G.q[i].tried, 0)) < 0)
+			return INT64_MAX;	/* nowhere better: wait */
+		if (!u->down)
+			up_down(u, now, "not ready within the attempt timeout");
+		log_msg(LOG_DEBUG, "upstream %s not ready, query moved to %s",
+		    u->label, G.up[to].label);
+		q_unlink(i);
+		up_enqueue(to, i, now);
+	}
+	return i >= 0 ? G.q[i].sent_at + at : INT64_MAX;
 }
 
 /*
@@ -1970,6 +2014,7 @@ up_kick(int64_t now)
 	int	 ui, k;
 
 	G.kick = 0;
+	G.tx_timer = INT64_MAX;
 	for (ui = 0; ui < G.nup; ui++) {
 		struct upstream *u = &G.up[ui];
 		struct conn *idle = NULL;
@@ -2007,6 +2052,8 @@ up_kick(int64_t now)
 			else
 				open++;
 		}
+		if (up_tx_timer(ui, now) < G.tx_timer)
+			G.tx_timer = up_tx_timer(ui, now);
 		if (idle == NULL || opening > 0 || now < G.fd_wait_until)
 			continue;
 		/* Open when queries wait (all connections are full or none
@@ -2104,7 +2151,7 @@ q_retry(int i, int failed, int stall, int64_t now)
 		q_servfail(i);
 		return;
 	}
-	up_enqueue(ui, i);
+	up_enqueue(ui, i, now);
 }
 
 /*
@@ -2158,7 +2205,7 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	if (cl->kind == CK_TCP)
 		G.tcp[cl->idx].pending++;
 	/* Never -1: with every upstream down, the least recently failed. */
-	up_enqueue(up_pick(0, 1), i);
+	up_enqueue(up_pick(0, 1), i, now);
 }
 
 /* Reads what is waiting on UDP listener li. */
@@ -2514,6 +2561,8 @@ loop_run(void)
 		}
 		if (G.age.head >= 0 && G.q[G.age.head].deadline < deadline)
 			deadline = G.q[G.age.head].deadline;
+		if (G.tx_timer < deadline)
+			deadline = G.tx_timer;
 		if (G.fd_wait_until > now && G.fd_wait_until < deadline)
 			deadline = G.fd_wait_until;	/* connects resume */
 		timeout = G.kick ? 0 : deadline <= now ? 0 :

@@ -73,6 +73,29 @@ def test_first_upstream_no_handshake(dotp_factory, faultdot_factory):
     stop_dotp(d)
 
 
+def test_first_upstream_no_handshake_defaults(dotp_factory, faultdot_factory):
+    """Same hung first upstream with the default timeouts (handshake 2000 ms,
+    attempt 750 ms before any RTT sample): the first query does not wait for
+    the handshake timeout; it moves to the second upstream after the
+    attempt timeout (750 ms + 350 ms margin), the hung upstream is marked
+    down then, and the queries that follow, while its handshake still
+    hangs, go straight to the second (< 200 ms each)."""
+    hung = faultdot_factory(["no_handshake"], tag=1)
+    second = faultdot_factory(["normal"], tag=2)
+    d = start_dotp(dotp_factory, [hung, second], [])
+    r = _first_query(d, "first.example.test")
+    r.check(context=_ctx(d, hung, second))
+    lat = r.sent[0].latency()
+    assert 0.7 < lat < 1.1, "first answer after %.3f s (want 0.75..1.1 s)\n%s" % (
+        lat, _ctx(d, hung, second))
+    r = run_load(d.host, d.port, names("during", 20), 2, 1, window=5, timeout=3.0)
+    r.check(context=_ctx(d, hung, second))
+    slow = [round(s.latency(), 3) for s in r.sent if s.latency() > 0.2]
+    assert not slow, "queries waited on the hung handshake: %s" % slow
+    assert _tags(r) == {2: 20}
+    stop_dotp(d)
+
+
 # ---------------------------------------------------------------- (c)
 
 def test_first_upstream_silent(dotp_factory, faultdot_factory):
