@@ -449,20 +449,24 @@ def describe(wire):
 # dotp process
 # --------------------------------------------------------------------------
 
+def dotp_cmd(args, env=None):
+    """The command line and environment to run dotp with: the caller's
+    environment without any DOTP_* setting but DOTP_BIN, plus env."""
+    if not os.path.exists(DOTP_BIN):
+        raise RuntimeError("dotp binary not found: %s (set DOTP_BIN)" % DOTP_BIN)
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith("DOTP_") or k == "DOTP_BIN"}
+    full_env.update(env or {})
+    return [DOTP_BIN] + [str(a) for a in args], full_env
+
+
 class Dotp:
     """A running dotp. stderr goes to a file (self.logfile)."""
 
     def __init__(self, args, workdir, env=None, wait_ports=(), probe=None):
-        self.args = [DOTP_BIN] + [str(a) for a in args]
+        self.args, full_env = dotp_cmd(args, env)
         self.logfile = Path(workdir) / ("dotp-%d.stderr" % time.monotonic_ns())
         self._err = open(self.logfile, "wb")
-        full_env = dict(os.environ)
-        for k in list(full_env):
-            if k.startswith("DOTP_") and k != "DOTP_BIN":
-                del full_env[k]
-        full_env.update(env or {})
-        if not os.path.exists(DOTP_BIN):
-            raise RuntimeError("dotp binary not found: %s (set DOTP_BIN)" % DOTP_BIN)
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
                                      stdout=self._err, stderr=self._err, env=full_env)
         self.returncode = None
@@ -540,14 +544,7 @@ class Dotp:
 
 def run_dotp(args, env=None, timeout=10.0):
     """Run dotp to completion (CLI tests). Returns CompletedProcess."""
-    full_env = dict(os.environ)
-    for k in list(full_env):
-        if k.startswith("DOTP_") and k != "DOTP_BIN":
-            del full_env[k]
-    full_env.update(env or {})
-    if not os.path.exists(DOTP_BIN):
-        raise RuntimeError("dotp binary not found: %s (set DOTP_BIN)" % DOTP_BIN)
-    cmd = [DOTP_BIN] + [str(a) for a in args]
+    cmd, full_env = dotp_cmd(args, env)
     try:
         return subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,

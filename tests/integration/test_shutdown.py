@@ -119,22 +119,30 @@ def test_sigterm_drain_expires_servfail(dotp_factory, faultdot_factory):
     assert c and c["servfail"] == 50, c
 
 
+def _sigterm_under_load(d, prefix, n, timeout, before, after):
+    """Starts n queries in a thread, sends SIGTERM `before` s later, and
+    checks `after` s on that dotp is still draining. Returns the thread and
+    the list that receives run_load's result."""
+    holder = []
+    t = threading.Thread(target=lambda: holder.append(
+        run_load(d.host, d.port, names(prefix, n), 2, 1, timeout=timeout, linger=0.1)),
+        daemon=True)
+    t.start()
+    time.sleep(before)
+    d.send_signal(signal.SIGTERM)
+    time.sleep(after)
+    assert d.proc.poll() is None, ("dotp exited at SIGTERM with %d queries in flight "
+                                   "(want: drain)\n%s" % (n, d.log()[-2000:]))
+    return t, holder
+
+
 def test_second_signal_exits_at_once(dotp_factory, faultdot_factory):
     """During the drain (silent upstream, default --drain 2000) a second
     signal ends dotp at once (< 300 ms) with status 1."""
     srv = faultdot_factory(["silent"])
     d = start_dotp(dotp_factory, [srv], ["--timeout", "5000"])
     watch = ExitWatch(d)
-    r_holder = []
-    t = threading.Thread(target=lambda: r_holder.append(
-        run_load(d.host, d.port, names("twice", 20), 2, 1, timeout=1.5, linger=0.1)),
-        daemon=True)
-    t.start()
-    time.sleep(0.2)
-    d.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert d.proc.poll() is None, ("dotp exited at the first SIGTERM with 20 queries "
-                                   "pending (want: drain)\n" + d.log()[-2000:])
+    t, _ = _sigterm_under_load(d, "twice", 20, 1.5, before=0.2, after=0.3)
     t2 = time.monotonic()
     d.send_signal(signal.SIGINT)
     _finish(d, 1, watch, 2.0)
@@ -150,16 +158,7 @@ def test_no_new_queries_while_draining(dotp_factory, faultdot_factory):
     srv = faultdot_factory(["delay:800"])
     d = start_dotp(dotp_factory, [srv], ["--timeout", "3000"])
     watch = ExitWatch(d)
-    holder = []
-    t = threading.Thread(target=lambda: holder.append(
-        run_load(d.host, d.port, names("old", 5), 2, 1, timeout=2.0, linger=0.1)),
-        daemon=True)
-    t.start()
-    time.sleep(0.15)
-    d.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    assert d.proc.poll() is None, ("dotp exited at SIGTERM with queries in flight "
-                                   "(want: drain)\n" + d.log()[-2000:])
+    t, holder = _sigterm_under_load(d, "old", 5, 2.0, before=0.15, after=0.1)
     # UDP: no answer
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.connect((d.host, d.port))
