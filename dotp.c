@@ -68,6 +68,7 @@
 #define _GNU_SOURCE	/* accept4, SOCK_NONBLOCK, getrandom, MSG_NOSIGNAL */
 
 #include <sys/types.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -127,9 +128,15 @@
 #define DOTP_MAX_CONNS		4
 #define DOTP_MAX_CONNS_CAP	16
 #define DOTP_CONN_QUERIES	128
-/* Concurrent TCP clients; when full, new connections are closed at once
- * (the client falls back or retries; existing clients are not hurt). */
-#define DOTP_MAX_TCP		256
+/* Concurrent TCP clients (--max-tcp); when full, new connections are
+ * closed at once (the client falls back or retries; existing clients are
+ * not hurt). dotp raises its descriptor limit to fit. */
+#define DOTP_MAX_TCP		1024
+#define DOTP_MAX_TCP_CAP	65536
+/* --allow entries. */
+#define DOTP_MAX_ALLOW		64
+/* Malformed input is logged (counts only) at most this often. */
+#define DOTP_MALFORMED_LOG_MS	10000
 /* Queries one TCP client may have outstanding before dotp stops reading
  * from it (back-pressure, not an error). */
 #define DOTP_TCP_PIPELINE	256
@@ -193,8 +200,17 @@
 #define DNS_RCODE_NOTIMP	4
 #define DNS_TYPE_OPT		41
 #define DNS_NAME_MAX		255
+#define DNS_RCODE_REFUSED	5
+#define DNS_OPT_PADDING		12	/* EDNS(0) option code, RFC 7830 */
 #define DNS_UDP_MIN		512	/* RFC 1035 limit without EDNS(0) */
 #define DNS_EDNS_UDP_MAX	1232	/* DNS Flag Day 2020: no fragments */
+/* --udp-size range: 4096 is the largest size resolvers commonly offer. */
+#define DOTP_UDP_SIZE_MAX	4096
+/* Queries over TLS are padded to a multiple of this (RFC 8467 4.1). */
+#define DOTP_PAD_BLOCK		128
+/* Room padding may add to a query: an OPT record (11), the option
+ * header (4) and up to a block less one of zeros. */
+#define DOTP_PAD_ROOM		(11 + 4 + DOTP_PAD_BLOCK - 1)
 
 /* ==== 3. Types ==== */
 
@@ -207,7 +223,9 @@ enum qcheck { QC_DROP = -1, QC_OK = 0 };
 /* What dns_check_query() learns about a valid query. */
 struct qinfo {
 	size_t	 qend;		/* offset just past QTYPE/QCLASS */
+	size_t	 end;		/* offset just past the last counted record */
 	int	 has_opt;	/* client sent an OPT record */
+	size_t	 opt;		/* its offset */
 	uint16_t udp_size;	/* its advertised payload size */
 };
 
@@ -262,7 +280,9 @@ struct query {
 	int64_t	 sent_at;	/* when the current send was injected */
 	int64_t	 deadline;	/* SERVFAIL at this time */
 	struct client cl;
-	unsigned char qbuf[DOTP_QUERY_MAX];
+	uint8_t	 padded;	/* 1: dotp padded the client's OPT, 2: dotp
+				   added the OPT; undone in the answer */
+	unsigned char qbuf[DOTP_QUERY_MAX + DOTP_PAD_ROOM];
 };
 
 /* A doubly linked list of query slots, by index; -1 ends it. */
@@ -349,7 +369,8 @@ struct tcpclient {
 	unsigned pending;	/* queries not yet answered */
 	int64_t	 idle_since;	/* last time pending and out became empty */
 	size_t	 rx_have;
-	unsigned char *rx;	/* G.tcprx[slot]: 2 + DOTP_QUERY_MAX bytes */
+	int	 live_pos;	/* index in G.tcp_live */
+	unsigned char *rx;	/* G.tcprx + slot: 2 + DOTP_QUERY_MAX bytes */
 	unsigned char *out;	/* queued answer frames */
 	size_t	 out_len, out_off, out_cap;
 };
@@ -373,6 +394,13 @@ struct sockaddr_text {
 
 enum policy { POLICY_FIRST, POLICY_RR };
 
+/* An --allow entry: an address prefix of either family. */
+struct cidr {
+	int	 family;	/* AF_INET or AF_INET6 */
+	unsigned char addr[16];	/* network byte order, host bits zero */
+	int	 bits;
+};
+
 struct config {
 	struct sockaddr_text listen[DOTP_MAX_LISTEN];
 	int	 nlisten;
@@ -384,6 +412,10 @@ struct config {
 	int	 policy;	/* enum policy */
 	int	 timeout_ms, attempt_ms, connect_ms, handshake_ms, idle_ms;
 	int	 drain_ms, conn_queries, max_conns, max_queries;
+	int	 udp_size, tcp_idle_ms, max_tcp;
+	int	 pad;		/* pad queries (RFC 8467); --no-pad clears */
+	struct cidr allow[DOTP_MAX_ALLOW];
+	int	 nallow;
 };
 
 /* The whole process state (kilo's E). */
@@ -398,11 +430,16 @@ struct dotp {
 	int	 rr;		/* round-robin cursor */
 	struct conn *conn;	/* nup * max_conns, calloc'd at start */
 	int	 nconn;
-	struct tcpclient tcp[DOTP_MAX_TCP];
-	/* Input buffers apart from the slots, so that marking the slots
-	 * free at start does not touch (and make resident) the buffers. */
-	unsigned char tcprx[DOTP_MAX_TCP][2 + DOTP_QUERY_MAX];
-	unsigned ntcp;
+	/* TCP clients: max_tcp slots and input buffers, calloc'd at start
+	 * and touched only when used; live ones are listed in tcp_live (so
+	 * loops cost what is connected, not what is allowed); freed slots
+	 * are reused from tcp_free, then slots from tcp_high on. */
+	struct tcpclient *tcp;
+	unsigned char *tcprx;
+	int	*tcp_live, *tcp_free;
+	int	 ntcp, ntcp_free, tcp_high;
+	struct pollfd *pfd;	/* the poll set, rebuilt every pass */
+	int	*pfd_tcp;	/* pfd entry of each live client, by position */
 	struct query *q;	/* max_queries slots, calloc'd at start */
 	int	 nq;
 	int	 qfree;		/* free list head (slots used before) */
@@ -423,8 +460,10 @@ struct dotp {
 	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
 	struct {		/* counters, logged at exit */
 		unsigned long queries, answers, servfail, dropped;
+		unsigned long formerr, notimp, refused;
 		unsigned long stray, udp_send_fail, tcp_refused, full;
 	} st;
+	int64_t	 malformed_logged;	/* last "malformed input" line */
 };
 
 /* ==== 4. Globals ==== */
@@ -556,6 +595,86 @@ addr_text(const struct sockaddr *sa, char *buf, size_t len)
 		inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
 		snprintf(buf, len, "%s:%u", host, ntohs(s4->sin_port));
 	}
+}
+
+/*
+ * Parses "ADDR/BITS" or a bare address (all bits) into c, host bits
+ * cleared. Returns 0, or -1 if s is not of that form.
+ */
+static int
+parse_cidr(const char *s, struct cidr *c)
+{
+	char	 host[INET6_ADDRSTRLEN + 1];
+	const char *slash = strchr(s, '/');
+	size_t	 hl = slash ? (size_t)(slash - s) : strlen(s), i;
+	long	 bits;
+
+	memset(c, 0, sizeof *c);
+	if (hl == 0 || hl >= sizeof host)
+		return -1;
+	memcpy(host, s, hl);
+	host[hl] = '\0';
+	if (inet_pton(AF_INET, host, c->addr) == 1)
+		c->family = AF_INET;
+	else if (inet_pton(AF_INET6, host, c->addr) == 1)
+		c->family = AF_INET6;
+	else
+		return -1;
+	bits = c->family == AF_INET ? 32 : 128;
+	if (slash) {
+		const char *b = slash + 1;
+		size_t	 bl = strlen(b);
+
+		if (bl == 0 || bl > 3 || strspn(b, "0123456789") != bl ||
+		    strtol(b, NULL, 10) > bits)
+			return -1;
+		bits = strtol(b, NULL, 10);
+	}
+	c->bits = (int)bits;
+	for (i = 0; i < 16; i++) {
+		long keep = bits - 8 * (long)i;
+
+		if (keep <= 0)
+			c->addr[i] = 0;
+		else if (keep < 8)
+			c->addr[i] &= (unsigned char)(0xff << (8 - keep));
+	}
+	return 0;
+}
+
+/* Does address sa fall in c? A v4-mapped IPv6 address (::ffff:a.b.c.d,
+ * a client of a dual-stack [::] listener) is matched as IPv4. */
+static int
+cidr_match(const struct cidr *c, const struct sockaddr *sa)
+{
+	static const unsigned char mapped[12] = {
+		0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff
+	};
+	const unsigned char *a;
+	int	 fam = sa->sa_family, i, bits = c->bits;
+
+	if (fam == AF_INET) {
+		a = (const unsigned char *)
+		    &((const struct sockaddr_in *)(const void *)sa)->sin_addr;
+	} else if (fam == AF_INET6) {
+		a = ((const struct sockaddr_in6 *)(const void *)sa)->
+		    sin6_addr.s6_addr;
+		if (memcmp(a, mapped, sizeof mapped) == 0) {
+			a += 12;
+			fam = AF_INET;
+		}
+	} else {
+		return 0;
+	}
+	if (fam != c->family)
+		return 0;
+	for (i = 0; bits > 0; i++, bits -= 8) {
+		unsigned mask = bits >= 8 ? 0xff : (0xff << (8 - bits)) & 0xff;
+
+		if ((a[i] & mask) != c->addr[i])
+			return 0;
+	}
+	return 1;
 }
 
 /* ==== 7. DNS wire format ==== */
@@ -695,17 +814,19 @@ dns_check_query(const unsigned char *m, size_t len, struct qinfo *qi)
 	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT) +
 	    rd16(m + DNS_OFF_ARCOUNT);
 	while (n-- > 0) {
+		size_t seen = opt;
+
 		pos = dns_skip_rr(m, len, pos, &opt);
-		if (pos == 0)
+		/* RFC 6891 6.1.1: one OPT at most, owned by the root. */
+		if (pos == 0 || (seen && opt != seen) || (opt && m[opt] != 0))
 			return DNS_RCODE_FORMERR;
 	}
 	qi->has_opt = opt != 0;
+	qi->opt = opt;
+	qi->end = pos;
 	qi->udp_size = 0;
-	if (opt) {
-		/* OPT's CLASS is the payload size; name is the root. */
-		size_t t = dns_skip_name(m, len, opt);
-		qi->udp_size = rd16(m + t + 2);
-	}
+	if (opt)	/* OPT's CLASS is the payload size */
+		qi->udp_size = rd16(m + opt + 1 + 2);
 	return QC_OK;
 }
 
@@ -720,6 +841,139 @@ dns_udp_limit(const struct qinfo *qi, uint16_t cap)
 		return DNS_UDP_MIN;
 	sz = qi->udp_size < cap ? qi->udp_size : cap;
 	return sz < DNS_UDP_MIN ? DNS_UDP_MIN : sz;
+}
+
+/*
+ * Pads a checked query m (len bytes, buffer of cap) in place to a
+ * multiple of DOTP_PAD_BLOCK bytes with an EDNS(0) Padding option (RFC
+ * 7830; the block policy of RFC 8467). Without OPT, dotp adds one
+ * (payload 1232, no flags, only the padding) and sets *added_opt to 2;
+ * when it pads an OPT of the client's, to 1. The
+ * query is left as it is when it already has a padding option, when its
+ * OPT is not the last record (a TSIG after it would break), when bytes
+ * follow the records, or when there is no room.
+ * Returns the new length, at most cap.
+ */
+static size_t
+dns_pad_query(unsigned char *m, size_t len, size_t cap,
+    const struct qinfo *qi, int *added_opt)
+{
+	size_t	 n, pad, rdlen, p, olen, rd;
+
+	*added_opt = 0;
+	if (qi->end != len)
+		return len;
+	if (!qi->has_opt) {
+		static const unsigned char opt[11] = {
+			0, 0, DNS_TYPE_OPT,
+			DNS_EDNS_UDP_MAX >> 8, DNS_EDNS_UDP_MAX & 0xff,
+			0, 0, 0, 0, 0, 0
+		};
+
+		n = len + sizeof opt + 4;
+		pad = (DOTP_PAD_BLOCK - n % DOTP_PAD_BLOCK) % DOTP_PAD_BLOCK;
+		if (n + pad > cap || rd16(m + DNS_OFF_ARCOUNT) == 0xffff)
+			return len;
+		memcpy(m + len, opt, sizeof opt);
+		wr16(m + len + 9, (uint16_t)(4 + pad));
+		wr16(m + DNS_OFF_ARCOUNT, rd16(m + DNS_OFF_ARCOUNT) + 1);
+		*added_opt = 2;
+	} else {
+		/* The OPT must be the last record: its RDATA ends at len. */
+		rd = qi->opt + 1 + 10;		/* root name, then 10 bytes */
+		rdlen = rd16(m + rd - 2);
+		if (rd + rdlen != len)
+			return len;
+		for (p = rd; p + 4 <= len; p += 4 + olen) {
+			olen = rd16(m + p + 2);
+			if (rd16(m + p) == DNS_OPT_PADDING || olen > len - p - 4)
+				return len;	/* padded already, or bad */
+		}
+		n = len + 4;
+		pad = (DOTP_PAD_BLOCK - n % DOTP_PAD_BLOCK) % DOTP_PAD_BLOCK;
+		if (n + pad > cap || rdlen + 4 + pad > 0xffff)
+			return len;
+		wr16(m + rd - 2, (uint16_t)(rdlen + 4 + pad));
+		*added_opt = 1;
+	}
+	wr16(m + n - 4, DNS_OPT_PADDING);
+	wr16(m + n - 2, (uint16_t)pad);
+	memset(m + n, 0, pad);
+	return n + pad;
+}
+
+/*
+ * Finds the OPT record in the additional section of a message. Returns
+ * its offset and sets *end past it, or returns 0 when there is none or
+ * the message is malformed.
+ */
+static size_t
+dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
+{
+	size_t	 pos = DNS_HEADER_LEN, start;
+	unsigned n, k, ar;
+
+	if (len < DNS_HEADER_LEN)
+		return 0;
+	for (n = rd16(m + DNS_OFF_QDCOUNT); n > 0; n--) {
+		pos = dns_skip_name(m, len, pos);
+		if (pos == 0 || len - pos < 4)
+			return 0;
+		pos += 4;
+	}
+	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
+	ar = rd16(m + DNS_OFF_ARCOUNT);
+	for (k = 0; k < n + ar; k++) {
+		start = pos;
+		pos = dns_skip_rr(m, len, pos, NULL);
+		if (pos == 0)
+			return 0;
+		if (k >= n && m[start] == 0 &&
+		    rd16(m + start + 1) == DNS_TYPE_OPT) {
+			*end = pos;
+			return start;
+		}
+	}
+	return 0;
+}
+
+/* Removes the OPT record of a message (an answer to a query whose OPT
+ * dotp added) and lowers ARCOUNT. Returns the new length (len if there
+ * was none). */
+static size_t
+dns_strip_opt(unsigned char *m, size_t len)
+{
+	size_t	 end, opt = dns_opt_locate(m, len, &end);
+
+	if (opt == 0)
+		return len;
+	memmove(m + opt, m + end, len - end);
+	wr16(m + DNS_OFF_ARCOUNT, rd16(m + DNS_OFF_ARCOUNT) - 1);
+	return len - (end - opt);
+}
+
+/* Removes the Padding option from the OPT record of a message (an
+ * answer to a query that dotp padded: the client did not ask for it, and
+ * it has no use on the cleartext hop). Returns the new length. */
+static size_t
+dns_strip_padding(unsigned char *m, size_t len)
+{
+	size_t	 end, opt = dns_opt_locate(m, len, &end), p, olen;
+
+	if (opt == 0)
+		return len;
+	for (p = opt + 11; p + 4 <= end; p += 4 + olen) {
+		olen = rd16(m + p + 2);
+		if (olen > end - p - 4)
+			return len;
+		if (rd16(m + p) == DNS_OPT_PADDING) {
+			memmove(m + p, m + p + 4 + olen, len - (p + 4 + olen));
+			wr16(m + opt + 9, (uint16_t)(rd16(m + opt + 9) -
+			    4 - olen));
+			return len - 4 - olen;
+		}
+	}
+	return len;
 }
 
 /* Lower-case ASCII only: DNS names compare without locale. */
@@ -2090,9 +2344,14 @@ static void
 q_deliver(int i, unsigned char *msg, size_t len)
 {
 	struct query *q = &G.q[i];
-	unsigned char small[DNS_EDNS_UDP_MAX];
+	unsigned char small[DOTP_UDP_SIZE_MAX];
 
 	wr16(msg + DNS_OFF_ID, q->client_id);
+	/* Undo what dotp added: the client gets what it asked for. */
+	if (q->padded == 2)
+		len = dns_strip_opt(msg, len);
+	else if (q->padded == 1)
+		len = dns_strip_padding(msg, len);
 	if (q->cl.kind == CK_UDP && len > q->udp_limit) {
 		size_t n = dns_truncate(msg, len, q->has_opt, small,
 		    q->udp_limit < sizeof small ? q->udp_limit : sizeof small);
@@ -2154,9 +2413,53 @@ q_retry(int i, int failed, int stall, int64_t now)
 	up_enqueue(ui, i, now);
 }
 
+/* Is a client at sa allowed (--allow, or the private default)? */
+static int
+acl_allows(const struct sockaddr *sa)
+{
+	int	 i;
+
+	for (i = 0; i < G.cfg.nallow; i++)
+		if (cidr_match(&G.cfg.allow[i], sa))
+			return 1;
+	return 0;
+}
+
+/* Logs the malformed-input counters, at most once per
+ * DOTP_MALFORMED_LOG_MS; never a byte of what the client sent. */
+static void
+log_malformed(int64_t now)
+{
+	if (G.malformed_logged && now - G.malformed_logged <
+	    DOTP_MALFORMED_LOG_MS)
+		return;
+	G.malformed_logged = now;
+	log_msg(LOG_WARN, "malformed input dropped=%lu formerr=%lu notimp=%lu",
+	    G.st.dropped, G.st.formerr, G.st.notimp);
+}
+
+/* Answers a client outside --allow: REFUSED, with the question if the
+ * message is a well-formed query; nothing if it is not a query at all. */
+static void
+client_refuse(const unsigned char *m, size_t len, const struct client *cl)
+{
+	struct qinfo qi;
+	unsigned char out[DNS_UDP_MIN];
+	size_t	 n;
+	int	 r = dns_check_query(m, len, &qi);
+
+	G.st.refused++;
+	if (r == QC_DROP)
+		return;
+	n = dns_make_error(m, len, r == QC_OK ? qi.qend : 0, 0,
+	    DNS_RCODE_REFUSED, out, sizeof out);
+	if (n > 0)
+		client_send(cl, out, n);
+}
+
 /*
  * Handles one message from a client: validate, answer errors at once,
- * else take a slot and queue it upstream.
+ * else take a slot, pad it, and queue it upstream.
  */
 static void
 client_query(const unsigned char *m, size_t len, const struct client *cl,
@@ -2170,11 +2473,16 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 
 	G.st.queries++;
 	r = dns_check_query(m, len, &qi);
-	if (r == QC_DROP) {
-		G.st.dropped++;
-		return;
-	}
 	if (r != QC_OK) {
+		if (r == QC_DROP)
+			G.st.dropped++;
+		else if (r == DNS_RCODE_NOTIMP)
+			G.st.notimp++;
+		else
+			G.st.formerr++;
+		log_malformed(now);
+		if (r == QC_DROP)
+			return;
 		/* Header only: the question may be what is wrong. */
 		n = dns_make_error(m, len, 0, 0, r, out, sizeof out);
 		if (n > 0)
@@ -2197,9 +2505,17 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	q->qlen = (uint16_t)len;
 	q->qend = (uint16_t)qi.qend;
 	q->has_opt = (uint8_t)qi.has_opt;
-	q->udp_limit = dns_udp_limit(&qi, DNS_EDNS_UDP_MAX);
+	q->udp_limit = dns_udp_limit(&qi, (uint16_t)G.cfg.udp_size);
 	q->client_id = rd16(m);
 	wr16(q->qbuf + DNS_OFF_ID, q->up_id);
+	q->padded = 0;
+	if (G.cfg.pad) {
+		int	 how;
+
+		q->qlen = (uint16_t)dns_pad_query(q->qbuf, len, sizeof q->qbuf,
+		    &qi, &how);
+		q->padded = (uint8_t)how;
+	}
 	q->deadline = now + G.cfg.timeout_ms;
 	q->cl = *cl;
 	if (cl->kind == CK_TCP)
@@ -2231,7 +2547,10 @@ udp_service(int li, int64_t now)
 				    strerror(errno));
 			return;
 		}
-		client_query(buf, (size_t)n, &cl, now);
+		if (acl_allows(&cl.peer.sa))
+			client_query(buf, (size_t)n, &cl, now);
+		else
+			client_refuse(buf, (size_t)n, &cl);
 	}
 }
 
@@ -2248,6 +2567,8 @@ udp_service(int li, int64_t now)
 static void
 tcp_close(struct tcpclient *c)
 {
+	int	 j = (int)(c - G.tcp), last;
+
 	fd_close(&c->fd);
 	free(c->out);
 	c->out = NULL;
@@ -2256,7 +2577,11 @@ tcp_close(struct tcpclient *c)
 	c->pending = 0;
 	c->eof = 0;
 	c->gen++;
-	G.ntcp--;
+	/* Off the live list (the last one takes its place), onto free. */
+	last = G.tcp_live[--G.ntcp];
+	G.tcp_live[c->live_pos] = last;
+	G.tcp[last].live_pos = c->live_pos;
+	G.tcp_free[G.ntcp_free++] = j;
 }
 
 /* A query of TCP client cl was answered or failed. */
@@ -2352,6 +2677,18 @@ tcp_shed(int lfd)
 	return fd >= 0 ? 0 : -1;
 }
 
+/* Is the peer of accepted socket fd allowed (--allow)? */
+static int
+tcp_allowed(int fd)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof ss;
+
+	if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
+		return 0;
+	return acl_allows((struct sockaddr *)&ss);
+}
+
 /* Accepts what waits on TCP listener li. */
 static void
 tcp_accept(int li, int64_t now)
@@ -2368,18 +2705,19 @@ tcp_accept(int li, int64_t now)
 			return;
 		}
 		G.accept_burst = 0;
-		for (j = 0; j < DOTP_MAX_TCP && G.tcp[j].fd >= 0; j++)
-			/* nothing */;
-		if (j == DOTP_MAX_TCP) {
+		if (G.ntcp == G.cfg.max_tcp || !tcp_allowed(fd)) {
 			G.st.tcp_refused++;
 			close(fd);
 			continue;
 		}
+		j = G.ntcp_free > 0 ? G.tcp_free[--G.ntcp_free] : G.tcp_high++;
 		set_nodelay(fd);
 		G.tcp[j].fd = fd;
-		G.tcp[j].rx = G.tcprx[j];
+		G.tcp[j].rx = G.tcprx + (size_t)j * (2 + DOTP_QUERY_MAX);
+		G.tcp[j].rx_have = 0;
 		G.tcp[j].idle_since = now;
-		G.ntcp++;
+		G.tcp[j].live_pos = G.ntcp;
+		G.tcp_live[G.ntcp++] = j;
 	}
 }
 
@@ -2395,7 +2733,7 @@ tcp_read(int j, int64_t now)
 
 	while (c->fd >= 0 && !c->eof && c->pending < DOTP_TCP_PIPELINE) {
 		n = recv(c->fd, c->rx + c->rx_have,
-		    sizeof G.tcprx[0] - c->rx_have, MSG_DONTWAIT);
+		    2 + DOTP_QUERY_MAX - c->rx_have, MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -2422,6 +2760,7 @@ tcp_read(int j, int64_t now)
 		}
 		if (fl < 0) {
 			G.st.dropped++;
+			log_malformed(now);
 			tcp_close(c);
 			return;
 		}
@@ -2458,16 +2797,16 @@ expire(int64_t now)
 		q_unlink(i);
 		q_servfail(i);
 	}
-	for (j = 0; j < DOTP_MAX_TCP; j++) {
-		struct tcpclient *c = &G.tcp[j];
+	/* Backwards: tcp_close() moves the last live client into the
+	 * closed one's place, and that one was seen already. */
+	for (j = G.ntcp - 1; j >= 0; j--) {
+		struct tcpclient *c = &G.tcp[G.tcp_live[j]];
 
-		if (c->fd < 0)
-			continue;
 		if (c->pending > 0 || c->out_len > 0) {
 			c->idle_since = now;
 			continue;
 		}
-		if (c->eof || now - c->idle_since >= DOTP_TCP_IDLE_MS)
+		if (c->eof || now - c->idle_since >= G.cfg.tcp_idle_ms)
 			tcp_close(c);
 	}
 }
@@ -2499,8 +2838,8 @@ drain_done(int64_t now)
 		return 1;
 	if (G.qlive > 0)
 		return 0;
-	for (j = 0; j < DOTP_MAX_TCP; j++)
-		if (G.tcp[j].fd >= 0 && G.tcp[j].out_len > 0)
+	for (j = 0; j < G.ntcp; j++)
+		if (G.tcp[G.tcp_live[j]].out_len > 0)
 			return 0;
 	return 1;
 }
@@ -2514,11 +2853,9 @@ drain_done(int64_t now)
 static void
 loop_run(void)
 {
-	static struct pollfd pfd[DOTP_MAX_UPSTREAMS * DOTP_MAX_CONNS_CAP +
-	    DOTP_MAX_TCP + 2 * DOTP_MAX_LISTEN];
-	static int tcp_at[DOTP_MAX_TCP];
+	struct pollfd *pfd = G.pfd;
 	int64_t	 now, deadline;
-	int	 n, i, j, r, timeout;
+	int	 n, i, j, r, timeout, ntcp;
 
 	for (;;) {
 		now = now_ms();
@@ -2532,13 +2869,11 @@ loop_run(void)
 		n = 0;
 		for (i = 0; i < G.nconn; i++)
 			conn_pollset(&G.conn[i], &pfd[n++], &deadline);
-		for (j = 0; j < DOTP_MAX_TCP; j++) {
-			struct tcpclient *c = &G.tcp[j];
+		ntcp = G.ntcp;	/* the clients polled this pass, in order */
+		for (j = 0; j < ntcp; j++) {
+			struct tcpclient *c = &G.tcp[G.tcp_live[j]];
 
-			tcp_at[j] = -1;
-			if (c->fd < 0)
-				continue;
-			tcp_at[j] = n;
+			G.pfd_tcp[j] = G.tcp_live[j];
 			pfd[n].fd = c->fd;
 			pfd[n].events = 0;
 			pfd[n].revents = 0;
@@ -2548,8 +2883,8 @@ loop_run(void)
 			if (c->out_len > 0)
 				pfd[n].events |= POLLOUT;
 			n++;
-			if (c->idle_since + DOTP_TCP_IDLE_MS < deadline)
-				deadline = c->idle_since + DOTP_TCP_IDLE_MS;
+			if (c->idle_since + G.cfg.tcp_idle_ms < deadline)
+				deadline = c->idle_since + G.cfg.tcp_idle_ms;
 		}
 		for (i = 0; i < G.nlisten; i++) {
 			pfd[n].fd = G.draining ? -1 : G.lst[i].udp;
@@ -2579,15 +2914,13 @@ loop_run(void)
 			if (pfd[n].revents && pfd[n].fd >= 0 &&
 			    pfd[n].fd == G.conn[i].fd)
 				conn_service(&G.conn[i], pfd[n].revents, now);
-		for (j = 0; j < DOTP_MAX_TCP; j++) {
-			struct tcpclient *c = &G.tcp[j];
-			short	 rev;
+		for (j = 0; j < ntcp; j++, n++) {
+			struct tcpclient *c = &G.tcp[G.pfd_tcp[j]];
+			short	 rev = pfd[n].revents;
 
-			if (tcp_at[j] < 0)
-				continue;
-			rev = pfd[tcp_at[j]].revents;
-			n++;
-			if (c->fd != pfd[tcp_at[j]].fd || rev == 0)
+			/* Closed (or closed and reused) since the poll set
+			 * was built: its descriptor is not this one. */
+			if (c->fd != pfd[n].fd || rev == 0)
 				continue;
 			if (rev & (POLLOUT | POLLERR | POLLHUP)) {
 				if (tcp_flush(c) < 0) {
@@ -2596,7 +2929,7 @@ loop_run(void)
 				}
 			}
 			if ((rev & (POLLIN | POLLERR | POLLHUP)) && !G.draining)
-				tcp_read(j, now);
+				tcp_read(G.pfd_tcp[j], now);
 		}
 		for (i = 0; i < G.nlisten; i++, n += 2) {
 			if (pfd[n].revents && !G.draining)
@@ -2640,6 +2973,12 @@ usage(FILE *f)
 "      --max-conns N         connections per upstream (%d)\n"
 "      --max-queries N       queries waiting at once; over it, SERVFAIL (%d)\n"
 "      --drain MS            on SIGTERM, time given to queries in flight (%d)\n"
+"      --udp-size N          largest UDP answer, for EDNS clients (%d)\n"
+"      --no-pad              do not pad queries to 128-byte blocks (RFC 8467)\n"
+"      --allow CIDR          clients allowed (repeatable); default loopback\n"
+"                            and private ranges; others get REFUSED\n"
+"      --tcp-idle-timeout MS close idle TCP clients after MS (%d)\n"
+"      --max-tcp N           TCP clients at once; over it, closed (%d)\n"
 "  -v, --verbose             debug logs\n"
 "  -q, --quiet               errors only\n"
 "  -h, --help                this text\n"
@@ -2649,12 +2988,13 @@ usage(FILE *f)
 "(lists split by commas or spaces), DOTP_CA_FILE, DOTP_POLICY,\n"
 "DOTP_TIMEOUT, DOTP_ATTEMPT_TIMEOUT, DOTP_CONNECT_TIMEOUT,\n"
 "DOTP_HANDSHAKE_TIMEOUT, DOTP_IDLE_TIMEOUT, DOTP_CONN_QUERIES,\n"
-"DOTP_MAX_CONNS, DOTP_MAX_QUERIES, DOTP_DRAIN, DOTP_VERBOSE=1,\n"
-"DOTP_QUIET=1. Flags win.\n",
+"DOTP_MAX_CONNS, DOTP_MAX_QUERIES, DOTP_DRAIN, DOTP_UDP_SIZE,\n"
+"DOTP_NO_PAD=1, DOTP_ALLOW, DOTP_TCP_IDLE_TIMEOUT, DOTP_MAX_TCP,\n"
+"DOTP_VERBOSE=1, DOTP_QUIET=1. Flags win.\n",
 	    DOTP_TIMEOUT_MS, DOTP_ATTEMPT_MIN_MS, DOTP_ATTEMPT_MAX_MS,
 	    DOTP_CONNECT_MS, DOTP_HANDSHAKE_MS, DOTP_IDLE_MS,
 	    DOTP_CONN_QUERIES, DOTP_MAX_CONNS, DOTP_MAX_QUERIES,
-	    DOTP_DRAIN_MS);
+	    DOTP_DRAIN_MS, DNS_EDNS_UDP_MAX, DOTP_TCP_IDLE_MS, DOTP_MAX_TCP);
 }
 
 /* Prints one line about a bad value and exits 2. */
@@ -2876,8 +3216,16 @@ static const struct numopt numopts[] = {
 	{ "max-queries", "DOTP_MAX_QUERIES", "a count", 1,
 	    DOTP_MAX_QUERIES_CAP, DOTP_MAX_QUERIES,
 	    offsetof(struct config, max_queries) },
+	{ "udp-size", "DOTP_UDP_SIZE", "bytes", DNS_UDP_MIN,
+	    DOTP_UDP_SIZE_MAX, DNS_EDNS_UDP_MAX,
+	    offsetof(struct config, udp_size) },
+	{ "tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", "milliseconds", 1,
+	    86400000, DOTP_TCP_IDLE_MS, offsetof(struct config, tcp_idle_ms) },
+	{ "max-tcp", "DOTP_MAX_TCP", "a count", 1, DOTP_MAX_TCP_CAP,
+	    DOTP_MAX_TCP, offsetof(struct config, max_tcp) },
 };
 #define NUMOPTS	(int)(sizeof numopts / sizeof numopts[0])
+#define NFLAGOPTS	10	/* the other long options of cfg_parse() */
 
 /* Sets numeric option k from v (what names the flag or env variable). */
 static void
@@ -2890,6 +3238,19 @@ cfg_num(struct config *cfg, int k, const char *v, const char *what)
 		cfg_die("bad %s value '%s': expected %s %ld..%ld", what, v,
 		    o->unit, o->min, o->max);
 	*(int *)(void *)((char *)cfg + o->off) = (int)t;
+}
+
+/* Adds one --allow prefix. */
+static void
+cfg_allow(struct config *cfg, const char *v, const char *what)
+{
+	if (cfg->nallow == DOTP_MAX_ALLOW)
+		cfg_die("too many %s values (at most %d)", what,
+		    DOTP_MAX_ALLOW);
+	if (parse_cidr(v, &cfg->allow[cfg->nallow]) < 0)
+		cfg_die("bad %s value '%s': expected an address prefix like "
+		    "10.0.0.0/8 or fd00::/8", what, v);
+	cfg->nallow++;
 }
 
 static void
@@ -2930,20 +3291,26 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 		{ "upstream",	required_argument, NULL, 'u' },
 		{ "ca-file",	required_argument, NULL, 'C' },
 		{ "policy",	required_argument, NULL, 'P' },
+		{ "allow",	required_argument, NULL, 'A' },
+		{ "no-pad",	no_argument,	   NULL, 'N' },
 		{ "verbose",	no_argument,	   NULL, 'v' },
 		{ "quiet",	no_argument,	   NULL, 'q' },
 		{ "help",	no_argument,	   NULL, 'h' },
 		{ "version",	no_argument,	   NULL, 'V' },
-		[8 + NUMOPTS] = { NULL, 0, NULL, 0 }
+		[NFLAGOPTS + NUMOPTS] = { NULL, 0, NULL, 0 }
 	};
-	int	 c, k, verbose = -1, quiet = -1, have_policy = 0;
+	static const char *private[] = {	/* the default --allow */
+		"127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
+		"192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10"
+	};
+	int	 c, k, verbose = -1, quiet = -1, have_policy = 0, nopad = -1;
 	int	 given[NUMOPTS];
 	char	 flag[40];
 
 	for (k = 0; k < NUMOPTS; k++) {
-		longopts[8 + k].name = numopts[k].flag;
-		longopts[8 + k].has_arg = required_argument;
-		longopts[8 + k].val = OPT_NUM + k;
+		longopts[NFLAGOPTS + k].name = numopts[k].flag;
+		longopts[NFLAGOPTS + k].has_arg = required_argument;
+		longopts[NFLAGOPTS + k].val = OPT_NUM + k;
 	}
 	memset(cfg, 0, sizeof *cfg);
 	memset(given, 0, sizeof given);
@@ -2972,6 +3339,12 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 		case 'P':
 			cfg_policy(cfg, optarg, "--policy");
 			have_policy = 1;
+			break;
+		case 'A':
+			cfg_allow(cfg, optarg, "--allow");
+			break;
+		case 'N':
+			nopad = 1;
 			break;
 		case 'v':
 			verbose = 1;
@@ -3012,6 +3385,14 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 		cfg->ca_file = getenv("DOTP_CA_FILE");
 	if (!have_policy && getenv("DOTP_POLICY"))
 		cfg_policy(cfg, getenv("DOTP_POLICY"), "DOTP_POLICY");
+	if (cfg->nallow == 0)
+		cfg_env_list(cfg, "DOTP_ALLOW", cfg_allow);
+	if (cfg->nallow == 0)
+		for (k = 0; k < (int)(sizeof private / sizeof private[0]); k++)
+			cfg_allow(cfg, private[k], "default allow");
+	if (nopad < 0)
+		nopad = cfg_env_bool("DOTP_NO_PAD");
+	cfg->pad = !nopad;
 	for (k = 0; k < NUMOPTS; k++)
 		if (!given[k] && getenv(numopts[k].env))
 			cfg_num(cfg, k, getenv(numopts[k].env), numopts[k].env);
@@ -3033,13 +3414,35 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 
 /* ==== 15. main ==== */
 
+/* IPV6_V6ONLY for listen address a: off for the IPv6 wildcard [::] when
+ * no IPv4 wildcard shares its port (then [::] serves IPv4 clients too,
+ * as v4-mapped addresses); on otherwise, so both can be bound. */
+static int
+listen_v6only(const struct sockaddr_text *a)
+{
+	int	 i;
+
+	if (a->u.sa.sa_family != AF_INET6 ||
+	    !IN6_IS_ADDR_UNSPECIFIED(&a->u.sin6.sin6_addr))
+		return 1;
+	for (i = 0; i < G.cfg.nlisten; i++) {
+		const struct sockaddr_text *b = &G.cfg.listen[i];
+
+		if (b->u.sa.sa_family == AF_INET &&
+		    b->u.sin.sin_addr.s_addr == htonl(INADDR_ANY) &&
+		    b->u.sin.sin_port == a->u.sin6.sin6_port)
+			return 1;
+	}
+	return 0;
+}
+
 /* Opens the UDP and TCP sockets of one listen address. Returns 0, or
  * -1 with errno set and *what naming the failed step. */
 static int
 listen_open(const struct sockaddr_text *a, struct listener *l,
     const char **what)
 {
-	int	 one = 1, type;
+	int	 one = 1, type, v6only = listen_v6only(a);
 
 	l->udp = l->tcp = -1;
 	str_copy(l->label, sizeof l->label, a->text);
@@ -3057,8 +3460,8 @@ listen_open(const struct sockaddr_text *a, struct listener *l,
 		(void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
 		    sizeof one);
 		if (a->u.sa.sa_family == AF_INET6)
-			(void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one,
-			    sizeof one);
+			(void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY,
+			    &v6only, sizeof v6only);
 		*what = "bind";
 		if (bind(fd, &a->u.sa, a->len) < 0)
 			goto fail;
@@ -3071,6 +3474,23 @@ fail:
 	fd_close(&l->udp);
 	fd_close(&l->tcp);
 	return -1;
+}
+
+/* Raises the soft descriptor limit to want (at most the hard limit), so
+ * that --max-tcp clients fit; a lower limit is logged, not fatal (EMFILE
+ * is handled). */
+static void
+fd_limit_raise(int want)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= (rlim_t)want)
+		return;
+	rl.rlim_cur = rl.rlim_max != RLIM_INFINITY &&
+	    rl.rlim_max < (rlim_t)want ? rl.rlim_max : (rlim_t)want;
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur < (rlim_t)want)
+		log_msg(LOG_WARN, "descriptor limit %lu is below the %d that "
+		    "--max-tcp needs", (unsigned long)rl.rlim_cur, want);
 }
 
 /* Sets up everything from the config; exits on a start-up error. */
@@ -3102,13 +3522,22 @@ setup(void)
 	}
 	G.nconn = cfg->nup * cfg->max_conns;
 	G.conn = calloc((size_t)G.nconn, sizeof *G.conn);
-	if (q_init(cfg->max_queries) < 0 || G.conn == NULL) {
-		fprintf(stderr, "dotp: out of memory for %d queries and %d "
-		    "connections\n", cfg->max_queries, G.nconn);
+	G.tcp = calloc((size_t)cfg->max_tcp, sizeof *G.tcp);
+	G.tcprx = calloc((size_t)cfg->max_tcp, 2 + DOTP_QUERY_MAX);
+	G.tcp_live = calloc((size_t)cfg->max_tcp, sizeof *G.tcp_live);
+	G.tcp_free = calloc((size_t)cfg->max_tcp, sizeof *G.tcp_free);
+	G.pfd_tcp = calloc((size_t)cfg->max_tcp, sizeof *G.pfd_tcp);
+	G.pfd = calloc((size_t)(G.nconn + cfg->max_tcp + 2 * cfg->nlisten),
+	    sizeof *G.pfd);
+	if (q_init(cfg->max_queries) < 0 || G.conn == NULL || G.tcp == NULL ||
+	    G.tcprx == NULL || G.tcp_live == NULL || G.tcp_free == NULL ||
+	    G.pfd_tcp == NULL || G.pfd == NULL) {
+		fprintf(stderr, "dotp: out of memory for %d queries, %d "
+		    "connections and %d TCP clients\n", cfg->max_queries,
+		    G.nconn, cfg->max_tcp);
 		exit(1);
 	}
-	for (i = 0; i < DOTP_MAX_TCP; i++)
-		G.tcp[i].fd = -1;
+	fd_limit_raise(G.nconn + cfg->max_tcp + 2 * cfg->nlisten + 16);
 	for (i = 0; i < cfg->nup; i++) {
 		struct upstream *u = &G.up[i];
 
@@ -3210,11 +3639,12 @@ shutdown_all(void)
 		}
 		fd_close(&c->fd);
 	}
-	for (i = 0; i < DOTP_MAX_TCP; i++)
-		if (G.tcp[i].fd >= 0) {
-			(void)tcp_flush(&G.tcp[i]);
-			tcp_close(&G.tcp[i]);
-		}
+	while (G.ntcp > 0) {
+		struct tcpclient *c = &G.tcp[G.tcp_live[0]];
+
+		(void)tcp_flush(c);
+		tcp_close(c);
+	}
 	for (i = 0; i < G.nlisten; i++) {
 		fd_close(&G.lst[i].udp);
 		fd_close(&G.lst[i].tcp);
@@ -3224,9 +3654,10 @@ shutdown_all(void)
 		resumed += G.up[i].hs_resumed;
 	}
 	log_msg(LOG_INFO, "dotp exiting queries=%lu answers=%lu servfail=%lu "
-	    "dropped=%lu stray=%lu handshakes_full=%lu handshakes_resumed=%lu",
-	    G.st.queries, G.st.answers, G.st.servfail, G.st.dropped,
-	    G.st.stray, full, resumed);
+	    "dropped=%lu formerr=%lu notimp=%lu refused=%lu stray=%lu "
+	    "handshakes_full=%lu handshakes_resumed=%lu", G.st.queries,
+	    G.st.answers, G.st.servfail, G.st.dropped, G.st.formerr,
+	    G.st.notimp, G.st.refused, G.st.stray, full, resumed);
 }
 
 #ifndef DOTP_NO_MAIN
