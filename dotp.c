@@ -795,7 +795,7 @@ dns_check_query(const unsigned char *m, size_t len, struct qinfo *qi)
 {
 	uint16_t flags;
 	size_t	 pos, opt = 0;
-	unsigned n;
+	unsigned n, k, i;
 
 	if (len < DNS_HEADER_LEN)
 		return QC_DROP;
@@ -811,14 +811,16 @@ dns_check_query(const unsigned char *m, size_t len, struct qinfo *qi)
 		return DNS_RCODE_FORMERR;
 	qi->qend = pos + 4;
 	pos = qi->qend;
-	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT) +
-	    rd16(m + DNS_OFF_ARCOUNT);
-	while (n-- > 0) {
+	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
+	k = n + rd16(m + DNS_OFF_ARCOUNT);
+	for (i = 0; i < k; i++) {
 		size_t seen = opt;
 
 		pos = dns_skip_rr(m, len, pos, &opt);
-		/* RFC 6891 6.1.1: one OPT at most, owned by the root. */
-		if (pos == 0 || (seen && opt != seen) || (opt && m[opt] != 0))
+		/* RFC 6891 6.1.1: one OPT at most, owned by the root, in
+		 * the additional section. */
+		if (pos == 0 || (seen && opt != seen) || (opt && m[opt] != 0) ||
+		    (opt && i < n))
 			return DNS_RCODE_FORMERR;
 	}
 	qi->has_opt = opt != 0;
@@ -889,6 +891,8 @@ dns_pad_query(unsigned char *m, size_t len, size_t cap,
 			if (rd16(m + p) == DNS_OPT_PADDING || olen > len - p - 4)
 				return len;	/* padded already, or bad */
 		}
+		if (p != len)
+			return len;	/* options do not fill the RDATA */
 		n = len + 4;
 		pad = (DOTP_PAD_BLOCK - n % DOTP_PAD_BLOCK) % DOTP_PAD_BLOCK;
 		if (n + pad > cap || rdlen + 4 + pad > 0xffff)

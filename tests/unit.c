@@ -468,6 +468,149 @@ test_tls_errors(void)
 #endif
 }
 
+static void
+test_padding(void)
+{
+	unsigned char q[DOTP_QUERY_MAX + DOTP_PAD_ROOM], a[2000];
+	struct qinfo qi;
+	size_t	 n, m, k, alen;
+	int	 how;
+
+	/* Without OPT: one is added, the length is a multiple of 128, and
+	 * the result is still a valid query with the same question. */
+	n = mkquery(q, 1, "www.example.test", 1, 0, 0);
+	dns_check_query(q, n, &qi);
+	m = dns_pad_query(q, n, sizeof q, &qi, &how);
+	ok(m % DOTP_PAD_BLOCK == 0 && m > n && how == 2, "added OPT %zu", m);
+	ok(dns_check_query(q, m, &qi) == QC_OK && qi.has_opt, "still valid");
+	ok(rd16(q + 10) == 1 && rd16(q + qi.opt + 11) == DNS_OPT_PADDING,
+	    "padding option");
+	/* Padded already: not again. */
+	k = dns_pad_query(q, m, sizeof q, &qi, &how);
+	ok(k == m && how == 0, "not padded twice");
+	/* The client's OPT: padding appended, payload size kept. */
+	n = mkquery(q, 1, "www.example.test", 28, 1, 4096);
+	dns_check_query(q, n, &qi);
+	m = dns_pad_query(q, n, sizeof q, &qi, &how);
+	ok(m % DOTP_PAD_BLOCK == 0 && how == 1, "client OPT padded %zu", m);
+	ok(dns_check_query(q, m, &qi) == QC_OK && qi.udp_size == 4096,
+	    "payload size kept");
+	/* Every length pads to the next block, never past the buffer. */
+	for (k = 0; k < 300; k++) {
+		char name[400];
+		size_t l = 1 + k % 200;
+
+		memset(name, 'a', l);
+		name[l > 63 ? 63 : l] = '\0';
+		if (l > 63) {
+			memset(name + 64, 'b', l - 63 > 60 ? 60 : l - 63);
+			name[63] = '.';
+			name[64 + (l - 63 > 60 ? 60 : l - 63)] = '\0';
+		}
+		n = mkquery(q, 1, name, 1, (int)(k & 1), 1232);
+		if (dns_check_query(q, n, &qi) != QC_OK)
+			continue;
+		m = dns_pad_query(q, n, sizeof q, &qi, &how);
+		if (m % DOTP_PAD_BLOCK != 0 || m > sizeof q ||
+		    dns_check_query(q, m, &qi) != QC_OK)
+			break;
+	}
+	ok(k == 300, "pads every length (failed at %zu)", k);
+	/* OPT not last (a record after it): left alone. */
+	n = mkquery(q, 1, "a.test", 1, 1, 1232);
+	memcpy(q + n, "\0\0\1\0\1\0\0\0\0\0\0", 11);
+	wr16(q + 10, 2);
+	dns_check_query(q, n + 11, &qi);
+	ok(dns_pad_query(q, n + 11, sizeof q, &qi, &how) == n + 11 && !how,
+	    "OPT not last: unchanged");
+	/* Two OPTs: FORMERR. */
+	memcpy(q + n, q + n - 11, 11);
+	ok(dns_check_query(q, n + 11, &qi) == DNS_RCODE_FORMERR, "two OPTs");
+	/* Found by fuzzing: OPT RDATA ending in a partial option is left
+	 * unpadded; an OPT in the authority section is FORMERR. */
+	{
+		static const unsigned char partial[] = {
+			0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1,
+			7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 3, 'c', 'o', 'm',
+			0, 0, 1, 0, 1, 0, 0, 41, 4, 0xd0, 0, 0, 0, 0,
+			0, 3, 0, 0x0a, 0
+		};
+		static const unsigned char in_ns[] = {
+			0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0,
+			1, 'a', 4, 't', 'e', 's', 't', 0, 0, 1, 0, 1,
+			0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0
+		};
+
+		memcpy(q, partial, sizeof partial);
+		ok(dns_check_query(q, sizeof partial, &qi) == QC_OK &&
+		    dns_pad_query(q, sizeof partial, sizeof q, &qi, &how) ==
+		    sizeof partial && how == 0, "partial option: unpadded");
+		ok(dns_check_query(guard(in_ns, sizeof in_ns), sizeof in_ns,
+		    &qi) == DNS_RCODE_FORMERR, "OPT in authority: FORMERR");
+	}
+	/* No room: unchanged. */
+	n = mkquery(q, 1, "a.test", 1, 0, 0);
+	dns_check_query(q, n, &qi);
+	ok(dns_pad_query(q, n, n + 10, &qi, &how) == n && !how, "no room");
+
+	/* Stripping from answers: the OPT, or only its padding. */
+	n = mkquery(q, 9, "big.example.test", 1, 1, 4096);
+	dns_check_query(q, n, &qi);
+	alen = mkbig(a, 3, 1, q, qi.qend);	/* OPT with a padding option */
+	m = dns_strip_padding(guard(a, alen), alen);
+	ok(m == alen - 8, "padding stripped %zu -> %zu", alen, m);
+	alen = mkbig(a, 3, 1, q, qi.qend);
+	m = dns_strip_opt(a, alen);
+	ok(m == alen - 19 && rd16(a + 10) == 0, "OPT stripped");
+	ok(dns_opt_locate(a, m, &k) == 0, "no OPT left");
+	ok(dns_strip_opt(a, m) == m && dns_strip_padding(a, m) == m,
+	    "nothing to strip");
+	for (k = 0; k < alen; k++) {	/* truncated answers: no change */
+		alen = mkbig(a, 3, 1, q, qi.qend);
+		if (dns_strip_opt(guard(a, k), k) != k)
+			break;
+	}
+	ok(k == alen, "truncated answers left alone (%zu)", k);
+}
+
+static void
+test_cidr(void)
+{
+	struct cidr c;
+	struct sockaddr_in s4 = { .sin_family = AF_INET };
+	struct sockaddr_in6 s6 = { .sin6_family = AF_INET6 };
+
+	ok(parse_cidr("10.0.0.0/8", &c) == 0 && c.bits == 8, "v4 cidr");
+	inet_pton(AF_INET, "10.200.3.4", &s4.sin_addr);
+	ok(cidr_match(&c, (struct sockaddr *)&s4), "10/8 match");
+	inet_pton(AF_INET, "11.0.0.1", &s4.sin_addr);
+	ok(!cidr_match(&c, (struct sockaddr *)&s4), "10/8 no match");
+	ok(parse_cidr("172.16.0.0/12", &c) == 0, "172.16/12");
+	inet_pton(AF_INET, "172.31.255.255", &s4.sin_addr);
+	ok(cidr_match(&c, (struct sockaddr *)&s4), "172.31 in /12");
+	inet_pton(AF_INET, "172.32.0.0", &s4.sin_addr);
+	ok(!cidr_match(&c, (struct sockaddr *)&s4), "172.32 not in /12");
+	ok(parse_cidr("127.0.0.0/8", &c) == 0, "127/8");
+	inet_pton(AF_INET6, "::ffff:127.0.0.1", &s6.sin6_addr);
+	ok(cidr_match(&c, (struct sockaddr *)&s6), "v4-mapped matched as v4");
+	ok(parse_cidr("fe80::/10", &c) == 0, "fe80::/10");
+	inet_pton(AF_INET6, "febf::1", &s6.sin6_addr);
+	ok(cidr_match(&c, (struct sockaddr *)&s6), "febf in fe80::/10");
+	inet_pton(AF_INET6, "fec0::1", &s6.sin6_addr);
+	ok(!cidr_match(&c, (struct sockaddr *)&s6), "fec0 not in fe80::/10");
+	ok(parse_cidr("0.0.0.0/0", &c) == 0, "v4 any");
+	inet_pton(AF_INET, "8.8.8.8", &s4.sin_addr);
+	ok(cidr_match(&c, (struct sockaddr *)&s4), "any matches");
+	ok(!cidr_match(&c, (struct sockaddr *)&s6), "v4 any is not v6");
+	ok(parse_cidr("::1", &c) == 0 && c.bits == 128, "bare v6");
+	ok(parse_cidr("10.0.0.0/33", &c) < 0, "/33");
+	ok(parse_cidr("10.0.0.0/", &c) < 0, "empty bits");
+	ok(parse_cidr("10.0.0.0/-1", &c) < 0, "negative bits");
+	ok(parse_cidr("10.0.0/8", &c) < 0, "short v4");
+	ok(parse_cidr("::/129", &c) < 0, "/129");
+	ok(parse_cidr("", &c) < 0 && parse_cidr("/8", &c) < 0, "empty");
+}
+
 int
 main(void)
 {
@@ -481,6 +624,8 @@ main(void)
 	test_config();
 	test_cfg_parse();
 	test_tls_errors();
+	test_padding();
+	test_cidr();
 	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
 	return t_fail != 0;
 }
