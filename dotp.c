@@ -246,6 +246,13 @@ struct client {
 		struct sockaddr_in	sin;
 		struct sockaddr_in6	sin6;
 	} peer;
+	/* UDP on a wildcard listener: the address the client sent to, so
+	 * the answer leaves from it (0: let the kernel choose). */
+	uint8_t	 dst_family;
+	union {
+		struct in_addr	v4;
+		struct in6_addr	v6;
+	} dst;
 };
 
 /*
@@ -379,6 +386,7 @@ struct tcpclient {
 struct listener {
 	char	 label[64];
 	int	 udp, tcp;
+	int	 wildcard;	/* 0.0.0.0 or [::]: answers need PKTINFO */
 };
 
 /* One parsed socket address with its text form. */
@@ -2324,15 +2332,63 @@ up_kick(int64_t now)
 
 /* ==== 11. Answers and clients ==== */
 
+/* Sends a datagram to a UDP client: from the address it sent to when the
+ * listener is a wildcard (IP_PKTINFO / IPV6_PKTINFO), so a client that
+ * asked 127.0.0.2 does not get its answer from 127.0.0.1. Returns what
+ * sendmsg() does. */
+static ssize_t
+udp_send(int fd, const struct client *cl, const unsigned char *msg,
+    size_t len)
+{
+	union {
+		struct cmsghdr	hdr;
+		unsigned char	buf[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+	} ctl;
+	struct iovec iov = { (void *)(uintptr_t)msg, len };
+	struct msghdr mh;
+	struct cmsghdr *cm;
+
+	memset(&mh, 0, sizeof mh);
+	mh.msg_name = (void *)(uintptr_t)&cl->peer;
+	mh.msg_namelen = cl->peerlen;
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	if (cl->dst_family != 0) {
+		memset(&ctl, 0, sizeof ctl);
+		mh.msg_control = ctl.buf;
+		cm = &ctl.hdr;
+		if (cl->dst_family == AF_INET) {
+			struct in_pktinfo pi;
+
+			memset(&pi, 0, sizeof pi);
+			pi.ipi_spec_dst = cl->dst.v4;
+			cm->cmsg_level = IPPROTO_IP;
+			cm->cmsg_type = IP_PKTINFO;
+			cm->cmsg_len = CMSG_LEN(sizeof pi);
+			memcpy(CMSG_DATA(cm), &pi, sizeof pi);
+			mh.msg_controllen = CMSG_SPACE(sizeof pi);
+		} else {
+			struct in6_pktinfo pi;
+
+			memset(&pi, 0, sizeof pi);
+			pi.ipi6_addr = cl->dst.v6;
+			cm->cmsg_level = IPPROTO_IPV6;
+			cm->cmsg_type = IPV6_PKTINFO;
+			cm->cmsg_len = CMSG_LEN(sizeof pi);
+			memcpy(CMSG_DATA(cm), &pi, sizeof pi);
+			mh.msg_controllen = CMSG_SPACE(sizeof pi);
+		}
+	}
+	return sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
 /* Sends one message to a client. UDP: as is (callers truncate). TCP:
  * framed and queued, if the client is still the same one. */
 static void
 client_send(const struct client *cl, const unsigned char *msg, size_t len)
 {
 	if (cl->kind == CK_UDP) {
-		if (sendto(G.lst[cl->idx].udp, msg, len,
-		    MSG_DONTWAIT | MSG_NOSIGNAL, &cl->peer.sa,
-		    cl->peerlen) < 0)
+		if (udp_send(G.lst[cl->idx].udp, cl, msg, len) < 0)
 			G.st.udp_send_fail++;
 		return;
 	}
@@ -2528,6 +2584,59 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	up_enqueue(up_pick(0, 1), i, now);
 }
 
+/* Receives one datagram on listener l into buf, filling the client's
+ * address and, on a wildcard listener, the address it was sent to.
+ * Returns what recvmsg() does. */
+static ssize_t
+udp_recv(const struct listener *l, unsigned char *buf, size_t len,
+    struct client *cl)
+{
+	union {
+		struct cmsghdr	hdr;
+		unsigned char	buf[CMSG_SPACE(sizeof(struct in6_pktinfo)) +
+		    CMSG_SPACE(sizeof(struct in_pktinfo))];
+	} ctl;
+	struct iovec iov = { buf, len };
+	struct msghdr mh;
+	struct cmsghdr *cm;
+	ssize_t	 n;
+
+	memset(&mh, 0, sizeof mh);
+	mh.msg_name = &cl->peer;
+	mh.msg_namelen = sizeof cl->peer;
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	if (l->wildcard) {
+		mh.msg_control = ctl.buf;
+		mh.msg_controllen = sizeof ctl.buf;
+	}
+	cl->dst_family = 0;
+	n = recvmsg(l->udp, &mh, MSG_DONTWAIT);
+	cl->peerlen = mh.msg_namelen;
+	if (n < 0 || !l->wildcard)
+		return n;
+	for (cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
+		if (cm->cmsg_level == IPPROTO_IP &&
+		    cm->cmsg_type == IP_PKTINFO) {
+			struct in_pktinfo pi;
+
+			memcpy(&pi, CMSG_DATA(cm), sizeof pi);
+			cl->dst_family = AF_INET;
+			cl->dst.v4 = pi.ipi_addr;
+		} else if (cm->cmsg_level == IPPROTO_IPV6 &&
+		    cm->cmsg_type == IPV6_PKTINFO) {
+			struct in6_pktinfo pi;
+
+			memcpy(&pi, CMSG_DATA(cm), sizeof pi);
+			cl->dst_family = AF_INET6;
+			cl->dst.v6 = pi.ipi6_addr;
+		}
+	}
+	/* A v4-mapped client of a dual-stack socket answers from the
+	 * mapped IPv4 address via IPV6_PKTINFO; that works as is. */
+	return n;
+}
+
 /* Reads what is waiting on UDP listener li. */
 static void
 udp_service(int li, int64_t now)
@@ -2541,9 +2650,7 @@ udp_service(int li, int64_t now)
 		cl.kind = CK_UDP;
 		cl.idx = (uint16_t)li;
 		cl.gen = 0;
-		cl.peerlen = sizeof cl.peer;
-		n = recvfrom(G.lst[li].udp, buf, sizeof buf, MSG_DONTWAIT,
-		    &cl.peer.sa, &cl.peerlen);
+		n = udp_recv(&G.lst[li], buf, sizeof buf, &cl);
 		if (n < 0) {
 			if (errno != EAGAIN && errno != EWOULDBLOCK &&
 			    errno != EINTR)
@@ -3449,6 +3556,9 @@ listen_open(const struct sockaddr_text *a, struct listener *l,
 	int	 one = 1, type, v6only = listen_v6only(a);
 
 	l->udp = l->tcp = -1;
+	l->wildcard = a->u.sa.sa_family == AF_INET6 ?
+	    IN6_IS_ADDR_UNSPECIFIED(&a->u.sin6.sin6_addr) :
+	    a->u.sin.sin_addr.s_addr == htonl(INADDR_ANY);
 	str_copy(l->label, sizeof l->label, a->text);
 	for (type = 0; type < 2; type++) {
 		int fd = socket(a->u.sa.sa_family, (type ? SOCK_STREAM :
@@ -3466,6 +3576,13 @@ listen_open(const struct sockaddr_text *a, struct listener *l,
 		if (a->u.sa.sa_family == AF_INET6)
 			(void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY,
 			    &v6only, sizeof v6only);
+		if (!type && l->wildcard) {
+			(void)setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &one,
+			    sizeof one);
+			if (a->u.sa.sa_family == AF_INET6)
+				(void)setsockopt(fd, IPPROTO_IPV6,
+				    IPV6_RECVPKTINFO, &one, sizeof one);
+		}
 		*what = "bind";
 		if (bind(fd, &a->u.sa, a->len) < 0)
 			goto fail;

@@ -54,6 +54,16 @@ idle_close_notify or a client close_notify it can be resumed.
 Counters (read them directly; they only grow): accepted, handshakes,
 resumed, queries, answers, strays_sent, plus self.conns (ConnLog per
 connection) and self.qlog (every query received: (time, conn, qname)).
+self.rawq records every query exactly as it arrived: (conn, wire), the
+DNS message without the 2-byte TCP length (its size is len(wire)).
+
+Options (off by default, existing behaviour unchanged):
+    edns=True    an answer carries an OPT record (payload 1232, DO bit
+                 copied from the query, no options) when the query had one
+    sized=True   a TXT query for a name whose first label is "size-N" is
+                 answered NOERROR with one TXT record padded so that the
+                 answer is exactly N bytes WITHOUT the OPT record (+11 with
+                 it, see edns), N from qend + 13 to 65000; sized_query_name(N)
 """
 
 import heapq
@@ -129,7 +139,58 @@ def parse_question(wire):
     return qid, ".".join(labels).lower(), qtype, qclass, pos + 4
 
 
-def build_answer(query, tag, qid=None):
+TYPE_TXT = 16
+TYPE_OPT = 41
+
+
+def query_opt(wire):
+    """(payload, ttl field) of the query's OPT record, or None. Walks the
+    question and the records after it (uncompressed or compressed names)."""
+    p = parse_question(wire)
+    if p is None:
+        return None
+    pos = p[4]
+    n = sum(struct.unpack("!HHH", wire[6:12]))
+    try:
+        for _ in range(n):
+            while True:
+                b = wire[pos]
+                if b == 0:
+                    pos += 1
+                    break
+                if b & 0xC0 == 0xC0:
+                    pos += 2
+                    break
+                pos += 1 + b
+            rtype, cls, ttl, rdlen = struct.unpack("!HHIH", wire[pos:pos + 10])
+            if rtype == TYPE_OPT:
+                return cls, ttl
+            pos += 10 + rdlen
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def sized_target(qname):
+    """N for a name whose first label is size-N, else None."""
+    first = qname.split(".", 1)[0]
+    if first.startswith("size-") and first[5:].isdigit():
+        return int(first[5:])
+    return None
+
+
+def _txt_rdata(n):
+    """TXT RDATA of exactly n >= 1 bytes (strings of up to 255 'x')."""
+    out = b""
+    while n >= 256:
+        out += b"\xff" + b"x" * 255
+        n -= 256
+    if n:
+        out += bytes([n - 1]) + b"x" * (n - 1)
+    return out
+
+
+def build_answer(query, tag, qid=None, edns=False, sized=False):
     """Answer wire for `query` (see module doc). qid overrides the ID."""
     p = parse_question(query)
     if p is None:
@@ -137,12 +198,29 @@ def build_answer(query, tag, qid=None):
     pid, qname, qtype, qclass, qend = p
     if qid is None:
         qid = pid
-    an = 1 if (qtype == TYPE_A and qclass == CLASS_IN) else 0
-    hdr = struct.pack("!HBBHHHH", qid, 0x80 | (query[2] & 0x79), 0x80, 1, an, 0, 0)
+    opt = query_opt(query) if edns else None
+    target = sized_target(qname) if (sized and qtype == TYPE_TXT) else None
+    if target is not None and not (qend + 13 <= target <= 65000):
+        target = None
+    an = 1 if ((qtype == TYPE_A and qclass == CLASS_IN) or target is not None) else 0
+    hdr = struct.pack("!HBBHHHH", qid, 0x80 | (query[2] & 0x79), 0x80, 1, an, 0,
+                      1 if opt else 0)
     out = hdr + query[12:qend]
-    if an:
+    if target is not None:
+        rd = _txt_rdata(target - len(out) - 12)
+        out += struct.pack("!HHHIH", 0xC00C, TYPE_TXT, qclass, tag, len(rd)) + rd
+    elif an:
         out += struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, tag, 4) + _a_bytes(qname)
+    if opt:
+        # root name, OPT, payload 1232, ext-rcode 0, version 0, DO copied
+        out += struct.pack("!BHHIH", 0, TYPE_OPT, 1232, opt[1] & 0x8000, 0)
     return out
+
+
+def sized_query_name(n, zone="example.test", tag=""):
+    """A name faultdot (sized=True) answers, for TXT, with exactly n bytes
+    (without OPT)."""
+    return "size-%d.%s%s" % (n, tag + "." if tag else "", zone)
 
 
 class ConnLog:
@@ -180,8 +258,9 @@ class _Closed(Exception):
 
 class FaultDoT:
     def __init__(self, cert, key, port, behaviours=("normal",), host="127.0.0.1",
-                 tag=None, seed=1, start=True):
+                 tag=None, seed=1, start=True, edns=False, sized=False):
         self.cert, self.key = str(cert), str(key)
+        self.edns, self.sized = edns, sized
         self.host, self.port = host, port
         self.tag = tag if tag is not None else port
         self.seed = seed
@@ -201,6 +280,7 @@ class FaultDoT:
         self.strays_sent = 0
         self.conns = []
         self.qlog = []
+        self.rawq = []              # (conn index, query wire as received)
         self.errors = []            # unexpected exceptions in server threads
         self._ls = None
         self._running = False
@@ -274,6 +354,7 @@ class FaultDoT:
             self.handshakes = self.resumed = self.queries = 0
             self.answers = self.strays_sent = 0
             self.qlog = []
+            self.rawq = []
 
     # ---------------------------------------------------------- threads
     def _accept_loop(self):
@@ -509,6 +590,7 @@ class _Conn:
         with self.srv.lock:
             self.srv.queries += 1
             self.srv.qlog.append((now, self.log.index, p[1] if p else None))
+            self.srv.rawq.append((self.log.index, bytes(q)))
         if p is None:
             return
         self.inflight.add(qid)
@@ -595,7 +677,7 @@ class _Conn:
             self._rst()
 
     def _write_half(self, q):
-        a = build_answer(q, self.srv.tag)
+        a = build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
         frame = struct.pack("!H", len(a)) + a
         self.obj.write(frame[:len(frame) // 2])
         self._flush()
@@ -615,12 +697,13 @@ class _Conn:
                 sid = qid
                 while sid == qid or sid in self.inflight:
                     sid = self.rng.randrange(65536)
-                stray = build_answer(q, self.srv.tag, qid=sid)
+                stray = build_answer(q, self.srv.tag, qid=sid, edns=self.srv.edns,
+                                     sized=self.srv.sized)
                 self.obj.write(struct.pack("!H", len(stray)) + stray)
                 self.log.strays += 1
                 with self.srv.lock:
                     self.srv.strays_sent += 1
-            a = build_answer(q, self.srv.tag)
+            a = build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
             self.obj.write(struct.pack("!H", len(a)) + a)
             wrote = True
             self.inflight.discard(qid)
@@ -1021,15 +1104,16 @@ try:
 
     @pytest.fixture
     def faultdot_factory(pki, ports):
-        """make(behaviours=['normal'], tag=None, port=None, seed=1) -> a running
-        FaultDoT with the good-rsa dot.test cert; closed at teardown, and the
+        """make(behaviours=['normal'], tag=None, port=None, seed=1, edns=False,
+        sized=False) -> a running FaultDoT with the good-rsa dot.test cert; closed at teardown, and the
         test fails if a server thread hit an unexpected exception."""
         made = []
 
-        def make(behaviours=("normal",), tag=None, port=None, seed=1, host="127.0.0.1"):
+        def make(behaviours=("normal",), tag=None, port=None, seed=1, host="127.0.0.1",
+                 edns=False, sized=False):
             cert, key = pki.certs["good-rsa"]
             s = FaultDoT(cert, key, port or ports.get(), behaviours=behaviours,
-                         host=host, tag=tag, seed=seed)
+                         host=host, tag=tag, seed=seed, edns=edns, sized=sized)
             made.append(s)
             return s
         yield make

@@ -363,6 +363,63 @@ def zero_id(wire):
     return b"\x00\x00" + wire[2:]
 
 
+EDNS_OPT_PADDING = 12   # RFC 7830
+
+
+def _skip_name(wire, pos):
+    """Position after the (possibly compressed) name at pos."""
+    while True:
+        n = wire[pos]
+        if n == 0:
+            return pos + 1
+        if n & 0xC0 == 0xC0:
+            return pos + 2
+        if n & 0xC0:
+            raise ValueError("bad label type 0x%02x at %d" % (n, pos))
+        pos += 1 + n
+
+
+def strip_padding(wire):
+    """`wire` with every EDNS(0) Padding option (code 12) removed from its
+    OPT record(s), the OPT RDLEN adjusted; everything else byte for byte.
+    dotp pads its queries over TLS (RFC 8467) and a resolver then pads its
+    answers (RFC 7830), so answers through dotp equal the upstream's direct
+    answers "after the ID and any padding": compare
+    zero_id(strip_padding(a)) == zero_id(strip_padding(b)). A message it
+    cannot walk (e.g. a truncated one) comes back unchanged."""
+    try:
+        qd, an, ns, ar = struct.unpack("!HHHH", wire[4:12])
+        pos = 12
+        for _ in range(qd):
+            pos = _skip_name(wire, pos) + 4
+        out = bytearray(wire[:pos])
+        for i in range(an + ns + ar):
+            start = pos
+            pos = _skip_name(wire, pos)
+            rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", wire[pos:pos + 10])
+            rd_start = pos + 10
+            rd_end = rd_start + rdlen
+            if rd_end > len(wire):
+                return wire
+            if rtype != 41 or i < an + ns:
+                out += wire[start:rd_end]
+            else:
+                opts = b""
+                p = rd_start
+                while p + 4 <= rd_end:
+                    code, olen = struct.unpack("!HH", wire[p:p + 4])
+                    if code != EDNS_OPT_PADDING:
+                        opts += wire[p:p + 4 + olen]
+                    p += 4 + olen
+                opts += wire[p:rd_end]      # a malformed tail stays as it is
+                out += wire[start:pos + 8] + struct.pack("!H", len(opts)) + opts
+            pos = rd_end
+        out += wire[pos:]
+        return bytes(out)
+    except (IndexError, struct.error, ValueError):
+        return wire
+
+
 def set_id(wire, qid):
     return struct.pack("!H", qid) + wire[2:]
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 
-from harness import make_query, rcode, udp_exchange, tcp_exchange, zero_id
+from harness import make_query, rcode, udp_exchange, tcp_exchange, zero_id, strip_padding
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -77,7 +77,8 @@ def test_emfile_on_accept_sheds_clients_once_and_recovers(dotp_factory, upstream
     set_nofile(pid, 1024)
     time.sleep(0.2)
     want = upstream.direct(q)
-    assert zero_id(tcp_exchange(d.host, d.port, q, timeout=3)) == zero_id(want)
+    a = tcp_exchange(d.host, d.port, q, timeout=3)
+    assert zero_id(strip_padding(a)) == zero_id(strip_padding(want))
     assert nfds(pid) <= base + 1, "descriptors leaked: %d -> %d" % (base, nfds(pid))
 
 
@@ -111,7 +112,7 @@ def test_emfile_on_upstream_connect_waits_then_recovers(dotp_factory, upstream):
     set_nofile(pid, 1024)
     time.sleep(0.2)
     a = udp_exchange(d.host, d.port, set_q(q, 0x7004), timeout=3)
-    assert rcode(a) == 0 and zero_id(a) == zero_id(upstream.direct(q))
+    assert rcode(a) == 0 and zero_id(strip_padding(a)) == zero_id(strip_padding(upstream.direct(q)))
     # The upstream was never marked down: EMFILE is our problem, not its.
     assert "retry_in_ms" not in d.log(), d.log()
 

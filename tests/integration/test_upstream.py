@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import (make_query, udp_exchange, tcp_exchange, zero_id, wire_id,
+from harness import (make_query, udp_exchange, tcp_exchange, zero_id, strip_padding, wire_id,
                      rcode, describe)
 
 SERVFAIL = 2
@@ -33,7 +33,7 @@ def test_good_certificates_accepted(dotp_factory, unbound_factory, cert):
     q = make_query("www.example.test", "AAAA", qid=321)
     a = udp_exchange(d.host, d.port, q, timeout=3)
     assert rcode(a) == 0, describe(a) + "\nstderr:\n" + d.log()
-    assert zero_id(a) == zero_id(u.direct(q, tcp=False))
+    assert zero_id(strip_padding(a)) == zero_id(strip_padding(u.direct(q, tcp=False)))
 
 
 # ---------------------------------------------------------------- bad certs
@@ -132,7 +132,7 @@ def test_failover_to_second_upstream(dotp_factory, upstream, unbound_factory, po
                                      ("nx.example.test", "A")]):
         q = make_query(name, typ, qid=100 + i)
         a = udp_exchange(d.host, d.port, q, timeout=3.5)
-        assert zero_id(a) == zero_id(upstream.direct(q, tcp=False)), (
+        assert zero_id(strip_padding(a)) == zero_id(strip_padding(upstream.direct(q, tcp=False))), (
             "query %d (%s %s): %s\nstderr:\n%s" % (i, name, typ, describe(a), d.log()))
 
 
@@ -157,7 +157,7 @@ def test_reconnects_after_upstream_restart(dotp_factory, unbound_factory):
         time.sleep(0.25)
     assert rcode(a) == 0, "still no answer 5 s after the upstream came back: %s\nstderr:\n%s" % (
         describe(a), d.log())
-    assert zero_id(a) == zero_id(u2.direct(q, tcp=False))
+    assert zero_id(strip_padding(a)) == zero_id(strip_padding(u2.direct(q, tcp=False)))
 
 
 # ---------------------------------------------------------------- IPv6
@@ -175,7 +175,7 @@ def test_ipv6_listen_and_upstream(dotp_factory, upstream, ports):
         for fn in ((tcp_exchange,) if typ == "TXT" else (udp_exchange, tcp_exchange)):
             a = fn("::1", port, q, timeout=3)
             assert wire_id(a) == 600 + i
-            assert zero_id(a) == zero_id(want), "%s %s via %s: %s" % (
+            assert zero_id(strip_padding(a)) == zero_id(strip_padding(want)), "%s %s via %s: %s" % (
                 name, typ, fn.__name__, describe(a))
 
 
@@ -184,11 +184,11 @@ def test_dual_stack_listen(dotp_factory, upstream, ports):
     dotp_factory(["127.0.0.1:%d#dot.test" % upstream.tls_port],
                  listen=["127.0.0.1:%d" % p4, "[::1]:%d" % p6])
     q = make_query("www.example.test", "A", qid=42)
-    want = zero_id(upstream.direct(q, tcp=False))
+    want = zero_id(strip_padding(upstream.direct(q, tcp=False)))
     for host, port in (("127.0.0.1", p4), ("::1", p6)):
         for fn in (udp_exchange, tcp_exchange):
             a = fn(host, port, q, timeout=3)
-            assert zero_id(a) == want, "%s %s: %s" % (host, fn.__name__, describe(a))
+            assert zero_id(strip_padding(a)) == want, "%s %s: %s" % (host, fn.__name__, describe(a))
 
 
 def test_default_listen_addresses(dotp_factory, upstream):
