@@ -5,6 +5,7 @@
 #   make test       unit tests, fuzz corpus replay and integration tests
 #                   (installs what it needs with apt-get when run as root)
 #   make image      the FROM scratch container image (buildah or docker)
+#   make fuzz       libFuzzer harnesses, FUZZ_TIME seconds each
 #   make clean
 #
 # BEARSSL_SRC=DIR builds BearSSL from an unpacked source tree instead of
@@ -22,6 +23,7 @@ BUILD	= build
 BEARSSL_SRC =
 IMAGE	= dotp:latest
 VERSION	= 0.1.0
+FUZZ_TIME = 60
 
 -include config.mak
 
@@ -98,11 +100,15 @@ test: test-deps dotp $(BUILD)/unit $(BUILD)/dotp-san
 image: dotp
 	sh tests/image.sh build $(IMAGE)
 
+fuzz: test-deps dotp
+	sh tests/fuzz.sh build
+	sh tests/fuzz.sh run $(FUZZ_TIME)
+
 clean:
 	rm -f dotp
-	rm -rf $(BUILD)/unit $(BUILD)/dotp-san $(BUILD)/ta.h $(BUILD)/test
+	rm -rf $(BUILD)/unit $(BUILD)/dotp-san $(BUILD)/ta.h $(BUILD)/fuzz
 
 distclean:
 	rm -rf dotp $(BUILD)
 
-.PHONY: all run test test-deps image clean distclean
+.PHONY: all run test test-deps image fuzz clean distclean

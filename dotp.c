@@ -146,6 +146,13 @@
 /* A TCP client with nothing outstanding is closed after this (RFC 7766
  * 6.2.3 suggests seconds, not minutes). */
 #define DOTP_TCP_IDLE_MS	10000
+/* A TCP client idle this long is dormant: while dotp is busy it is
+ * polled only on a sweep, every DOTP_SWEEP_MS, so that a thousand idle
+ * connections do not make every poll() of a UDP load cost a thousand
+ * descriptors. Its next query waits at most a sweep, and only under
+ * load: when dotp would sleep, every descriptor is polled. */
+#define DOTP_TCP_DORMANT_MS	100
+#define DOTP_SWEEP_MS		10
 /* Default per-query timeout: below the 5 s of the usual stub resolvers
  * (glibc, musl, dig), so the client gets a definite SERVFAIL before it
  * gives up, and long enough for a fresh TCP + TLS handshake and a retry
@@ -374,7 +381,7 @@ struct tcpclient {
 	uint32_t gen;
 	int	 eof;		/* client shut its side: close when done */
 	unsigned pending;	/* queries not yet answered */
-	int64_t	 idle_since;	/* last time pending and out became empty */
+	int64_t	 idle_since;	/* last query read, answer queued or written */
 	size_t	 rx_have;
 	int	 live_pos;	/* index in G.tcp_live */
 	unsigned char *rx;	/* G.tcprx + slot: 2 + DOTP_QUERY_MAX bytes */
@@ -472,6 +479,9 @@ struct dotp {
 		unsigned long stray, udp_send_fail, tcp_refused, full;
 	} st;
 	int64_t	 malformed_logged;	/* last "malformed input" line */
+	int64_t	 tcp_scan_at;	/* next look for idle TCP clients to close */
+	int64_t	 sweep_at;	/* next poll() of dormant TCP clients */
+	int	 poll_all;	/* the last poll() timed out: poll everyone */
 };
 
 /* ==== 4. Globals ==== */
@@ -695,7 +705,8 @@ cidr_match(const struct cidr *c, const struct sockaddr *sa)
 
 /* Skips a possibly compressed name at pos. Returns the offset after it,
  * or 0. Pointers must point strictly backwards (which also ends loops),
- * labels are 1..63 bytes, the expanded name is at most 255 bytes. */
+ * labels are 1..63 bytes, the expanded name is at most 255 bytes, and
+ * no pointer lands in the header. */
 static size_t
 dns_skip_name(const unsigned char *m, size_t len, size_t pos)
 {
@@ -716,8 +727,8 @@ dns_skip_name(const unsigned char *m, size_t len, size_t pos)
 			ptr = (size_t)(c & 0x3f) << 8 | m[p + 1];
 			if (!end)
 				end = p + 2;
-			if (ptr >= limit)
-				return 0;
+			if (ptr >= limit || ptr < DNS_HEADER_LEN)
+				return 0;	/* forwards, or into the header */
 			limit = ptr;
 			p = ptr;
 			continue;
@@ -915,9 +926,10 @@ dns_pad_query(unsigned char *m, size_t len, size_t cap,
 }
 
 /*
- * Finds the OPT record in the additional section of a message. Returns
- * its offset and sets *end past it, or returns 0 when there is none or
- * the message is malformed.
+ * Finds the OPT record in the additional section of a message, when it
+ * is the last record and nothing follows it: only then can bytes be cut
+ * from it without breaking compression pointers of later names. Returns
+ * its offset and sets *end past it (= len), or returns 0.
  */
 static size_t
 dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
@@ -942,6 +954,8 @@ dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
 			return 0;
 		if (k >= n && m[start] == 0 &&
 		    rd16(m + start + 1) == DNS_TYPE_OPT) {
+			if (k + 1 != n + ar || pos != len)
+				return 0;
 			*end = pos;
 			return start;
 		}
@@ -2695,14 +2709,27 @@ tcp_close(struct tcpclient *c)
 	G.tcp_free[G.ntcp_free++] = j;
 }
 
+/* Client c has nothing outstanding now: its idle time starts, and if it
+ * shut its side, the next expire() closes it. */
+static void
+tcp_became_idle(struct tcpclient *c)
+{
+	if (c->pending > 0 || c->out_len > 0)
+		return;
+	c->idle_since = now_ms();
+	if (c->eof)
+		G.tcp_scan_at = 0;
+}
+
 /* A query of TCP client cl was answered or failed. */
 static void
 tcp_done_query(const struct client *cl)
 {
 	struct tcpclient *c = &G.tcp[cl->idx];
 
-	if (c->fd >= 0 && c->gen == cl->gen && c->pending > 0)
-		c->pending--;
+	if (c->fd >= 0 && c->gen == cl->gen && c->pending > 0 &&
+	    --c->pending == 0)
+		tcp_became_idle(c);
 }
 
 /* Writes queued output. Returns -1 if the client is dead. */
@@ -2723,7 +2750,10 @@ tcp_flush(struct tcpclient *c)
 		}
 		c->out_off += (size_t)n;
 	}
-	c->out_off = c->out_len = 0;
+	if (c->out_len > 0) {
+		c->out_off = c->out_len = 0;
+		tcp_became_idle(c);
+	}
 	return 0;
 }
 
@@ -2854,8 +2884,10 @@ tcp_read(int j, int64_t now)
 		}
 		if (n == 0) {
 			c->eof = 1;
+			tcp_became_idle(c);
 			return;
 		}
+		c->idle_since = now;
 		c->rx_have += (size_t)n;
 		off = 0;
 		while ((fl = frame_complete(c->rx + off, c->rx_have - off,
@@ -2908,17 +2940,23 @@ expire(int64_t now)
 		q_unlink(i);
 		q_servfail(i);
 	}
-	/* Backwards: tcp_close() moves the last live client into the
-	 * closed one's place, and that one was seen already. */
+	if (now < G.tcp_scan_at)
+		return;
+	/* Close idle clients (and those that shut their side, once
+	 * answered); find when the next one is due. Backwards: tcp_close()
+	 * moves the last live client into the closed one's place, and that
+	 * one was seen already. */
+	G.tcp_scan_at = now + G.cfg.tcp_idle_ms;
 	for (j = G.ntcp - 1; j >= 0; j--) {
 		struct tcpclient *c = &G.tcp[G.tcp_live[j]];
+		int64_t	 due = c->idle_since + G.cfg.tcp_idle_ms;
 
-		if (c->pending > 0 || c->out_len > 0) {
-			c->idle_since = now;
+		if (c->pending > 0 || c->out_len > 0)
 			continue;
-		}
-		if (c->eof || now - c->idle_since >= G.cfg.tcp_idle_ms)
+		if (c->eof || now >= due)
 			tcp_close(c);
+		else if (due < G.tcp_scan_at)
+			G.tcp_scan_at = due;
 	}
 }
 
@@ -2966,7 +3004,7 @@ loop_run(void)
 {
 	struct pollfd *pfd = G.pfd;
 	int64_t	 now, deadline;
-	int	 n, i, j, r, timeout, ntcp;
+	int	 n, i, j, r, timeout, ntcp, all;
 
 	for (;;) {
 		now = now_ms();
@@ -2980,11 +3018,19 @@ loop_run(void)
 		n = 0;
 		for (i = 0; i < G.nconn; i++)
 			conn_pollset(&G.conn[i], &pfd[n++], &deadline);
-		ntcp = G.ntcp;	/* the clients polled this pass, in order */
-		for (j = 0; j < ntcp; j++) {
+		all = G.poll_all || now >= G.sweep_at;
+		if (all)
+			G.sweep_at = now + DOTP_SWEEP_MS;
+		else if (G.sweep_at < deadline)
+			deadline = G.sweep_at;
+		ntcp = 0;	/* the clients polled this pass, in order */
+		for (j = 0; j < G.ntcp; j++) {
 			struct tcpclient *c = &G.tcp[G.tcp_live[j]];
 
-			G.pfd_tcp[j] = G.tcp_live[j];
+			if (!all && c->pending == 0 && c->out_len == 0 &&
+			    now - c->idle_since >= DOTP_TCP_DORMANT_MS)
+				continue;	/* dormant: next sweep */
+			G.pfd_tcp[ntcp++] = G.tcp_live[j];
 			pfd[n].fd = c->fd;
 			pfd[n].events = 0;
 			pfd[n].revents = 0;
@@ -2994,9 +3040,9 @@ loop_run(void)
 			if (c->out_len > 0)
 				pfd[n].events |= POLLOUT;
 			n++;
-			if (c->idle_since + G.cfg.tcp_idle_ms < deadline)
-				deadline = c->idle_since + G.cfg.tcp_idle_ms;
 		}
+		if (G.ntcp > 0 && G.tcp_scan_at < deadline)
+			deadline = G.tcp_scan_at;
 		for (i = 0; i < G.nlisten; i++) {
 			pfd[n].fd = G.draining ? -1 : G.lst[i].udp;
 			pfd[n].events = POLLIN;
@@ -3014,6 +3060,7 @@ loop_run(void)
 		timeout = G.kick ? 0 : deadline <= now ? 0 :
 		    (int)(deadline - now + 1);	/* +1: never wake early */
 		r = poll(pfd, (nfds_t)n, timeout);
+		G.poll_all = r == 0;	/* quiet: next time, sleep on all */
 		if (r < 0) {
 			if (errno != EINTR)
 				log_msg(LOG_WARN, "poll: %s", strerror(errno));
@@ -3132,7 +3179,7 @@ parse_int(const char *s, long min, long max, long *out)
 	char	*end;
 	long	 v;
 
-	if (*s == '\0' || *s == '-' || *s == '+' || *s == ' ')
+	if (*s < '0' || *s > '9')	/* no sign, no white space */
 		return -1;
 	errno = 0;
 	v = strtol(s, &end, 10);
@@ -3361,6 +3408,14 @@ cfg_allow(struct config *cfg, const char *v, const char *what)
 	if (parse_cidr(v, &cfg->allow[cfg->nallow]) < 0)
 		cfg_die("bad %s value '%s': expected an address prefix like "
 		    "10.0.0.0/8 or fd00::/8", what, v);
+	/* v4-mapped clients are matched as IPv4: such a prefix would
+	 * silently match nothing. */
+	if (cfg->allow[cfg->nallow].family == AF_INET6 &&
+	    cfg->allow[cfg->nallow].bits >= 96 &&
+	    memcmp(cfg->allow[cfg->nallow].addr,
+	    "\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0)
+		cfg_die("bad %s value '%s': write v4-mapped prefixes as IPv4 "
+		    "(e.g. 10.0.0.0/8)", what, v);
 	cfg->nallow++;
 }
 

@@ -4,6 +4,7 @@
 #   unit               C unit tests attached to dotp.c (ASan + UBSan)
 #   integration        pytest against real unbound over TLS, release binary
 #   integration-asan   the same suite with dotp built with ASan + UBSan
+#   fuzz               libFuzzer harnesses: corpus replayed, then 6 s each
 #   image              the FROM scratch image: built, size, run from its root
 # Ends with one summary line; exits non-zero if any suite failed.
 set -u
@@ -33,6 +34,8 @@ suite unit ./build/unit
 suite integration sh tests/run-integration.sh
 suite integration-asan env DOTP_BIN="$PWD/build/dotp-san" \
 	sh tests/run-integration.sh
+suite fuzz sh -c 'sh tests/fuzz.sh build && sh tests/fuzz.sh replay &&
+	sh tests/fuzz.sh run 6'
 suite image sh tests/image.sh test dotp-test:latest
 
 [ -z "$failed" ] || echo "failed suites:$failed"

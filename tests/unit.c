@@ -130,16 +130,21 @@ test_skip_name(void)
 	}
 	/* Chains of backward pointers stay bounded by the name length. */
 	{
-		unsigned char c[200];
+		unsigned char c[212] = { 0 };
 		size_t	 k;
 
-		c[0] = 1; c[1] = 'a'; c[2] = 0;
-		for (k = 3; k + 1 < sizeof c; k += 2) {
+		/* "a" at 12, then pointers each to the one before. */
+		c[12] = 1; c[13] = 'a'; c[14] = 0;
+		for (k = 15; k + 1 < sizeof c; k += 2) {
 			c[k] = 0xc0;
-			c[k + 1] = (unsigned char)(k - 2 > 2 ? k - 2 : 0);
+			c[k + 1] = (unsigned char)(k - 2 > 14 ? k - 2 : 12);
 		}
-		ok(dns_skip_name(guard(c, 199), 199, 197) == 199,
+		ok(dns_skip_name(guard(c, 211), 211, 209) == 211,
 		    "pointer chain");
+		/* A pointer into the header is refused. */
+		c[16] = 4;
+		ok(dns_skip_name(guard(c, 17), 17, 15) == 0,
+		    "pointer into the header");
 	}
 }
 

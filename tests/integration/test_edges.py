@@ -1062,7 +1062,7 @@ def test_1000_idle_tcp_clients_do_not_slow_udp(dotp_factory, upstream, nofile):
     connected, measured interleaved (so machine noise hits both alike):
     latency of 600 sequential UDP queries each (alternating, cached at
     unbound) and throughput of 4 x 1000 queries with 32 outstanding each.
-    Bounds: median latency with the idle clients <= max(2 x, +1 ms) of the
+    Bounds: median latency with the idle clients <= 2 x + 0.1 ms of the
     other's; throughput >= half the other's. All 1000 must still be
     connected at the end."""
     raise_nofile(4096)
@@ -1109,7 +1109,10 @@ def test_1000_idle_tcp_clients_do_not_slow_udp(dotp_factory, upstream, nofile):
     print(info)
     assert gone == 0, "%d of 1000 idle TCP clients were closed (max-tcp default 1024)\n%s" % (
         gone, info)
-    assert med <= max(2 * base, base + 0.001), info
+    # poll() costs what is active, not what is connected: dormant clients
+    # are polled on sweeps only while dotp is busy (measured x1.0-1.2;
+    # x2.7-3.8 when every pass polled all 1000).
+    assert med <= 2 * base + 0.0001, info
     assert qps_idle >= qps_base / 2, info
 
 
