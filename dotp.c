@@ -72,6 +72,7 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -179,6 +180,8 @@
 /* A query is sent at most this many times (first send, re-sends after
  * a connection died under it, and a hedge to the next upstream). */
 #define DOTP_MAX_TRIES		3
+/* Read-ahead buffer per upstream connection: a full TLS record. */
+#define DOTP_NET_BUF		BR_SSL_BUFSIZE_INPUT
 /* After EMFILE on connect, wait this long before the next socket(). */
 #define DOTP_FD_WAIT_MS		100
 /* Longest poll() sleep: deadlines are re-checked at least this often. */
@@ -338,6 +341,12 @@ struct conn {
 	br_x509_minimal_context xc;
 	unsigned char ibuf[BR_SSL_BUFSIZE_INPUT];
 	unsigned char obuf[BR_SSL_BUFSIZE_OUTPUT];
+	/* Socket bytes read ahead of the engine: BearSSL takes only what
+	 * the current record needs (5 bytes of header, then the rest), so
+	 * reading it directly costs two recv() per record; one recv() here
+	 * takes many records at once. net[net_off..net_len) is unread. */
+	size_t	 net_off, net_len;
+	unsigned char net[DOTP_NET_BUF];
 	size_t	 rx_have;	/* bytes in rx */
 	unsigned char rx[DOTP_FRAME_MAX];
 };
@@ -463,7 +472,7 @@ struct dotp {
 	struct qlist age;	/* live queries, oldest first */
 	uint16_t *idtab;	/* slot + 1, 0 = empty; 2 * nq rounded up */
 	unsigned idmask;
-	unsigned char rnd[64];	/* getrandom() pool for IDs */
+	unsigned char rnd[512];	/* getrandom() pool for IDs */
 	size_t	 rnd_left;
 	int	 kick;		/* an upstream has work: poll without sleep */
 	int	 draining;	/* SIGTERM seen: no new queries */
@@ -1563,15 +1572,36 @@ out:
 	return ret;
 }
 
-/* TLS 1.2 suites public DoT resolvers offer; forward secrecy, AEAD. */
-static const uint16_t dotp_suites[] = {
+/*
+ * TLS 1.2 suites public DoT resolvers offer: forward secrecy, AEAD.
+ * Servers usually pick by their own preference, and many (unbound, for
+ * one) prefer ChaCha20 when offered. With AES-NI and PCLMULQDQ, AES-GCM
+ * costs a fraction of ChaCha20-Poly1305 in software, so then only
+ * AES-GCM is offered (every public DoT resolver has it); without them,
+ * ChaCha20 comes first and AES-GCM (constant-time, slow) after.
+ */
+static const uint16_t dotp_suites_aesni[] = {
 	BR_TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
 	BR_TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-	BR_TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-	BR_TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 	BR_TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
 	BR_TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 };
+static const uint16_t dotp_suites_soft[] = {
+	BR_TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	BR_TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+	BR_TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	BR_TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	BR_TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	BR_TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+};
+
+/* Does this CPU run BearSSL's AES-NI and PCLMULQDQ code? */
+static int
+tls_have_aesni(void)
+{
+	return br_aes_x86ni_ctr_get_vtable() != NULL &&
+	    br_ghash_pclmul_get() != 0;
+}
 
 /* Sets up the BearSSL client of connection c, once, at start. */
 static void
@@ -1581,8 +1611,12 @@ tls_setup(struct conn *c)
 
 	br_ssl_client_zero(&c->cc);
 	br_ssl_engine_set_versions(eng, BR_TLS12, BR_TLS12);
-	br_ssl_engine_set_suites(eng, dotp_suites,
-	    sizeof dotp_suites / sizeof dotp_suites[0]);
+	if (tls_have_aesni())
+		br_ssl_engine_set_suites(eng, dotp_suites_aesni,
+		    sizeof dotp_suites_aesni / sizeof dotp_suites_aesni[0]);
+	else
+		br_ssl_engine_set_suites(eng, dotp_suites_soft,
+		    sizeof dotp_suites_soft / sizeof dotp_suites_soft[0]);
 	br_ssl_engine_set_hash(eng, br_sha256_ID, &br_sha256_vtable);
 	br_ssl_engine_set_hash(eng, br_sha384_ID, &br_sha384_vtable);
 	br_ssl_engine_set_prf_sha256(eng, &br_tls12_sha256_prf);
@@ -1800,6 +1834,7 @@ conn_end(struct conn *c, const char *failed, int64_t now)
 	fd_close(&c->fd);
 	c->state = C_FREE;
 	c->rx_have = 0;
+	c->net_off = c->net_len = 0;
 	c->owe_since = 0;
 	if (failed)
 		up_down(u, now, failed);
@@ -1865,6 +1900,7 @@ conn_open(int ui, struct conn *c, int64_t now)
 	c->last_active = now;
 	c->owe_since = 0;
 	c->rx_have = 0;
+	c->net_off = c->net_len = 0;
 	c->sid_len = 0;
 	set_nodelay(fd);
 	if (fill_random(seed, sizeof seed) < 0) {
@@ -1910,8 +1946,9 @@ conn_ready(struct conn *c, int64_t now)
 		u->hs_resumed++;
 	else
 		u->hs_full++;
-	log_msg(LOG_DEBUG, "upstream %s ready gen=%u handshake=%s", u->label,
-	    c->gen, resumed ? "resumed" : "full");
+	log_msg(LOG_DEBUG, "upstream %s ready gen=%u suite=0x%04x "
+	    "handshake=%s", u->label, c->gen, u->sess.cipher_suite,
+	    resumed ? "resumed" : "full");
 	if (u->down)
 		log_msg(LOG_INFO, "upstream %s is up again", u->label);
 	u->down = 0;
@@ -2101,9 +2138,18 @@ conn_pump(struct conn *c, int64_t now)
 		}
 		if (st & BR_SSL_RECVREC) {
 			buf = br_ssl_engine_recvrec_buf(eng, &len);
-			n = recv(c->fd, buf, len, 0);
+			if (c->net_off < c->net_len) {
+				if (len > c->net_len - c->net_off)
+					len = c->net_len - c->net_off;
+				memcpy(buf, c->net + c->net_off, len);
+				c->net_off += len;
+				br_ssl_engine_recvrec_ack(eng, len);
+				continue;
+			}
+			n = recv(c->fd, c->net, sizeof c->net, 0);
 			if (n > 0) {
-				br_ssl_engine_recvrec_ack(eng, (size_t)n);
+				c->net_off = 0;
+				c->net_len = (size_t)n;
 				continue;
 			}
 			if (n < 0 && errno == EINTR)
@@ -2346,54 +2392,132 @@ up_kick(int64_t now)
 
 /* ==== 11. Answers and clients ==== */
 
-/* Sends a datagram to a UDP client: from the address it sent to when the
- * listener is a wildcard (IP_PKTINFO / IPV6_PKTINFO), so a client that
- * asked 127.0.0.2 does not get its answer from 127.0.0.1. Returns what
- * sendmsg() does. */
-static ssize_t
-udp_send(int fd, const struct client *cl, const unsigned char *msg,
-    size_t len)
+/* Control-message room for one IP_PKTINFO or IPV6_PKTINFO. */
+#define UDP_CTL_LEN	(CMSG_SPACE(sizeof(struct in6_pktinfo)) + \
+			    CMSG_SPACE(sizeof(struct in_pktinfo)))
+
+/* Fills mh (with iov and control room ctl) to send msg to UDP client
+ * cl: from the address it sent to when that is known (a wildcard
+ * listener), so a client that asked 127.0.0.2 is not answered from
+ * 127.0.0.1. */
+static void
+udp_msg(struct msghdr *mh, struct iovec *iov, unsigned char *ctl,
+    const struct client *cl, const unsigned char *msg, size_t len)
 {
-	union {
-		struct cmsghdr	hdr;
-		unsigned char	buf[CMSG_SPACE(sizeof(struct in6_pktinfo))];
-	} ctl;
-	struct iovec iov = { (void *)(uintptr_t)msg, len };
-	struct msghdr mh;
 	struct cmsghdr *cm;
 
-	memset(&mh, 0, sizeof mh);
-	mh.msg_name = (void *)(uintptr_t)&cl->peer;
-	mh.msg_namelen = cl->peerlen;
-	mh.msg_iov = &iov;
-	mh.msg_iovlen = 1;
-	if (cl->dst_family != 0) {
-		memset(&ctl, 0, sizeof ctl);
-		mh.msg_control = ctl.buf;
-		cm = &ctl.hdr;
-		if (cl->dst_family == AF_INET) {
-			struct in_pktinfo pi;
+	memset(mh, 0, sizeof *mh);
+	iov->iov_base = (void *)(uintptr_t)msg;
+	iov->iov_len = len;
+	mh->msg_name = (void *)(uintptr_t)&cl->peer;
+	mh->msg_namelen = cl->peerlen;
+	mh->msg_iov = iov;
+	mh->msg_iovlen = 1;
+	if (cl->dst_family == 0)
+		return;
+	memset(ctl, 0, UDP_CTL_LEN);
+	mh->msg_control = ctl;
+	mh->msg_controllen = UDP_CTL_LEN;
+	cm = CMSG_FIRSTHDR(mh);
+	if (cl->dst_family == AF_INET) {
+		struct in_pktinfo pi;
 
-			memset(&pi, 0, sizeof pi);
-			pi.ipi_spec_dst = cl->dst.v4;
-			cm->cmsg_level = IPPROTO_IP;
-			cm->cmsg_type = IP_PKTINFO;
-			cm->cmsg_len = CMSG_LEN(sizeof pi);
-			memcpy(CMSG_DATA(cm), &pi, sizeof pi);
-			mh.msg_controllen = CMSG_SPACE(sizeof pi);
-		} else {
-			struct in6_pktinfo pi;
+		memset(&pi, 0, sizeof pi);
+		pi.ipi_spec_dst = cl->dst.v4;
+		cm->cmsg_level = IPPROTO_IP;
+		cm->cmsg_type = IP_PKTINFO;
+		cm->cmsg_len = CMSG_LEN(sizeof pi);
+		memcpy(CMSG_DATA(cm), &pi, sizeof pi);
+		mh->msg_controllen = CMSG_SPACE(sizeof pi);
+	} else {
+		struct in6_pktinfo pi;
 
-			memset(&pi, 0, sizeof pi);
-			pi.ipi6_addr = cl->dst.v6;
-			cm->cmsg_level = IPPROTO_IPV6;
-			cm->cmsg_type = IPV6_PKTINFO;
-			cm->cmsg_len = CMSG_LEN(sizeof pi);
-			memcpy(CMSG_DATA(cm), &pi, sizeof pi);
-			mh.msg_controllen = CMSG_SPACE(sizeof pi);
-		}
+		memset(&pi, 0, sizeof pi);
+		pi.ipi6_addr = cl->dst.v6;
+		cm->cmsg_level = IPPROTO_IPV6;
+		cm->cmsg_type = IPV6_PKTINFO;
+		cm->cmsg_len = CMSG_LEN(sizeof pi);
+		memcpy(CMSG_DATA(cm), &pi, sizeof pi);
+		mh->msg_controllen = CMSG_SPACE(sizeof pi);
 	}
-	return sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+/*
+ * UDP answers of one loop pass are collected here and leave together:
+ * one sendmmsg() on Linux (one sendmsg() each elsewhere). The arena
+ * holds copies of the messages; a full batch, or an answer for another
+ * listener, flushes first.
+ */
+static struct {
+	int	 li;			/* listener of every entry */
+	int	 n;
+	size_t	 used;			/* bytes of arena in use */
+	struct client cl[DOTP_UDP_BATCH];
+	size_t	 off[DOTP_UDP_BATCH], len[DOTP_UDP_BATCH];
+	unsigned char arena[DOTP_UDP_BATCH * DNS_UDP_MIN];
+} udp_out;
+
+/* Sends what udp_out holds. */
+static void
+udp_flush(void)
+{
+	static struct mmsghdr mm[DOTP_UDP_BATCH];
+	static struct iovec iov[DOTP_UDP_BATCH];
+	static unsigned char ctl[DOTP_UDP_BATCH][UDP_CTL_LEN];
+	int	 fd, i, sent = 0, r;
+
+	if (udp_out.n == 0)
+		return;
+	fd = G.lst[udp_out.li].udp;
+	for (i = 0; i < udp_out.n; i++)
+		udp_msg(&mm[i].msg_hdr, &iov[i], ctl[i], &udp_out.cl[i],
+		    udp_out.arena + udp_out.off[i], udp_out.len[i]);
+	while (sent < udp_out.n) {
+#if defined(__linux__) && defined(SYS_sendmmsg)
+		/* The system call itself: musl's sendmmsg() is a loop of
+		 * sendmsg() on 64-bit targets, because its msghdr and
+		 * cmsghdr have socklen_t fields plus padding where the
+		 * kernel has size_t. udp_msg() zeroes every header and
+		 * control buffer before filling them, so the padding is 0
+		 * and the kernel reads the same values. */
+		r = (int)syscall(SYS_sendmmsg, fd, mm + sent,
+		    (unsigned)(udp_out.n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
+#else
+		r = sendmsg(fd, &mm[sent].msg_hdr, MSG_DONTWAIT |
+		    MSG_NOSIGNAL) < 0 ? -1 : 1;
+#endif
+		if (r <= 0) {
+			if (r < 0 && errno == EINTR)
+				continue;
+			/* Full socket buffer: UDP may drop; the client
+			 * retries. Skip the one that failed. */
+			G.st.udp_send_fail++;
+			r = 1;
+		}
+		sent += r;
+	}
+	udp_out.n = 0;
+	udp_out.used = 0;
+}
+
+/* Queues one datagram for client cl (listener cl->idx). */
+static void
+udp_queue(const struct client *cl, const unsigned char *msg, size_t len)
+{
+	if (udp_out.n == DOTP_UDP_BATCH || len > sizeof udp_out.arena -
+	    udp_out.used || (udp_out.n > 0 && udp_out.li != cl->idx))
+		udp_flush();
+	if (len > sizeof udp_out.arena) {	/* can't happen: <= 4096 */
+		G.st.udp_send_fail++;
+		return;
+	}
+	udp_out.li = cl->idx;
+	udp_out.cl[udp_out.n] = *cl;
+	udp_out.off[udp_out.n] = udp_out.used;
+	udp_out.len[udp_out.n] = len;
+	memcpy(udp_out.arena + udp_out.used, msg, len);
+	udp_out.used += len;
+	udp_out.n++;
 }
 
 /* Sends one message to a client. UDP: as is (callers truncate). TCP:
@@ -2402,8 +2526,7 @@ static void
 client_send(const struct client *cl, const unsigned char *msg, size_t len)
 {
 	if (cl->kind == CK_UDP) {
-		if (udp_send(G.lst[cl->idx].udp, cl, msg, len) < 0)
-			G.st.udp_send_fail++;
+		udp_queue(cl, msg, len);
 		return;
 	}
 	if (G.tcp[cl->idx].fd >= 0 && G.tcp[cl->idx].gen == cl->gen)
@@ -2598,38 +2721,15 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	up_enqueue(up_pick(0, 1), i, now);
 }
 
-/* Receives one datagram on listener l into buf, filling the client's
- * address and, on a wildcard listener, the address it was sent to.
- * Returns what recvmsg() does. */
-static ssize_t
-udp_recv(const struct listener *l, unsigned char *buf, size_t len,
-    struct client *cl)
+/* Takes the destination address a wildcard listener's datagram was
+ * sent to from its control messages (IP_PKTINFO, IPV6_PKTINFO). */
+static void
+udp_dst(struct msghdr *mh, struct client *cl)
 {
-	union {
-		struct cmsghdr	hdr;
-		unsigned char	buf[CMSG_SPACE(sizeof(struct in6_pktinfo)) +
-		    CMSG_SPACE(sizeof(struct in_pktinfo))];
-	} ctl;
-	struct iovec iov = { buf, len };
-	struct msghdr mh;
 	struct cmsghdr *cm;
-	ssize_t	 n;
 
-	memset(&mh, 0, sizeof mh);
-	mh.msg_name = &cl->peer;
-	mh.msg_namelen = sizeof cl->peer;
-	mh.msg_iov = &iov;
-	mh.msg_iovlen = 1;
-	if (l->wildcard) {
-		mh.msg_control = ctl.buf;
-		mh.msg_controllen = sizeof ctl.buf;
-	}
 	cl->dst_family = 0;
-	n = recvmsg(l->udp, &mh, MSG_DONTWAIT);
-	cl->peerlen = mh.msg_namelen;
-	if (n < 0 || !l->wildcard)
-		return n;
-	for (cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
+	for (cm = CMSG_FIRSTHDR(mh); cm != NULL; cm = CMSG_NXTHDR(mh, cm)) {
 		if (cm->cmsg_level == IPPROTO_IP &&
 		    cm->cmsg_type == IP_PKTINFO) {
 			struct in_pktinfo pi;
@@ -2646,36 +2746,70 @@ udp_recv(const struct listener *l, unsigned char *buf, size_t len,
 			cl->dst.v6 = pi.ipi6_addr;
 		}
 	}
-	/* A v4-mapped client of a dual-stack socket answers from the
-	 * mapped IPv4 address via IPV6_PKTINFO; that works as is. */
-	return n;
 }
 
-/* Reads what is waiting on UDP listener li. */
+/*
+ * Reads what is waiting on UDP listener li, DOTP_UDP_BATCH datagrams
+ * at most (then the other sockets get their turn): one recvmmsg() on
+ * Linux, one recvmsg() a datagram elsewhere.
+ */
 static void
 udp_service(int li, int64_t now)
 {
-	unsigned char buf[DOTP_QUERY_MAX + 1];
-	struct client cl;
-	ssize_t	 n;
-	int	 k;
+	static struct mmsghdr mm[DOTP_UDP_BATCH];
+	static struct iovec iov[DOTP_UDP_BATCH];
+	static struct client cl[DOTP_UDP_BATCH];
+	static unsigned char ctl[DOTP_UDP_BATCH][UDP_CTL_LEN];
+	static unsigned char buf[DOTP_UDP_BATCH][DOTP_QUERY_MAX + 1];
+	const struct listener *l = &G.lst[li];
+	int	 i, n;
 
-	for (k = 0; k < DOTP_UDP_BATCH; k++) {
-		cl.kind = CK_UDP;
-		cl.idx = (uint16_t)li;
-		cl.gen = 0;
-		n = udp_recv(&G.lst[li], buf, sizeof buf, &cl);
-		if (n < 0) {
-			if (errno != EAGAIN && errno != EWOULDBLOCK &&
-			    errno != EINTR)
-				log_msg(LOG_DEBUG, "udp recv: %s",
-				    strerror(errno));
-			return;
+	for (i = 0; i < DOTP_UDP_BATCH; i++) {
+		struct msghdr *mh = &mm[i].msg_hdr;
+
+		memset(mh, 0, sizeof *mh);
+		iov[i].iov_base = buf[i];
+		iov[i].iov_len = sizeof buf[i];
+		mh->msg_name = &cl[i].peer;
+		mh->msg_namelen = sizeof cl[i].peer;
+		mh->msg_iov = &iov[i];
+		mh->msg_iovlen = 1;
+		if (l->wildcard) {
+			mh->msg_control = ctl[i];
+			mh->msg_controllen = UDP_CTL_LEN;
 		}
-		if (acl_allows(&cl.peer.sa))
-			client_query(buf, (size_t)n, &cl, now);
+	}
+#ifdef __linux__
+	n = recvmmsg(l->udp, mm, DOTP_UDP_BATCH, MSG_DONTWAIT, NULL);
+#else
+	n = 0;
+	while (n < DOTP_UDP_BATCH) {
+		ssize_t r = recvmsg(l->udp, &mm[n].msg_hdr, MSG_DONTWAIT);
+
+		if (r < 0)
+			break;
+		mm[n++].msg_len = (unsigned)r;
+	}
+	if (n == 0)
+		n = -1;
+#endif
+	if (n < 0) {
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+			log_msg(LOG_DEBUG, "udp recv: %s", strerror(errno));
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		cl[i].kind = CK_UDP;
+		cl[i].idx = (uint16_t)li;
+		cl[i].gen = 0;
+		cl[i].peerlen = mm[i].msg_hdr.msg_namelen;
+		cl[i].dst_family = 0;
+		if (l->wildcard)
+			udp_dst(&mm[i].msg_hdr, &cl[i]);
+		if (acl_allows(&cl[i].peer.sa))
+			client_query(buf[i], mm[i].msg_len, &cl[i], now);
 		else
-			client_refuse(buf, (size_t)n, &cl);
+			client_refuse(buf[i], mm[i].msg_len, &cl[i]);
 	}
 }
 
@@ -3097,6 +3231,7 @@ loop_run(void)
 		}
 		expire(now);
 		up_kick(now);
+		udp_flush();
 	}
 }
 
@@ -3815,6 +3950,7 @@ shutdown_all(void)
 		}
 		fd_close(&c->fd);
 	}
+	udp_flush();
 	while (G.ntcp > 0) {
 		struct tcpclient *c = &G.tcp[G.tcp_live[0]];
 
