@@ -185,7 +185,9 @@ def test_policy_first_uses_only_first(dotp_factory, faultdot_factory):
 
 # ---------------------------------------------------------------- (f)
 
-HS_RE = re.compile(r'msg="upstream \S+ ready gen=(\d+) handshake=(full|resumed)"')
+# Other key=value fields (e.g. suite=) may stand around handshake=.
+HS_RE = re.compile(r'msg="upstream \S+ ready gen=(\d+)(?: \w+=\S+)*? handshake=(full|resumed)'
+                   r'(?: \w+=[^" ]+)*"')
 
 
 def _handshakes(log):
