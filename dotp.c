@@ -2066,6 +2066,26 @@ conn_recvapp(struct conn *c, int64_t now)
 	return 1;
 }
 
+/*
+ * ACK what was just read at once. dotp sends a batch of queries and then
+ * has nothing to send, so the kernel would delay its ACK up to 40 ms;
+ * a server that writes small answers without TCP_NODELAY (unbound's DoT
+ * does) holds the next answer under Nagle until that ACK comes: stalls
+ * of 40 ms. Linux clears the flag as it goes, so it is set after every
+ * read (one cheap system call per read, each read many records).
+ */
+static void
+conn_quickack(const struct conn *c)
+{
+#ifdef TCP_QUICKACK
+	int	 one = 1;
+
+	(void)setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+#else
+	(void)c;
+#endif
+}
+
 /* The engine reported CLOSED: clean close or failure. */
 static void
 conn_closed(struct conn *c, int64_t now)
@@ -2150,6 +2170,7 @@ conn_pump(struct conn *c, int64_t now)
 			if (n > 0) {
 				c->net_off = 0;
 				c->net_len = (size_t)n;
+				conn_quickack(c);
 				continue;
 			}
 			if (n < 0 && errno == EINTR)
