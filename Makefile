@@ -6,6 +6,8 @@
 #                   (installs what it needs with apt-get when run as root)
 #   make image      the FROM scratch container image (buildah or docker)
 #   make fuzz       libFuzzer harnesses, FUZZ_TIME seconds each
+#   make bench      dotp against stubby, unbound, kresd and dnsdist (~10 min;
+#                   BENCH_TIME=MINUTES BENCH_ROUNDS=N), bench/results.md
 #   make clean
 #
 # BEARSSL_SRC=DIR builds BearSSL from an unpacked source tree instead of
@@ -104,6 +106,17 @@ fuzz: test-deps dotp
 	sh tests/fuzz.sh build
 	sh tests/fuzz.sh run $(FUZZ_TIME)
 
+# --- benchmark --------------------------------------------------------------
+
+# Everything in a private network namespace on loopback: see bench/run.sh.
+BENCH_PKGS = unbound stubby dnsdist knot-resolver dnsperf valgrind openssl \
+	  iproute2 util-linux procps python3 binutils
+
+bench: dotp
+	sh bearssl/deps.sh $(BENCH_PKGS)
+	BENCH_TIME='$(BENCH_TIME)' BENCH_ROUNDS='$(BENCH_ROUNDS)' \
+	BENCH_CMD='make bench' sh bench/run.sh
+
 clean:
 	rm -f dotp
 	rm -rf $(BUILD)/unit $(BUILD)/dotp-san $(BUILD)/ta.h $(BUILD)/fuzz
@@ -111,4 +124,4 @@ clean:
 distclean:
 	rm -rf dotp $(BUILD)
 
-.PHONY: all run test test-deps image fuzz clean distclean
+.PHONY: all run test test-deps image fuzz bench clean distclean

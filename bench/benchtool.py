@@ -1,0 +1,1141 @@
+#!/usr/bin/python3
+"""benchtool.py - the measuring half of dotp's benchmark (bench/run.sh).
+
+Plain Python 3 standard library only (no dnspython), so the numbers do not
+depend on anything but dnsperf and /proc.
+
+Subcommands:
+  wait     send one A query until the answer 192.0.2.1 comes back
+           (UDP, TCP or DoT); exit 1 when it does not within --timeout
+  names    write a dnsperf query file of unique names
+  rss      print "VmRSS VmHWM" (KiB) of a process
+  measure  one dnsperf load run against one target, sampling the target's
+           (and the upstream's) CPU time, RSS and upstream TLS connections;
+           appends one JSON record to --out
+  light    closed-loop latency: one query in flight at a time, for a fixed
+           time or count; appends one JSON record to --out (or prints it)
+  report   turn the JSON records into bench/results.json and results.md,
+           with the dotp target verdicts
+
+Everything talks to loopback only; run.sh runs all of it inside a private
+network namespace.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+ANSWER = bytes([192, 0, 2, 1])      # what the upstream's bench.test. gives
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+UPSTREAM_PORT = 853
+
+
+# ---------------------------------------------------------------------------
+# DNS wire helpers
+# ---------------------------------------------------------------------------
+
+def build_query(name, qid, qtype=1):
+    """A plain RD query for NAME/QTYPE IN, no EDNS (like dnsperf without -e)."""
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.rstrip(".").split("."):
+        b = label.encode()
+        q += bytes([len(b)]) + b
+    return q + b"\x00" + struct.pack("!HH", qtype, 1)
+
+
+def answer_ok(msg, qid):
+    """NOERROR, at least one answer, ID matches, 192.0.2.1 in it."""
+    if len(msg) < 12:
+        return False
+    rid, flags, _qd, an = struct.unpack("!HHHH", msg[:8])
+    return rid == qid and flags & 0x8000 and flags & 0xF == 0 and an > 0 \
+        and ANSWER in msg
+
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return buf
+
+
+class Client:
+    """One DNS client socket: udp, tcp or dot (verified TLS)."""
+
+    def __init__(self, mode, host, port, timeout, ca=None, name=None):
+        self.mode = mode
+        self.timeout = timeout
+        if mode == "udp":
+            self.s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.s.connect((host, port))
+        else:
+            s = socket.create_connection((host, port), timeout=timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mode == "dot":
+                ctx = ssl.create_default_context(cafile=ca)
+                s = ctx.wrap_socket(s, server_hostname=name)
+            self.s = s
+        self.s.settimeout(timeout)
+
+    def query(self, wire):
+        """Send WIRE, return the answer with the same ID (None on timeout)."""
+        qid = wire[:2]
+        if self.mode == "udp":
+            self.s.send(wire)
+            end = time.monotonic() + self.timeout
+            while True:
+                try:
+                    msg = self.s.recv(4096)
+                except socket.timeout:
+                    return None
+                if msg[:2] == qid:
+                    return msg
+                if time.monotonic() > end:     # late answers to old queries
+                    return None
+        self.s.sendall(struct.pack("!H", len(wire)) + wire)
+        try:
+            while True:
+                n = struct.unpack("!H", recv_exact(self.s, 2))[0]
+                msg = recv_exact(self.s, n)
+                if msg[:2] == qid:
+                    return msg
+        except socket.timeout:
+            return None
+
+    def close(self):
+        try:
+            self.s.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# /proc helpers
+# ---------------------------------------------------------------------------
+
+def cpu_ticks(pid):
+    """utime + stime of the whole process (all threads), in clock ticks."""
+    with open("/proc/%d/stat" % pid) as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])    # fields 14 and 15 of stat
+
+
+def mem_kib(pid):
+    """(VmRSS, VmHWM) in KiB."""
+    rss = hwm = None
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return rss, hwm
+
+
+def sys_ticks():
+    """(user+nice+system, steal) of the whole machine, in clock ticks."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2], (v[7] if len(v) > 7 else 0)
+
+
+class CpuWatch:
+    """How much of the machine's CPU went to processes other than PIDS,
+    this script and its children (dnsperf) between start and stop: other
+    work on the machine skews every figure of a run."""
+
+    def __init__(self, pids):
+        self.pids = sorted(set(p for p in pids if p))
+        self.p0 = [cpu_ticks(p) for p in self.pids]
+        self.s0, self.st0 = sys_ticks()
+        self.me0 = os.times()
+        self.w0 = time.monotonic()
+
+    def stop(self):
+        p1 = [cpu_ticks(p) for p in self.pids]
+        s1, st1 = sys_ticks()
+        me1 = os.times()
+        ours = sum(b - a for a, b in zip(self.p0, p1))
+        ours += ((me1.user + me1.system + me1.children_user + me1.children_system)
+                 - (self.me0.user + self.me0.system + self.me0.children_user
+                    + self.me0.children_system)) * CLK_TCK
+        cap = (time.monotonic() - self.w0) * (os.cpu_count() or 1) * CLK_TCK
+        if cap <= 0:
+            return {}
+        return {
+            "machine_busy_pct": round(100.0 * (s1 - self.s0) / cap, 1),
+            "foreign_cpu_pct": round(max(0.0, 100.0 * ((s1 - self.s0) - ours)
+                                         / cap), 1),
+            "steal_pct": round(100.0 * (st1 - self.st0) / cap, 1),
+        }
+
+
+def reset_hwm(pid):
+    """Reset VmHWM to the current RSS (proc(5): clear_refs, value 5)."""
+    try:
+        with open("/proc/%d/clear_refs" % pid, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def upstream_conns(pid):
+    """Established TCP connections to 127.0.0.1:853 owned by PID (any of its
+    threads: they share one descriptor table), as a set of local ports.
+    The same thing `ss -tnp state established dst 127.0.0.1:853` shows,
+    read from /proc to keep the sampling cheap."""
+    inodes = set()
+    fddir = "/proc/%d/fd" % pid
+    try:
+        for fd in os.listdir(fddir):
+            try:
+                link = os.readlink(os.path.join(fddir, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    want = "0100007F:%04X" % UPSTREAM_PORT
+    try:
+        with open("/proc/%d/net/tcp" % pid) as f:
+            next(f)
+            for line in f:
+                p = line.split()
+                # p[1] local, p[2] remote, p[3] state (01 = ESTABLISHED)
+                if p[2] == want and p[3] == "01" and p[9] in inodes:
+                    ports.add(int(p[1].split(":")[1], 16))
+    except OSError:
+        pass
+    return ports
+
+
+def ss_conns(pid):
+    """The same count from `ss -tnp state established dst 127.0.0.1:853`."""
+    try:
+        out = subprocess.run(["ss", "-Htnp", "state", "established", "dst",
+                              "127.0.0.1:%d" % UPSTREAM_PORT],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sum(1 for line in out.splitlines() if "pid=%d," % pid in line)
+
+
+class ConnSampler(threading.Thread):
+    """Samples upstream_conns(pid) every `interval` s until stopped."""
+
+    def __init__(self, pid, interval=0.2):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop_ev = threading.Event()
+        self.counts = []
+        self.seen = set()
+        self.ss_at = 10          # one `ss` cross-check, ~2 s into the run
+        self.ss_count = None
+
+    def run(self):
+        n = 0
+        while not self.stop_ev.is_set():
+            c = upstream_conns(self.pid)
+            self.counts.append(len(c))
+            self.seen |= c
+            n += 1
+            if n == self.ss_at:
+                self.ss_count = ss_conns(self.pid)
+            self.stop_ev.wait(self.interval)
+
+    def stop(self):
+        self.stop_ev.set()
+        self.join()
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+def pct(sorted_vals, p):
+    """Nearest-rank percentile of an ascending list (None when empty)."""
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1,
+                   int(round(p / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def lat_summary_us(lat_s):
+    """Latency statistics in microseconds from a list of seconds."""
+    lat = sorted(lat_s)
+    if not lat:
+        return {}
+    us = lambda v: None if v is None else round(v * 1e6, 1)
+    return {
+        "n": len(lat),
+        "avg_us": us(sum(lat) / len(lat)),
+        "min_us": us(lat[0]),
+        "p50_us": us(pct(lat, 50)),
+        "p90_us": us(pct(lat, 90)),
+        "p99_us": us(pct(lat, 99)),
+        "p999_us": us(pct(lat, 99.9)),
+        "max_us": us(lat[-1]),
+    }
+
+
+# ---------------------------------------------------------------------------
+# wait
+# ---------------------------------------------------------------------------
+
+def do_wait(a):
+    end = time.monotonic() + a.timeout
+    last = "no attempt"
+    tries = 0
+    while time.monotonic() < end and not (a.once and tries):
+        tries += 1
+        c = None
+        try:
+            c = Client(a.mode, a.host, a.port, a.timeout if a.once else 1.0,
+                       a.ca, a.tls_name)
+            qid = random.randrange(65536)
+            msg = c.query(build_query(a.name, qid))
+            if msg is not None and answer_ok(msg, qid):
+                return 0
+            last = "no or wrong answer"
+        except (OSError, ConnectionError, ssl.SSLError) as e:
+            last = str(e)
+        finally:
+            if c:
+                c.close()
+        if not a.once:
+            time.sleep(0.2)
+    if not a.quiet:
+        print("wait: %s %s:%d gave no answer for %s within %.0f s (%s)"
+              % (a.mode, a.host, a.port, a.name, a.timeout, last),
+              file=sys.stderr)
+    return 1
+
+
+# ---------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------
+
+def do_names(a):
+    fmt = a.prefix + "%0" + str(a.digits) + "d.bench.test A\n"
+    with open(a.out, "w") as f:
+        step = 100000
+        for s in range(a.start, a.start + a.count, step):
+            e = min(s + step, a.start + a.count)
+            f.write("".join(fmt % i for i in range(s, e)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# measure (dnsperf)
+# ---------------------------------------------------------------------------
+
+def parse_dnsperf(text):
+    """The statistics block of dnsperf 2.10 (see `dnsperf -h`)."""
+    r = {}
+    num = r"([0-9.]+)"
+    pats = {
+        "sent": r"Queries sent:\s+" + num,
+        "completed": r"Queries completed:\s+" + num,
+        "lost": r"Queries lost:\s+" + num,
+        "interrupted": r"Queries interrupted:\s+" + num,
+        "run_time_s": r"Run time \(s\):\s+" + num,
+        "qps": r"Queries per second:\s+" + num,
+        "reconnections": r"Reconnections:\s+" + num,
+    }
+    for k, p in pats.items():
+        m = re.search(p, text)
+        if m:
+            v = float(m.group(1))
+            r[k] = int(v) if v.is_integer() and k != "qps" else v
+    m = re.search(r"Average Latency \(s\):\s+([0-9.]+) \(min ([0-9.]+), "
+                  r"max ([0-9.]+)\)", text)
+    if m:
+        r["dnsperf_avg_us"] = round(float(m.group(1)) * 1e6, 1)
+        r["dnsperf_min_us"] = round(float(m.group(2)) * 1e6, 1)
+        r["dnsperf_max_us"] = round(float(m.group(3)) * 1e6, 1)
+    m = re.search(r"Latency StdDev \(s\):\s+([0-9.]+)", text)
+    if m:
+        r["dnsperf_stddev_us"] = round(float(m.group(1)) * 1e6, 1)
+    m = re.search(r"Response codes:\s+(.*)", text)
+    if m:
+        r["rcodes"] = {k: int(v) for k, v in
+                       re.findall(r"([A-Z]+) (\d+) \(", m.group(1))}
+    m = re.search(r"Ran through file: (\d+) times", text)
+    if m:
+        r["file_passes"] = int(m.group(1))
+    return r
+
+
+def do_measure(a):
+    rec = {
+        "kind": "load", "target": a.target, "transport": a.transport,
+        "names": a.names, "round": a.round, "duration_s": a.duration,
+        "clients": a.clients, "outstanding": a.outstanding,
+    }
+    # one warm-up query: the target is up and has its upstream connection
+    if a.transport != "dot":
+        wa = argparse.Namespace(mode="udp", host="127.0.0.1", port=a.port,
+                                name="warmup-%d.bench.test" % random.randrange(10**9),
+                                timeout=10, ca=None, tls_name=None, quiet=False,
+                                once=False)
+        rec["warmup_ok"] = do_wait(wa) == 0
+    cmd = ["dnsperf", "-m", a.transport, "-s", "127.0.0.1", "-p", str(a.port),
+           "-d", a.datafile, "-c", str(a.clients), "-q", str(a.outstanding),
+           "-l", str(a.duration), "-t", str(a.query_timeout), "-v"]
+    rec["command"] = " ".join(cmd)
+    pid, upid = a.pid, a.upstream_pid
+    if a.datafile_lines is None:
+        with open(a.datafile) as f:
+            a.datafile_lines = sum(1 for _ in f)
+    rec["datafile_lines"] = a.datafile_lines
+
+    time.sleep(a.settle)
+    rss0, _ = mem_kib(pid)
+    rec["hwm_reset"] = reset_hwm(pid)
+    sampler = ConnSampler(pid) if a.count_conns else None
+    t0u, t0 = cpu_ticks(upid), cpu_ticks(pid)
+    watch = CpuWatch([pid, upid])
+    if sampler:
+        sampler.start()
+    w0 = time.monotonic()
+    out = os.path.join(a.tmp, "dnsperf.%d.out" % os.getpid())
+    with open(out, "w") as f:
+        try:
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                               timeout=a.duration + a.query_timeout + 30)
+            rec["dnsperf_rc"] = p.returncode
+        except subprocess.TimeoutExpired:
+            rec["dnsperf_rc"] = "timeout"
+    rec["wall_s"] = round(time.monotonic() - w0, 3)
+    t1, t1u = cpu_ticks(pid), cpu_ticks(upid)
+    if sampler:
+        sampler.stop()
+    rec.update(watch.stop())
+    rss1, hwm1 = mem_kib(pid)
+
+    lat, rc_lines, timeouts = [], {}, 0
+    summary = []
+    with open(out, errors="replace") as f:
+        for line in f:
+            if line.startswith("> "):
+                p = line.split()
+                if p[1] == "T":
+                    timeouts += 1
+                    continue
+                rc_lines[p[1]] = rc_lines.get(p[1], 0) + 1
+                try:
+                    lat.append(float(p[-1]))
+                except ValueError:
+                    pass
+            else:
+                summary.append(line)
+    os.unlink(out)
+    text = "".join(summary)
+    rec.update(parse_dnsperf(text))
+    rec.update(lat_summary_us(lat))
+    # stalls: answers that took over 30 ms (e.g. a 40 ms delayed ACK)
+    rec["over_30ms"] = sum(1 for v in lat if v > 0.030)
+    rec["timeouts_verbose"] = timeouts
+    done = rec.get("completed", 0)
+    noerr = rec.get("rcodes", {}).get("NOERROR", 0)
+    rec["noerror"] = noerr
+    rec["cpu_s"] = round((t1 - t0) / CLK_TCK, 3)
+    rec["cpu_us_per_query"] = round((t1 - t0) / CLK_TCK * 1e6 / done, 2) \
+        if done else None
+    rec["upstream_cpu_us_per_query"] = round((t1u - t0u) / CLK_TCK * 1e6 / done, 2) \
+        if done and upid != pid else None
+    rec["rss_before_kib"] = rss0
+    rec["rss_after_kib"] = rss1
+    rec["peak_rss_kib"] = hwm1 if rec["hwm_reset"] else None
+    if sampler:
+        rec["tls_conns_max"] = max(sampler.counts) if sampler.counts else None
+        rec["tls_conns_min"] = min(sampler.counts) if sampler.counts else None
+        rec["tls_conns_distinct"] = len(sampler.seen)
+        rec["tls_conn_samples"] = len(sampler.counts)
+        rec["tls_conns_ss_check"] = sampler.ss_count
+    # unique names must not repeat within a run: the file was not wrapped
+    if a.names == "unique":
+        rec["names_repeated"] = rec.get("sent", 0) > a.datafile_lines
+    if rec.get("dnsperf_rc") != 0 or "qps" not in rec:
+        rec["error"] = "dnsperf failed: " + text.strip()[-400:]
+    with open(a.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    line = ("%-8s %-4s %-7s r%d  %9.0f qps  cpu %7s us/q  avg %8s us  p99 %8s us"
+            "  lost %s  rss %s KiB  peak %s KiB  conns %s"
+            % (a.target, a.transport, a.names, a.round, rec.get("qps", 0),
+               rec["cpu_us_per_query"], rec.get("avg_us"), rec.get("p99_us"),
+               rec.get("lost"), rss0, rec["peak_rss_kib"],
+               rec.get("tls_conns_max", "-")))
+    if (rec.get("foreign_cpu_pct") or 0) > 10:
+        line += "  (other processes used %s%% of the CPU)" % rec["foreign_cpu_pct"]
+    if (rec.get("steal_pct") or 0) > 5:
+        line += "  (steal %s%%)" % rec["steal_pct"]
+    if rec.get("names_repeated"):
+        line += "  (names repeated: file too short)"
+    if noerr != done:
+        line += "  (rcodes %s)" % rec.get("rcodes")
+    if "error" in rec:
+        line += "  ERROR"
+    print(line, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# light: closed loop, one query in flight
+# ---------------------------------------------------------------------------
+
+def do_light(a):
+    """Closed loop, one query in flight. With --pair-port, every query to the
+    target alternates with one sent straight to the upstream over DoT (the
+    order flips each time), so both see the same machine state and the
+    difference of their medians is the latency the target adds."""
+    c = Client(a.mode, "127.0.0.1", a.port, a.query_timeout, a.ca, a.tls_name)
+    c2 = None
+    if a.pair_port:
+        c2 = Client("dot", "127.0.0.1", a.pair_port, a.query_timeout,
+                    a.pair_ca, a.tls_name)
+    fmt = a.prefix + "%07d.bench.test"
+    fmt2 = a.prefix + "p%07d.bench.test"
+    # warm-up: connection, caches of the client's own path, CPU frequency
+    for i in range(a.warmup):
+        c.query(build_query(fmt % (9000000 + i), i & 0xFFFF))
+        if c2:
+            c2.query(build_query(fmt2 % (9000000 + i), i & 0xFFFF))
+    watch = CpuWatch([a.pid, a.upstream_pid])
+    lat, lat2 = [], []
+    lost = [0, 0]
+    bad = [0, 0]
+    i = 0
+    end = time.monotonic() + a.duration if a.duration else None
+    pc = time.perf_counter
+
+    def one(cl, name, k, acc):
+        qid = (i * 7919 + 1 + k) & 0xFFFF
+        wire = build_query(name, qid)
+        t = pc()
+        msg = cl.query(wire)
+        dt = pc() - t
+        if msg is None:
+            lost[k] += 1
+            return
+        if not answer_ok(msg, qid):
+            bad[k] += 1
+        acc.append(dt)
+
+    while True:
+        if a.count and i >= a.count:
+            break
+        if end and time.monotonic() >= end:
+            break
+        if c2 and i & 1:
+            one(c2, fmt2 % i, 1, lat2)
+            one(c, fmt % i, 0, lat)
+        else:
+            one(c, fmt % i, 0, lat)
+            if c2:
+                one(c2, fmt2 % i, 1, lat2)
+        i += 1
+    c.close()
+    if c2:
+        c2.close()
+    rec = {"kind": "light", "target": a.target, "transport": a.mode,
+           "round": a.round, "sent": i, "lost": lost[0], "bad_answers": bad[0],
+           "duration_s": a.duration, "client": "benchtool.py light "
+           "(Python, closed loop, 1 query in flight)"}
+    rec.update(lat_summary_us(lat))
+    rec.update(watch.stop())
+    if c2:
+        pr = {"target": "upstream", "transport": "dot", "sent": i,
+              "lost": lost[1], "bad_answers": bad[1]}
+        pr.update(lat_summary_us(lat2))
+        rec["pair"] = pr
+        rec["client"] += ", alternating with DoT queries straight to the upstream"
+        if rec.get("p50_us") is not None and pr.get("p50_us") is not None:
+            rec["added_p50_us"] = round(rec["p50_us"] - pr["p50_us"], 1)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    if not a.silent:
+        print("%-8s %-4s light   r%d  %6d queries  p50 %7s us  p90 %7s us  "
+              "p99 %7s us  lost %d%s%s" % (
+                  a.target, a.mode, a.round, i, rec.get("p50_us"),
+                  rec.get("p90_us"), rec.get("p99_us"), lost[0],
+                  "  bad %d" % bad[0] if bad[0] else "",
+                  "  | upstream DoT p50 %s us: added %+.1f us" % (
+                      rec["pair"].get("p50_us"), rec.get("added_p50_us", 0))
+                  if c2 else "") + (
+                  "  (other processes used %s%% of the CPU)" % rec["foreign_cpu_pct"]
+                  if (rec.get("foreign_cpu_pct") or 0) > 10 else ""),
+              flush=True)
+    return 0 if not any(lost) and not any(bad) else 1
+
+
+def do_busy(a):
+    """Print the share of the machine's CPU in use over --seconds."""
+    w = CpuWatch([])
+    time.sleep(a.seconds)
+    print(w.stop().get("foreign_cpu_pct", 0))
+    return 0
+
+
+def do_rss(a):
+    rss, hwm = mem_kib(a.pid)
+    print(rss, hwm)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, nd=0, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        s = ("{:,.%df}" % nd).format(v)
+        return s + unit
+    return str(v)
+
+
+def load_meta(path):
+    """run.sh's meta file: KEY=VALUE lines, dotted keys nest, `caveats+=`
+    appends; whole numbers become ints, true/false booleans."""
+    meta = {"caveats": []}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if "=" not in line:
+                continue
+            k, v = line.split("=", 1)
+            if k == "caveats+":
+                meta["caveats"].append(v)
+                continue
+            if re.fullmatch(r"-?\d+", v):
+                v = int(v)
+            elif v in ("true", "false"):
+                v = v == "true"
+            d = meta
+            parts = k.split(".")
+            for p in parts[:-1]:
+                d = d.setdefault(p, {})
+            d[parts[-1]] = v
+    meta["targets_measured"] = str(meta.get("targets_measured", "")).split()
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
+    meta["machine"] = {"nproc": os.cpu_count(), "cpu_model": cpu,
+                       "kernel": os.uname().release, "mem_mib": mem,
+                       "os": _os_release()}
+    return meta
+
+
+def _os_release():
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return None
+
+
+def do_report(a):
+    cg = None
+    if a.from_json:
+        # re-render an earlier results.json (e.g. after changing this report)
+        with open(a.from_json) as f:
+            old = json.load(f)
+        meta, runs, cg = old["meta"], old["runs"], old.get("callgrind")
+    else:
+        if not (a.meta and a.runs):
+            print("report: --meta and --runs, or --from-json", file=sys.stderr)
+            return 2
+        meta = load_meta(a.meta)
+        runs = []
+        with open(a.runs) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    runs.append(json.loads(line))
+    auto = []       # caveats found in the data, kept apart from run.sh's
+    if a.callgrind and os.path.exists(a.callgrind):
+        try:
+            with open(a.callgrind) as f:
+                cg = json.load(f)
+        except ValueError:
+            cg = {"error": "unreadable callgrind result"}
+
+    targets = meta["targets_measured"]
+    order = targets + ["upstream"]
+
+    # --- medians per (target, transport, names) over rounds -------------
+    summary = {}
+    for r in runs:
+        if r["kind"] != "load":
+            continue
+        key = "%s/%s" % (r["transport"], r["names"])
+        summary.setdefault(r["target"], {}).setdefault(key, []).append(r)
+    agg = {}
+    for t, scen in summary.items():
+        for key, rs in scen.items():
+            ok = [x for x in rs if "error" not in x]
+            agg.setdefault(t, {})[key] = {
+                "rounds": len(rs),
+                "rounds_failed": len(rs) - len(ok),
+                "qps": med([x.get("qps") for x in ok]),
+                "cpu_us_per_query": med([x.get("cpu_us_per_query") for x in ok]),
+                "upstream_cpu_us_per_query":
+                    med([x.get("upstream_cpu_us_per_query") for x in ok]),
+                "avg_us": med([x.get("avg_us") for x in ok]),
+                "p50_us": med([x.get("p50_us") for x in ok]),
+                "p90_us": med([x.get("p90_us") for x in ok]),
+                "p99_us": med([x.get("p99_us") for x in ok]),
+                "dnsperf_avg_us": med([x.get("dnsperf_avg_us") for x in ok]),
+                "dnsperf_stddev_us": med([x.get("dnsperf_stddev_us") for x in ok]),
+                "lost_median": med([x.get("lost") for x in ok]),
+                "over_30ms_pct": med([100.0 * x.get("over_30ms", 0) / x["n"]
+                                      for x in ok if x.get("n")]),
+                "lost_total": sum(x.get("lost", 0) or 0 for x in ok),
+                "non_noerror_total": sum((x.get("completed", 0) or 0)
+                                         - (x.get("noerror", 0) or 0) for x in ok),
+                "peak_rss_kib_max": max([x["peak_rss_kib"] for x in ok
+                                         if x.get("peak_rss_kib")] or [None]
+                                        , key=lambda v: v or 0),
+                "tls_conns_max": max([x["tls_conns_max"] for x in ok
+                                      if x.get("tls_conns_max") is not None]
+                                     or [None], key=lambda v: v or 0),
+                "tls_conns_distinct_max": max(
+                    [x["tls_conns_distinct"] for x in ok
+                     if x.get("tls_conns_distinct") is not None] or [None],
+                    key=lambda v: v or 0),
+                "names_repeated": any(x.get("names_repeated") for x in ok),
+            }
+    light = {}
+    for r in runs:
+        if r["kind"] == "light":
+            light.setdefault("%s/%s" % (r["target"], r["transport"]), []).append(r)
+    light_agg = {}
+    for k, rs in light.items():
+        light_agg[k] = {
+            "rounds": len(rs),
+            "p50_us": med([x.get("p50_us") for x in rs]),
+            "p90_us": med([x.get("p90_us") for x in rs]),
+            "p99_us": med([x.get("p99_us") for x in rs]),
+            "avg_us": med([x.get("avg_us") for x in rs]),
+            "queries": sum(x.get("sent", 0) for x in rs),
+            "lost_total": sum(x.get("lost", 0) for x in rs),
+        }
+        prs = [x["pair"] for x in rs if x.get("pair")]
+        if prs:
+            light_agg[k]["paired_upstream_dot_p50_us"] = \
+                med([x.get("p50_us") for x in prs])
+            light_agg[k]["paired_upstream_dot_p99_us"] = \
+                med([x.get("p99_us") for x in prs])
+            light_agg[k]["added_p50_us"] = \
+                med([x.get("added_p50_us") for x in rs])
+
+    # --- per-target memory and connections over the whole run -----------
+    procs = meta.get("processes", {})
+    per_target = {}
+    for t in targets:
+        rs = [r for r in runs if r["target"] == t and r["kind"] == "load"
+              and "error" not in r]
+        peaks = [r["peak_rss_kib"] for r in rs if r.get("peak_rss_kib")]
+        conns = [r["tls_conns_max"] for r in rs
+                 if r.get("tls_conns_max") is not None]
+        per_target[t] = {
+            "idle_rss_kib": procs.get(t, {}).get("idle_rss_kib"),
+            "start_rss_kib": procs.get(t, {}).get("start_rss_kib"),
+            "peak_rss_kib": max(peaks + [procs.get(t, {}).get("final_hwm_kib")
+                                         or 0]) or None,
+            "final_hwm_kib": procs.get(t, {}).get("final_hwm_kib"),
+            "tls_conns_max": max(conns) if conns else None,
+            "tls_conns_min_during_load": min(
+                [r["tls_conns_min"] for r in rs
+                 if r.get("tls_conns_min") is not None] or [None],
+                key=lambda v: v if v is not None else 1 << 30),
+        }
+
+    # --- verdicts (measured, not asserted) -------------------------------
+    V = []
+
+    def verdict(name, ok, measured, target):
+        V.append({"name": name, "ok": ok, "measured": measured,
+                  "target": target})
+
+    g = lambda t, k, f: (agg.get(t, {}).get(k) or {}).get(f)
+    d_cpu = g("dotp", "udp/unique", "cpu_us_per_query")
+    peers = [t for t in targets if t != "dotp"]
+    peer_cpu = {t: g(t, "udp/unique", "cpu_us_per_query") for t in peers}
+    peer_cpu = {t: v for t, v in peer_cpu.items() if v}
+    if d_cpu is not None and peer_cpu:
+        lean = min(peer_cpu, key=peer_cpu.get)
+        verdict("cpu", d_cpu <= peer_cpu[lean] / 3.0,
+                "dotp %.2f us/query vs leanest peer %s %.2f us/query "
+                "(ratio %.2f)" % (d_cpu, lean, peer_cpu[lean],
+                                  d_cpu / peer_cpu[lean]),
+                "uncached UDP CPU per query <= 1/3 of the leanest peer")
+    else:
+        verdict("cpu", None, "not measured", "uncached UDP CPU per query "
+                "<= 1/3 of the leanest peer")
+    d_qps = g("dotp", "udp/unique", "qps")
+    ceil = g("upstream", "dot/unique", "qps")
+    d_lost = g("dotp", "udp/unique", "lost_total")
+    if d_qps and ceil:
+        verdict("throughput", d_qps >= 0.9 * ceil and d_lost == 0,
+                "dotp %.0f qps = %.1f%% of the upstream DoT ceiling %.0f qps, "
+                "lost %d" % (d_qps, 100.0 * d_qps / ceil, ceil, d_lost),
+                "UDP unique throughput >= 90% of the upstream DoT ceiling, 0 lost")
+    else:
+        verdict("throughput", None, "not measured", ">= 90% of DoT ceiling")
+    ld = light_agg.get("dotp/udp") or {}
+    lp = ld.get("p50_us")
+    lu = ld.get("paired_upstream_dot_p50_us")
+    if lu is None:
+        lu = (light_agg.get("upstream/dot") or {}).get("p50_us")
+    added = ld.get("added_p50_us")
+    if added is None and lp is not None and lu is not None:
+        added = lp - lu
+    if added is not None:
+        verdict("latency", added <= 50,
+                "dotp UDP p50 %.1f us, upstream DoT p50 %.1f us (queries "
+                "alternated): added %+.1f us (median over rounds)"
+                % (lp, lu, added), "light-load p50 added latency <= 50 us")
+    else:
+        verdict("latency", None, "not measured", "added p50 <= 50 us")
+    dt = per_target.get("dotp", {})
+    if dt.get("idle_rss_kib") is not None:
+        verdict("idle_rss", dt["idle_rss_kib"] <= 512,
+                "%d KiB (VmRSS after the first query, before load; %s KiB "
+                "before any query)" % (dt["idle_rss_kib"], dt.get("start_rss_kib")),
+                "idle RSS <= 512 KiB")
+    pk = max([v for v in (dt.get("peak_rss_kib"), dt.get("final_hwm_kib"))
+              if v] or [0]) or None
+    if pk:
+        verdict("peak_rss", pk <= 2048, "%d KiB (VmHWM)" % pk,
+                "peak RSS <= 2 MiB")
+    b = meta.get("binary", {})
+    if b.get("size") is not None:
+        verdict("binary", b["size"] <= 262144 and b.get("stripped", False),
+                "%d bytes (%s)" % (b["size"], "stripped" if b.get("stripped")
+                                   else "NOT stripped"),
+                "stripped binary <= 256 KiB (262,144 bytes)")
+    im = meta.get("image", {})
+    if im.get("uncompressed") is not None:
+        verdict("image", im["uncompressed"] <= 300000,
+                "%d bytes uncompressed" % im["uncompressed"],
+                "image <= 300 KB (300,000 bytes)")
+    else:
+        verdict("image", None, im.get("error", "not measured"),
+                "image <= 300 KB (300,000 bytes)")
+    if dt.get("tls_conns_max") is not None:
+        verdict("tls_conns", dt["tls_conns_max"] == 1
+                and dt.get("tls_conns_min_during_load") == 1,
+                "max %s, min %s during dotp's load runs (sampled every 0.2 s)"
+                % (dt["tls_conns_max"], dt.get("tls_conns_min_during_load")),
+                "exactly 1 TLS connection to the upstream")
+
+    for kind in ("load", "light"):
+        stolen = [r for r in runs if r["kind"] == kind
+                  and (r.get("steal_pct") or 0) > 5]
+        if stolen:
+            auto.append(
+                "%d of %d %s runs lost more than 5%% of the machine's CPU to "
+                "the hypervisor (steal, max %.0f%%): those runs are slower and "
+                "their latencies higher, for every target in them"
+                % (len(stolen), sum(1 for r in runs if r["kind"] == kind),
+                   kind, max(r["steal_pct"] for r in stolen)))
+        busy = [r for r in runs if r["kind"] == kind
+                and (r.get("foreign_cpu_pct") or 0) > 10]
+        if busy:
+            auto.append(
+                "%d of %d %s runs had more than 10%% of the machine's CPU used "
+                "by other processes (max %.0f%%): other work on this machine "
+                "skewed them" % (len(busy), sum(1 for r in runs
+                                                if r["kind"] == kind),
+                                 kind, max(r["foreign_cpu_pct"] for r in busy)))
+    for t, scen in agg.items():
+        for key, x in scen.items():
+            if x["names_repeated"]:
+                auto.append("%s %s: the unique-name file wrapped "
+                                       "(names repeated within a run)" % (t, key))
+            if x["rounds_failed"]:
+                auto.append("%s %s: %d round(s) failed (see runs)"
+                                       % (t, key, x["rounds_failed"]))
+            if x["non_noerror_total"]:
+                auto.append("%s %s: %d answers were not NOERROR"
+                                       % (t, key, x["non_noerror_total"]))
+    result = {"meta": meta, "summary": agg, "light": light_agg,
+              "per_target": per_target, "callgrind": cg, "verdicts": V,
+              "caveats_from_data": auto, "runs": runs}
+    with open(a.out_json, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+    # --- markdown --------------------------------------------------------
+    L = []
+    s = meta["settings"]
+    L.append("# dotp benchmark results\n")
+    L.append("- date: %s; command: `%s`; wall time %s s" %
+             (meta["date"], meta["command"], meta.get("elapsed_s", "?")))
+    m = meta["machine"]
+    L.append("- machine: %s cores, %s, kernel %s, %s MiB RAM" %
+             (m["nproc"], m["cpu_model"], m["kernel"], m.get("mem_mib")))
+    L.append("- load: dnsperf %s, `-c %d -q %d` (%d queries in flight at most, "
+             "under dotp's --conn-queries 128: its single-connection path), "
+             "%s s per run, %d rounds, targets alternated each round; "
+             "median over rounds" %
+             (meta["versions"].get("dnsperf", "?"), s["clients"],
+              s["outstanding"], s["outstanding"], s["duration_s"], s["rounds"]))
+    if meta.get("name_check"):
+        L.append("- name check (each forwarder told to expect wrong.bench, "
+                 "upstream presents upstream.bench; no answer must come "
+                 "through): " + ", ".join("%s %s" % kv for kv in
+                                          meta["name_check"].items()))
+    L.append("- versions: " + ", ".join("%s %s" % (k, v) for k, v in
+                                        meta["versions"].items()))
+    L.append("")
+    def light_cell(x):
+        if not x:
+            return "-"
+        if x.get("added_p50_us") is None:
+            return fmt(x.get("p50_us"), 1)
+        return "%s (%+.1f)" % (fmt(x.get("p50_us"), 1), x["added_p50_us"])
+
+    L.append("## Summary (UDP, unique names: every query misses every cache)\n")
+    L.append("| target | QPS | CPU µs/query | avg µs | p50 µs | p99 µs | lost | "
+             "TCP QPS | TCP CPU µs/q | UDP repeat QPS | idle RSS KiB | "
+             "peak RSS KiB | TLS conns | light p50 µs (added) | cache |")
+    L.append("|---|" + "---:|" * 13 + "---|")
+    for t in order:
+        u = agg.get(t, {}).get("udp/unique" if t != "upstream" else "dot/unique", {})
+        tcp = agg.get(t, {}).get("tcp/unique", {})
+        rep = agg.get(t, {}).get("udp/repeat", {})
+        pt = per_target.get(t, {})
+        lk = "upstream/dot" if t == "upstream" else t + "/udp"
+        name = t if t != "upstream" else "upstream direct (DoT)"
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            name, fmt(u.get("qps")), fmt(u.get("cpu_us_per_query"), 2),
+            fmt(u.get("avg_us")), fmt(u.get("p50_us")), fmt(u.get("p99_us")),
+            fmt(u.get("lost_total")), fmt(tcp.get("qps")),
+            fmt(tcp.get("cpu_us_per_query"), 2), fmt(rep.get("qps")),
+            fmt(pt.get("idle_rss_kib")), fmt(pt.get("peak_rss_kib")),
+            fmt(pt.get("tls_conns_max")),
+            light_cell(light_agg.get(lk)),
+            meta.get("cache", {}).get(t, "-")))
+    up_udp = agg.get("upstream", {}).get("udp/unique", {})
+    if up_udp:
+        L.append("| upstream direct (plain UDP) | %s | %s | %s | %s | %s | %s | | | | | | | %s | none (local data) |" % (
+            fmt(up_udp.get("qps")), fmt(up_udp.get("cpu_us_per_query"), 2),
+            fmt(up_udp.get("avg_us")), fmt(up_udp.get("p50_us")),
+            fmt(up_udp.get("p99_us")), fmt(up_udp.get("lost_total")),
+            fmt((light_agg.get("upstream/udp") or {}).get("p50_us"), 1)))
+    L.append("")
+    L.append("CPU µs/query: utime+stime of the forwarder process (all threads) "
+             "over the run / answered queries; for the upstream rows, of the "
+             "upstream unbound. TLS conns: most established connections to "
+             "127.0.0.1:853 held at once by the process during its load runs. "
+             "Light p50: one query in flight at a time (own closed-loop "
+             "client), UDP to the forwarder, or DoT / UDP straight to the "
+             "upstream; (added): minus the upstream's DoT p50 measured "
+             "alternately in the same run.\n")
+    L.append("## Every scenario (medians over rounds)\n")
+    L.append("| target | transport | names | QPS | CPU µs/q | upstream CPU µs/q | "
+             "avg µs | p50 µs | p90 µs | p99 µs | > 30 ms | lost | non-NOERROR | "
+             "peak RSS KiB | TLS conns max | conns opened max | rounds |")
+    L.append("|---|---|---|" + "---:|" * 14)
+    for t in order:
+        for key in ("udp/unique", "tcp/unique", "udp/repeat", "tcp/repeat",
+                    "dot/unique"):
+            x = agg.get(t, {}).get(key)
+            if not x:
+                continue
+            tr, nm = key.split("/")
+            L.append("| %s | %s | %s%s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                t, tr, nm, " (WRAPPED)" if x["names_repeated"] else "",
+                fmt(x["qps"]), fmt(x["cpu_us_per_query"], 2),
+                fmt(x["upstream_cpu_us_per_query"], 2), fmt(x["avg_us"]),
+                fmt(x["p50_us"]), fmt(x["p90_us"]), fmt(x["p99_us"]),
+                fmt(x["over_30ms_pct"], 2, "%"), fmt(x["lost_total"]), fmt(x["non_noerror_total"]),
+                fmt(x["peak_rss_kib_max"]), fmt(x["tls_conns_max"]),
+                fmt(x["tls_conns_distinct_max"]),
+                "%d%s" % (x["rounds"], " (%d failed)" % x["rounds_failed"]
+                          if x["rounds_failed"] else "")))
+    L.append("")
+    L.append("## Light load (1 query in flight, closed loop)\n")
+    L.append("Each forwarder's UDP queries alternate with DoT queries sent "
+             "straight to the upstream by the same client (one in flight); "
+             "added = forwarder p50 - upstream DoT p50 of the same run "
+             "(median over rounds). The upstream rows are runs of their own.\n")
+    L.append("| target | transport | queries | p50 µs | p90 µs | p99 µs | avg µs | "
+             "lost | upstream DoT p50 µs (paired) | added p50 µs |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in order:
+        for tr in ("udp", "dot"):
+            x = light_agg.get("%s/%s" % (t, tr))
+            if x:
+                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                    t, tr, fmt(x["queries"]), fmt(x["p50_us"], 1),
+                    fmt(x["p90_us"], 1), fmt(x["p99_us"], 1),
+                    fmt(x["avg_us"], 1), fmt(x["lost_total"]),
+                    fmt(x.get("paired_upstream_dot_p50_us"), 1),
+                    "-" if x.get("added_p50_us") is None
+                    else "%+.1f" % x["added_p50_us"]))
+    if added is not None:
+        lu2 = (light_agg.get("upstream/udp") or {}).get("p50_us")
+        L.append("\ndotp added p50 latency: %+.1f µs over the upstream via "
+                 "DoT directly%s.\n" % (added, "" if lu2 is None else
+                                        " (dotp p50 %+.1f µs over plain UDP "
+                                        "straight to the upstream, separate runs)"
+                                        % (lp - lu2)))
+    if cg:
+        L.append("## Instructions (callgrind)\n")
+        if "error" in cg:
+            L.append("callgrind: %s\n" % cg["error"])
+        else:
+            L.append("- %s queries, one in flight: **%s instructions per "
+                     "query** ((Ir(N queries) - Ir(0 queries)) / N, handshake "
+                     "included); %s per query in steady state ((Ir(1+N) - "
+                     "Ir(1)) / N, handshake excluded); TLS handshake and first "
+                     "query ≈ %s instructions; start-up and exit %s." % (
+                         fmt(cg["queries"]), fmt(cg.get("ir_per_query")),
+                         fmt(cg.get("ir_per_query_steady")),
+                         fmt(cg.get("ir_first_query")), fmt(cg.get("ir_0"))))
+            L.append("")
+    L.append("## dotp targets (as measured)\n")
+    L.append("| check | target | measured | verdict |")
+    L.append("|---|---|---|---|")
+    for v in V:
+        L.append("| %s | %s | %s | %s |" % (
+            v["name"], v["target"], v["measured"],
+            "n/a" if v["ok"] is None else ("met" if v["ok"] else "MISSED")))
+    L.append("")
+    if meta.get("caveats") or auto:
+        L.append("## Caveats\n")
+        for c in meta.get("caveats", []) + auto:
+            L.append("- " + c)
+        L.append("")
+    md = "\n".join(L) + "\n"
+    with open(a.out_md, "w") as f:
+        f.write(md)
+    sys.stdout.write(md)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("wait")
+    w.add_argument("--mode", choices=("udp", "tcp", "dot"), default="udp")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, required=True)
+    w.add_argument("--name", default="ready.bench.test")
+    w.add_argument("--timeout", type=float, default=20)
+    w.add_argument("--ca")
+    w.add_argument("--tls-name", default="upstream.bench")
+    w.add_argument("--quiet", action="store_true")
+    w.add_argument("--once", action="store_true",
+                   help="one query, waiting up to --timeout for its answer")
+
+    n = sub.add_parser("names")
+    n.add_argument("--out", required=True)
+    n.add_argument("--prefix", default="q")
+    n.add_argument("--start", type=int, default=0)
+    n.add_argument("--count", type=int, required=True)
+    n.add_argument("--digits", type=int, default=8)
+
+    b = sub.add_parser("busy")
+    b.add_argument("--seconds", type=float, default=1.0)
+
+    r = sub.add_parser("rss")
+    r.add_argument("pid", type=int)
+
+    m = sub.add_parser("measure")
+    m.add_argument("--target", required=True)
+    m.add_argument("--transport", choices=("udp", "tcp", "dot"), required=True)
+    m.add_argument("--names", choices=("unique", "repeat"), required=True)
+    m.add_argument("--port", type=int, required=True)
+    m.add_argument("--datafile", required=True)
+    m.add_argument("--datafile-lines", type=int)
+    m.add_argument("--pid", type=int, required=True)
+    m.add_argument("--upstream-pid", type=int, required=True)
+    m.add_argument("--count-conns", action="store_true")
+    m.add_argument("--duration", type=int, default=10)
+    m.add_argument("--clients", type=int, default=4)
+    m.add_argument("--outstanding", type=int, default=100)
+    m.add_argument("--query-timeout", type=int, default=2)
+    m.add_argument("--settle", type=float, default=0.3)
+    m.add_argument("--round", type=int, default=1)
+    m.add_argument("--tmp", default="/tmp")
+    m.add_argument("--out", required=True)
+
+    li = sub.add_parser("light")
+    li.add_argument("--target", default="?")
+    li.add_argument("--mode", choices=("udp", "tcp", "dot"), default="udp")
+    li.add_argument("--port", type=int, required=True)
+    li.add_argument("--ca")
+    li.add_argument("--tls-name", default="upstream.bench")
+    li.add_argument("--duration", type=float, default=0)
+    li.add_argument("--count", type=int, default=0)
+    li.add_argument("--warmup", type=int, default=50)
+    li.add_argument("--prefix", default="l")
+    li.add_argument("--query-timeout", type=float, default=2)
+    li.add_argument("--round", type=int, default=1)
+    li.add_argument("--pair-port", type=int,
+                    help="alternate with DoT queries to the upstream here")
+    li.add_argument("--pair-ca")
+    li.add_argument("--pid", type=int, help="the target's PID (CPU accounting)")
+    li.add_argument("--upstream-pid", type=int)
+    li.add_argument("--out")
+    li.add_argument("--silent", action="store_true")
+
+    rp = sub.add_parser("report")
+    rp.add_argument("--runs")
+    rp.add_argument("--meta")
+    rp.add_argument("--from-json", help="re-render an earlier results.json")
+    rp.add_argument("--callgrind")
+    rp.add_argument("--out-json", required=True)
+    rp.add_argument("--out-md", required=True)
+
+    a = ap.parse_args()
+    return {"wait": do_wait, "names": do_names, "rss": do_rss, "busy": do_busy,
+            "measure": do_measure, "light": do_light,
+            "report": do_report}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+#!/bin/sh
+# bench/run.sh - dotp against other DNS-over-TLS forwarders (`make bench`).
+#
+# Inside a private network namespace (loopback only) it
+#   1. makes a test CA and an EC P-256 certificate for upstream.bench;
+#   2. starts the upstream: unbound answering every name under bench.test.
+#      from local data, over DoT on 127.0.0.1:853 and plain DNS on :5300;
+#   3. starts the forwarders, each forwarding everything to that upstream
+#      over verified TLS (test CA, name checked), caches off or minimal:
+#      dotp, stubby, unbound, kresd (knot-resolver), dnsdist;
+#   4. drives each with dnsperf (UDP and TCP; unique names that miss every
+#      cache, and 10 repeated names), targets alternated within each of
+#      BENCH_ROUNDS rounds, plus the upstream's own ceiling (DoT and UDP);
+#   5. measures closed-loop latency with one query in flight;
+#   6. counts dotp's instructions per query under callgrind
+#      (bench/callgrind.sh), the binary and the image size;
+#   7. writes bench/results.json and bench/results.md, prints the table and
+#      the dotp target verdicts (as measured; the exit status does not
+#      depend on them).
+#
+# Knobs (environment):
+#   BENCH_TIME=10        total budget in minutes; the per-run duration is
+#                        derived from it (at least 2 s per load run)
+#   BENCH_ROUNDS=3       rounds (medians are taken over them)
+#   BENCH_DURATION=      seconds per load run (overrides the derivation)
+#   BENCH_LIGHT_TIME=    seconds per light-load run (default 2, 1 when short)
+#   BENCH_CLIENTS=4      dnsperf -c
+#   BENCH_OUTSTANDING=100  dnsperf -q: total queries in flight; keep it at or
+#                        under 128 (dotp's --conn-queries) to measure dotp's
+#                        single-connection path
+#   BENCH_TARGETS="dotp stubby unbound kresd dnsdist"
+#   BENCH_CG_QUERIES=2000  queries in the callgrind run (0 skips callgrind)
+#   BENCH_IMAGE=1        build the image with tests/image.sh to size it
+#   BENCH_KEEP_TMP=1     keep the temp directory (configs, logs)
+#   BENCH_QUICKACK=1     turn delayed ACKs off on loopback (route attribute)
+#                        to tell Nagle/delayed-ACK stalls from other latency
+#
+# Needs root (or unprivileged user namespaces) for `unshare -n`.
+set -eu
+BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$BENCH_DIR")
+cd "$REPO"
+
+if [ "${BENCH_INNER:-0}" != 1 ]; then
+	# --- outside the namespace: check the tools, then re-exec inside -----
+	[ -x ./dotp ] || { echo "bench: ./dotp missing: run 'make dotp'" >&2; exit 1; }
+	for c in unbound unbound-checkconf stubby kresd dnsdist dnsperf valgrind \
+	    openssl ss ip unshare /usr/bin/python3; do
+		command -v "$c" >/dev/null 2>&1 ||
+		    { echo "bench: $c is not installed (make bench installs it)" >&2; exit 1; }
+	done
+	BENCH_T0=$(date +%s)
+	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION})"
+	export BENCH_T0 BENCH_CMD
+fi
+. "$BENCH_DIR/lib.sh"
+enter_netns "$BENCH_DIR/run.sh" "$@"
+
+# --- knobs -------------------------------------------------------------------
+: "${BENCH_TIME:=10}" "${BENCH_ROUNDS:=3}" "${BENCH_CLIENTS:=4}"
+: "${BENCH_OUTSTANDING:=100}" "${BENCH_CG_QUERIES:=2000}" "${BENCH_IMAGE:=1}"
+: "${BENCH_TARGETS:=dotp stubby unbound kresd dnsdist}"
+case $BENCH_TIME in
+'' | *[!0-9.]* | *.*.*) die "BENCH_TIME must be minutes, e.g. 10 or 2.5" ;;
+esac
+case $BENCH_ROUNDS in
+'' | *[!0-9]* | 0) die "BENCH_ROUNDS must be a whole number >= 1" ;;
+esac
+case ${BENCH_DURATION:-1} in
+*[!0-9]* | 0) die "BENCH_DURATION must be whole seconds >= 1" ;;
+esac
+[ "$BENCH_OUTSTANDING" -le 128 ] ||
+    log "warning: BENCH_OUTSTANDING=$BENCH_OUTSTANDING is over dotp's 128 per connection: it will open a second one"
+case " $BENCH_TARGETS " in *" dotp "*) ;; *) BENCH_TARGETS="dotp $BENCH_TARGETS" ;; esac
+set -- $BENCH_TARGETS
+NT=$#
+
+# Per-run duration from the budget (95% of it, for slack): per round there
+# are 4 scenarios x NT targets + 2 upstream ceiling runs of D s, and NT + 2
+# light runs of L s; about 0.7 s of overhead each (warm-up query, settling,
+# parsing) and ~20 s fixed (start-up, callgrind, image, report).
+if [ -n "${BENCH_DURATION:-}" ]; then
+	D=$BENCH_DURATION
+	L=${BENCH_LIGHT_TIME:-2}
+else
+	set -- $(awk -v b="$BENCH_TIME" -v r="$BENCH_ROUNDS" -v n="$NT" \
+	    -v l="${BENCH_LIGHT_TIME:-}" 'BEGIN {
+		nl = r * (4 * n + 2); nq = r * (n + 2); o = 0.7
+		if (l == "") l = (b * 60 / r < 150) ? 1 : 2
+		d = int((b * 60 * 0.95 - 20 - nl * o - nq * (l + o)) / nl)
+		if (d < 2) d = 2; if (d > 60) d = 60
+		print d, l }')
+	D=$1 L=$2
+fi
+NAMES=$((150000 * D))     # unique names per file: > any rate seen here x D
+
+T=$(mktemp -d /tmp/dotp-bench.XXXXXX)
+trap 'bench_cleanup' EXIT
+trap 'exit 130' INT TERM HUP
+mkdir -p "$T/pki"
+: >"$T/pids"
+RUNS=$T/runs.jsonl META=$T/meta.txt
+: >"$RUNS"
+: >"$META"
+meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
+caveat() { meta caveats+ "$*"; log "caveat: $*"; }
+
+log "budget ${BENCH_TIME} min, $BENCH_ROUNDS rounds, ${D} s per load run," \
+    "${L} s per light run, dnsperf -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING," \
+    "targets: $BENCH_TARGETS (temp dir $T)"
+
+# the binary measured; it is checked again at the end (a rebuild during the
+# run would mix two binaries)
+DOTP_SUM=$(sha256sum dotp | cut -d' ' -f1)
+meta binary.sha256 "$DOTP_SUM"
+
+# Other work on the machine skews everything: measure it before starting.
+busy=$($BENCH_TOOL busy --seconds 1)
+meta machine_busy_before_pct "$busy"
+if awk -v b="$busy" 'BEGIN { exit !(b > 10) }'; then
+	caveat "other processes were using ${busy}% of the machine's CPU when the benchmark started"
+fi
+
+# BENCH_QUICKACK=1: no delayed ACKs on loopback in the namespace (a route
+# attribute), to tell a Nagle/delayed-ACK stall from other latency
+if [ "${BENCH_QUICKACK:-0}" = 1 ]; then
+	ip route replace local 127.0.0.1 dev lo table local proto kernel \
+	    scope host src 127.0.0.1 quickack 1 ||
+	    die "could not set quickack on the loopback route"
+	caveat "BENCH_QUICKACK=1: delayed ACKs off on loopback (not the default TCP behaviour)"
+fi
+meta settings.quickack "${BENCH_QUICKACK:-0}"
+
+# --- 1. PKI, 2. upstream -----------------------------------------------------
+mk_pki "$T/pki"
+CA=$T/pki/ca.pem
+start_upstream
+log "upstream unbound pid $UP_PID: DoT 127.0.0.1:$UP_TLS_PORT, UDP/TCP :$UP_PLAIN_PORT"
+UPSTREAM="127.0.0.1:$UP_TLS_PORT#$UP_NAME"
+
+# --- 3. forwarders -----------------------------------------------------------
+# Each function writes its configuration and starts it on port $2.
+start_dotp() {
+	# no -q: only its start and exit lines are logged, and the exit line
+	# (queries=, answers=, servfail=, handshakes) goes into the results
+	start dotp ./dotp -l "127.0.0.1:$1" -u "$UPSTREAM" --ca-file "$CA"
+}
+start_stubby() {
+	cat >"$T/stubby.yml" <<-EOF
+	resolution_type: GETDNS_RESOLUTION_STUB
+	dns_transport_list:
+	  - GETDNS_TRANSPORT_TLS
+	tls_authentication: GETDNS_AUTHENTICATION_REQUIRED
+	tls_ca_file: "$CA"
+	tls_query_padding_blocksize: 128
+	edns_client_subnet_private: 0
+	round_robin_upstreams: 0
+	idle_timeout: 30000
+	listen_addresses:
+	  - 127.0.0.1@$1
+	upstream_recursive_servers:
+	  - address_data: 127.0.0.1
+	    tls_port: $UP_TLS_PORT
+	    tls_auth_name: "$UP_NAME"
+	EOF
+	start stubby stubby -C "$T/stubby.yml"
+}
+start_unbound() {
+	mkdir -p "$T/unbound-fwd"
+	cat >"$T/unbound-fwd/unbound.conf" <<-EOF
+	server:
+	    interface: 127.0.0.1@$1
+	    do-ip6: no
+	    username: ""
+	    chroot: ""
+	    directory: "$T/unbound-fwd"
+	    pidfile: ""
+	    use-syslog: no
+	    logfile: ""
+	    verbosity: 1
+	    do-daemonize: no
+	    num-threads: 1
+	    module-config: "iterator"
+	    # the upstream is on loopback; test. is a default local zone
+	    do-not-query-localhost: no
+	    local-zone: "test." nodefault
+	    tls-cert-bundle: "$CA"
+	    # caching cannot be turned off: smallest caches, no prefetch
+	    msg-cache-size: 0
+	    rrset-cache-size: 0
+	    key-cache-size: 0
+	    neg-cache-size: 0
+	    prefetch: no
+	    qname-minimisation: no
+	    # keep upstream TLS connections (default: 200 queries, 60 s)
+	    max-reuse-tcp-queries: 1000000
+	    tcp-reuse-timeout: 60000
+	    incoming-num-tcp: 100
+	remote-control:
+	    control-enable: no
+	forward-zone:
+	    name: "."
+	    forward-addr: 127.0.0.1@$UP_TLS_PORT#$UP_NAME
+	    forward-tls-upstream: yes
+	EOF
+	unbound-checkconf "$T/unbound-fwd/unbound.conf" >/dev/null || return 1
+	start unbound unbound -d -c "$T/unbound-fwd/unbound.conf"
+}
+start_kresd() {
+	mkdir -p "$T/kresd"
+	cat >"$T/kresd/config" <<-EOF
+	-- kresd as a pure DoT forwarder
+	net.ipv6 = false
+	net.listen('127.0.0.1', $1, { kind = 'dns' })
+	-- no DNSSEC validation: bench.test is unsigned and the upstream refuses
+	-- everything else (the root DNSKEY included)
+	trust_anchors.remove('.')
+	for _, m in ipairs({'detect_time_skew', 'detect_time_jump', 'priming',
+	                    'ta_signal_query', 'ta_sentinel'}) do
+	    pcall(modules.unload, m)
+	end
+	-- the cache cannot be turned off: make it small
+	cache.size = 1 * MB
+	policy.add(policy.all(policy.TLS_FORWARD({
+	    { '127.0.0.1@$UP_TLS_PORT', hostname = '$UP_NAME', ca_file = '$CA' } })))
+	EOF
+	start kresd kresd -n -c "$T/kresd/config" "$T/kresd"
+}
+start_dnsdist() {
+	cat >"$T/dnsdist.conf" <<-EOF
+	setLocal('127.0.0.1:$1')
+	setACL({'127.0.0.0/8'})
+	setSecurityPollSuffix('')
+	-- no packet cache: none is configured
+	newServer({address='127.0.0.1:$UP_TLS_PORT', tls='openssl',
+	           subjectName='$UP_NAME', caStore='$CA',
+	           validateCertificates=true, checkName='bench.test.'})
+	EOF
+	start dnsdist dnsdist --supervised --disable-syslog -C "$T/dnsdist.conf"
+}
+
+# Name check: each forwarder, configured as below but told to expect the
+# name wrong.bench, must not get an answer through (the certificate says
+# upstream.bench). One query each, up to 3 s, all at once.
+check_names() (
+	T=$T/verify UP_NAME=wrong.bench
+	UPSTREAM="127.0.0.1:$UP_TLS_PORT#$UP_NAME"
+	mkdir -p "$T"
+	: >"$T/pids"
+	p=5401
+	for t in $BENCH_TARGETS; do
+		case $t in dotp | stubby | unbound | kresd | dnsdist) ;; *) continue ;; esac
+		start_$t $p >/dev/null 2>&1 || true
+		p=$((p + 1))
+	done
+	p=5401
+	for t in $BENCH_TARGETS; do
+		case $t in dotp | stubby | unbound | kresd | dnsdist) ;; *) continue ;; esac
+		wait_listen $p 10 || true
+		( if $BENCH_TOOL wait --once --quiet --port $p --timeout 3; then
+			echo "$t ACCEPTED"; else echo "$t rejected"; fi ) >"$T/check.$t" &
+		checkers="${checkers:-} $!"
+		p=$((p + 1))
+	done
+	# only the checkers: the forwarders are children of this shell too
+	wait $checkers
+	for t in $BENCH_TARGETS; do
+		[ -f "$T/check.$t" ] && cat "$T/check.$t"
+	done
+	for _p in $(tac "$T/pids" | cut -d' ' -f1); do stop "$_p" 30; done
+)
+check_names >"$T/check.txt"
+while read -r t v; do
+	meta "name_check.$t" "$v"
+	[ "$v" = rejected ] || caveat "$t answered through an upstream whose certificate does not match its configured name"
+done <"$T/check.txt"
+log "name check (wrong.bench expected, upstream.bench presented):" $(tr '\n' ' ' <"$T/check.txt")
+
+port=5301 MEASURED=
+for t in $BENCH_TARGETS; do
+	case $t in
+	dotp | stubby | unbound | kresd | dnsdist) ;;
+	*) caveat "unknown target $t skipped"; continue ;;
+	esac
+	if ! start_$t $port; then
+		caveat "$t: configuration rejected, not measured"; continue
+	fi
+	pid=$LAST_PID
+	ok=1
+	if wait_listen $port 20; then
+		# VmRSS before any query (listening, no upstream connection yet)
+		set -- $($BENCH_TOOL rss $pid)
+		meta "processes.$t.start_rss_kib" "$1"
+		$BENCH_TOOL wait --port $port --timeout 20 &&
+		    $BENCH_TOOL wait --mode tcp --port $port --timeout 20 || ok=0
+	else
+		ok=0
+	fi
+	if [ $ok = 0 ]; then
+		[ "$t" != dotp ] || { cat "$T/dotp.log" >&2; die "dotp did not answer"; }
+		caveat "$t did not answer on 127.0.0.1:$port within 20 s; not measured ($(tail -n 2 "$T/$t.log" | tr '\n' ' '))"
+		stop $pid
+		continue
+	fi
+	sleep 0.5
+	set -- $($BENCH_TOOL rss $pid)
+	meta "processes.$t.idle_rss_kib" "$1"
+	meta "processes.$t.pid" "$pid"
+	meta "processes.$t.port" "$port"
+	eval "PID_$t=$pid PORT_$t=$port"
+	MEASURED="$MEASURED $t"
+	log "$t pid $pid on 127.0.0.1:$port (UDP and TCP answer; idle RSS $1 KiB)"
+	port=$((port + 1))
+done
+MEASURED=${MEASURED# }
+meta targets_measured "$MEASURED"
+PID_upstream=$UP_PID
+
+# --- 4. load, 5. light load --------------------------------------------------
+printf 'r0.bench.test A\nr1.bench.test A\nr2.bench.test A\nr3.bench.test A\nr4.bench.test A\nr5.bench.test A\nr6.bench.test A\nr7.bench.test A\nr8.bench.test A\nr9.bench.test A\n' >"$T/repeat.txt"
+
+measure() { # TARGET TRANSPORT NAMES PORT DATAFILE LINES ROUND [extra]
+	_t=$1 _pid=$(eval echo "\$PID_$1"); shift
+	$BENCH_TOOL measure --target "$_t" --transport "$1" --names "$2" \
+	    --port "$3" --datafile "$4" --datafile-lines "$5" --round "$6" \
+	    --pid "$_pid" --upstream-pid "$UP_PID" --duration "$D" \
+	    --clients "$BENCH_CLIENTS" --outstanding "$BENCH_OUTSTANDING" \
+	    --tmp "$T" --out "$RUNS" ${7:-} ||
+	    caveat "measure $_t $1 $2 round $6 failed"
+}
+
+r=1
+while [ $r -le "$BENCH_ROUNDS" ]; do
+	log "round $r of $BENCH_ROUNDS"
+	# fresh unique names for this round: no forwarder ever sees one twice
+	$BENCH_TOOL names --out "$T/udp.txt" --digits 9 --count $NAMES \
+	    --start $(( (r - 1) * 2 * NAMES ))
+	$BENCH_TOOL names --out "$T/tcp.txt" --digits 9 --count $NAMES \
+	    --start $(( ((r - 1) * 2 + 1) * NAMES ))
+	for scen in udp/unique tcp/unique udp/repeat tcp/repeat; do
+		tr=${scen%/*} nm=${scen#*/}
+		if [ $nm = unique ]; then f=$T/$tr.txt n=$NAMES; else f=$T/repeat.txt n=10; fi
+		for t in $MEASURED; do
+			measure $t $tr $nm "$(eval echo "\$PORT_$t")" "$f" $n $r --count-conns
+		done
+		if [ $scen = udp/unique ]; then
+			# the upstream's own ceiling, same dnsperf settings
+			measure upstream dot unique $UP_TLS_PORT "$f" $n $r
+			measure upstream udp unique $UP_PLAIN_PORT "$f" $n $r
+		fi
+	done
+	# light load: one query in flight; unique names (prefix per round)
+	for t in $MEASURED; do
+		$BENCH_TOOL light --target $t --mode udp --port "$(eval echo "\$PORT_$t")" \
+		    --pair-port $UP_TLS_PORT --pair-ca "$CA" --tls-name $UP_NAME \
+		    --pid "$(eval echo "\$PID_$t")" --upstream-pid "$UP_PID" \
+		    --duration "$L" --prefix "l${r}" --round $r --out "$RUNS" ||
+		    caveat "light $t round $r: lost or wrong answers"
+	done
+	$BENCH_TOOL light --target upstream --mode dot --port $UP_TLS_PORT \
+	    --ca "$CA" --tls-name $UP_NAME --duration "$L" --prefix "l${r}" \
+	    --upstream-pid "$UP_PID" \
+	    --round $r --out "$RUNS" || caveat "light upstream DoT round $r: lost"
+	$BENCH_TOOL light --target upstream --mode udp --port $UP_PLAIN_PORT \
+	    --upstream-pid "$UP_PID" \
+	    --duration "$L" --prefix "m${r}" --round $r --out "$RUNS" ||
+	    caveat "light upstream UDP round $r: lost"
+	rm -f "$T/udp.txt" "$T/tcp.txt"
+	r=$((r + 1))
+done
+
+# --- final state of the forwarders, then stop them ---------------------------
+for t in $MEASURED; do
+	pid=$(eval echo "\$PID_$t")
+	set -- $($BENCH_TOOL rss "$pid")
+	meta "processes.$t.final_rss_kib" "$1"
+	meta "processes.$t.final_hwm_kib" "$2"
+done
+stop "$PID_dotp" 50
+meta dotp.exit_status "$STOP_RC"
+meta dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp.log" | tail -n 1)"
+[ "$STOP_RC" = 0 ] || caveat "dotp exited with status $STOP_RC on SIGTERM"
+for t in $MEASURED; do
+	[ $t = dotp ] || stop "$(eval echo "\$PID_$t")" 50
+done
+
+# --- 6. callgrind, binary, image ---------------------------------------------
+if [ "$BENCH_CG_QUERIES" -gt 0 ]; then
+	log "callgrind: $BENCH_CG_QUERIES queries"
+	BENCH_CG_OUT=$T/callgrind.json BENCH_CA=$CA BENCH_UPSTREAM=$UPSTREAM \
+	    BENCH_TMP=$T sh "$BENCH_DIR/callgrind.sh" ||
+	    caveat "callgrind.sh failed"
+fi
+meta binary.size "$(stat -c %s dotp)"
+[ "$(sha256sum dotp | cut -d' ' -f1)" = "$DOTP_SUM" ] ||
+    caveat "./dotp changed during the run (rebuilt?): the load runs measured the binary that was there at the start; size, image and callgrind may be of the new one"
+if readelf -S dotp 2>/dev/null | grep -q '\.symtab'; then
+	meta binary.stripped false
+else
+	meta binary.stripped true
+fi
+if [ "$BENCH_IMAGE" = 1 ]; then
+	if img=$(sh tests/image.sh build dotp-bench:latest 2>&1); then
+		sz=$(printf '%s\n' "$img" | sed -n 's/^image: .*: \([0-9]*\) bytes uncompressed.*/\1/p')
+		gz=$(printf '%s\n' "$img" | sed -n 's/.* \([0-9]*\) bytes compressed.*/\1/p')
+		[ -z "$sz" ] || meta image.uncompressed "$sz"
+		[ -z "$gz" ] || meta image.compressed "$gz"
+		meta image.line "$(printf '%s' "$img" | tr '\n' ' ')"
+		# drop the tag again (buildah's vfs storage keeps full copies)
+		buildah --storage-driver vfs rmi dotp-bench:latest >/dev/null 2>&1 || true
+	else
+		meta image.error "tests/image.sh build failed: $(printf '%s' "$img" | tail -n 1)"
+		caveat "image not sized: $(printf '%s' "$img" | tail -n 1)"
+	fi
+fi
+
+# --- 7. versions, settings, report -------------------------------------------
+meta versions.dotp "$(./dotp -V 2>&1 | sed -n '1s/^dotp //p')"
+meta versions.unbound "$(unbound -V 2>/dev/null | sed -n 's/^Version //p')"
+meta versions.stubby "$(stubby -V 2>&1 | sed -n '1s/^Stubby //p') (Debian stubby $(dpkg-query -W -f='${Version}' stubby 2>/dev/null), getdns $(dpkg-query -W -f='${Version}' libgetdns10 2>/dev/null))"
+meta versions.kresd "$(kresd --version 2>&1 | sed -n 's/.*version //p')"
+meta versions.dnsdist "$(dnsdist --version 2>&1 | sed -n '1s/^dnsdist \([^ ]*\).*/\1/p')"
+meta versions.dnsperf "$(dnsperf -h 2>&1 | sed -n 's/^Version //p')"
+meta versions.valgrind "$(valgrind --version 2>&1 | sed 's/^valgrind-//')"
+meta versions.openssl "$(openssl version | cut -d' ' -f2)"
+meta settings.duration_s "$D"
+meta settings.light_s "$L"
+meta settings.rounds "$BENCH_ROUNDS"
+meta settings.budget_min "$BENCH_TIME"
+meta settings.clients "$BENCH_CLIENTS"
+meta settings.outstanding "$BENCH_OUTSTANDING"
+meta settings.unique_names_per_file "$NAMES"
+meta settings.dnsperf "dnsperf -m udp|tcp|dot -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING -l $D -t 2 -v (per-query latencies from -v)"
+meta settings.order "each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load"
+meta cache.dotp "none (dotp has no cache)"
+meta cache.stubby "none (stubby has no cache)"
+meta cache.unbound "cannot be disabled: msg-cache-size 0, rrset-cache-size 0, key/neg-cache-size 0, prefetch off (unique names miss it; repeated names hit it)"
+meta cache.kresd "cannot be disabled: cache.size = 1 MB (unique names miss it; repeated names hit it)"
+meta cache.dnsdist "none (no packet cache configured)"
+meta cache.upstream "none (local data)"
+caveat "2 cores shared by dnsperf, the forwarder under test and the upstream unbound (2 threads): every figure is for this contended setup, not a forwarder alone"
+caveat "forwarders run their default threading: dotp, stubby, kresd and unbound (num-threads 1) one thread each for queries; dnsdist uses its own threads (CPU/query counts all threads)"
+caveat "dnsperf -m dot does not verify the upstream certificate; every forwarder does (test CA, name upstream.bench)"
+caveat "dnsperf -q $BENCH_OUTSTANDING over -c $BENCH_CLIENTS clients: at most $BENCH_OUTSTANDING queries in flight, under dotp's --conn-queries 128, so dotp stays on one upstream connection"
+caveat "padding: dotp, stubby (128-byte blocks), unbound (pad-queries default) and kresd pad queries to the upstream; dnsdist forwards them as they are"
+caveat "repeated names: unbound and kresd answer them from their caches (cannot be disabled); dotp, stubby and dnsdist forward every one"
+caveat "latency percentiles come from dnsperf -v per-query latencies (dnsperf 2.10 has no histogram option), which costs dnsperf some throughput; the same for every target"
+caveat "light load uses bench/benchtool.py (Python, one query in flight): dnsperf -c 1 -q 1 paces itself with long sleeps (tens of qps) and is not a latency tool; the Python client adds the same few microseconds to every target"
+caveat "unbound forwarder: max-reuse-tcp-queries 1000000 and tcp-reuse-timeout 60 s so that it keeps its upstream connection like the others (its defaults: 200 queries, 60 s); kresd: DNSSEC validation and the priming/time-skew/trust-anchor-signal modules off (nothing but bench.test. resolves upstream)"
+caveat "dnsdist health-checks the upstream once a second (checkName bench.test.) over its own short-lived DoT connections; they are counted among its connections"
+caveat "light-load latencies on a virtual machine are mostly wake-up costs and move between rounds (up to 3-4x when the hypervisor steals CPU); alternating each forwarder's queries with direct DoT queries cancels the drift in the baseline, but the added figure still scales with the machine's wake-up cost"
+caveat "CPU time from /proc/PID/stat has 10 ms resolution; runs of a few seconds keep the error under ~1%"
+meta elapsed_s "$(( $(date +%s) - BENCH_T0 ))"
+meta date "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+meta command "$BENCH_CMD"
+
+$BENCH_TOOL report --runs "$RUNS" --meta "$META" --callgrind "$T/callgrind.json" \
+    --out-json "$BENCH_DIR/results.json" --out-md "$BENCH_DIR/results.md"
+log "done in $(( $(date +%s) - BENCH_T0 )) s: bench/results.md, bench/results.json"
