@@ -934,17 +934,13 @@ dns_pad_query(unsigned char *m, size_t len, size_t cap,
 	return n + pad;
 }
 
-/*
- * Finds the OPT record in the additional section of a message, when it
- * is the last record and nothing follows it: only then can bytes be cut
- * from it without breaking compression pointers of later names. Returns
- * its offset and sets *end past it (= len), or returns 0.
- */
+/* Skips the header and question section of a message. Returns the
+ * offset of its first record, or 0 if it is malformed. */
 static size_t
-dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
+dns_skip_questions(const unsigned char *m, size_t len)
 {
-	size_t	 pos = DNS_HEADER_LEN, start;
-	unsigned n, k, ar;
+	size_t	 pos = DNS_HEADER_LEN;
+	unsigned n;
 
 	if (len < DNS_HEADER_LEN)
 		return 0;
@@ -954,6 +950,23 @@ dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
 			return 0;
 		pos += 4;
 	}
+	return pos;
+}
+
+/*
+ * Finds the OPT record in the additional section of a message, when it
+ * is the last record and nothing follows it: only then can bytes be cut
+ * from it without breaking compression pointers of later names. Returns
+ * its offset and sets *end past it (= len), or returns 0.
+ */
+static size_t
+dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
+{
+	size_t	 pos, start;
+	unsigned n, k, ar;
+
+	if ((pos = dns_skip_questions(m, len)) == 0)
+		return 0;
 	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
 	ar = rd16(m + DNS_OFF_ARCOUNT);
 	for (k = 0; k < n + ar; k++) {
@@ -2358,6 +2371,7 @@ up_tx_timer(int ui, int64_t now)
 static void
 up_kick(int64_t now)
 {
+	int64_t	 t;
 	int	 ui, k;
 
 	G.kick = 0;
@@ -2399,8 +2413,8 @@ up_kick(int64_t now)
 			else
 				open++;
 		}
-		if (up_tx_timer(ui, now) < G.tx_timer)
-			G.tx_timer = up_tx_timer(ui, now);
+		if ((t = up_tx_timer(ui, now)) < G.tx_timer)
+			G.tx_timer = t;
 		if (idle == NULL || opening > 0 || now < G.fd_wait_until)
 			continue;
 		/* Open when queries wait (all connections are full or none

@@ -64,14 +64,8 @@ fz_walk(const unsigned char *m, size_t len, unsigned *nopt, size_t *opt)
 
 	*nopt = 0;
 	*opt = 0;
-	if (len < DNS_HEADER_LEN)
+	if ((pos = dns_skip_questions(m, len)) == 0)
 		return 0;
-	for (n = rd16(m + DNS_OFF_QDCOUNT); n > 0; n--) {
-		pos = dns_skip_name(m, len, pos);
-		if (pos == 0 || len - pos < 4)
-			return 0;
-		pos += 4;
-	}
 	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT) +
 	    rd16(m + DNS_OFF_ARCOUNT);
 	while (n-- > 0) {

@@ -27,17 +27,11 @@ static const unsigned char fixed_query[] = {
 static size_t
 first_ar_opt(const unsigned char *m, size_t len, size_t *end)
 {
-	size_t	 pos = DNS_HEADER_LEN, start, t;
+	size_t	 pos, start, t;
 	unsigned n, k, ar;
 
-	if (len < DNS_HEADER_LEN)
+	if ((pos = dns_skip_questions(m, len)) == 0)
 		return 0;
-	for (n = rd16(m + DNS_OFF_QDCOUNT); n > 0; n--) {
-		pos = dns_skip_name(m, len, pos);
-		if (pos == 0 || len - pos < 4)
-			return 0;
-		pos += 4;
-	}
 	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
 	ar = rd16(m + DNS_OFF_ARCOUNT);
 	for (k = 0; k < n + ar; k++) {
