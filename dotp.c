@@ -154,6 +154,13 @@
  * load: when dotp would sleep, every descriptor is polled. */
 #define DOTP_TCP_DORMANT_MS	100
 #define DOTP_SWEEP_MS		10
+/* Forced ACKs (conn_ack): a connection owing up to DOTP_ACK_FEW answers
+ * ACKs before dotp sleeps, so a pair of answers is never held; one owing
+ * more waits up to DOTP_ACK_DELAY_MS for a query to carry the ACK, so
+ * that under load the server sends many answers per segment (one forced
+ * ACK per read doubled dotp's CPU per query). */
+#define DOTP_ACK_FEW		8
+#define DOTP_ACK_DELAY_MS	1
 /* Default per-query timeout: below the 5 s of the usual stub resolvers
  * (glibc, musl, dig), so the client gets a definite SERVFAIL before it
  * gives up, and long enough for a fresh TCP + TLS handshake and a retry
@@ -334,6 +341,9 @@ struct conn {
 	int64_t	 deadline;	/* connect or handshake limit */
 	int64_t	 last_active;	/* last send or answer, for the idle close */
 	int64_t	 owe_since;	/* owes answers and got none since; 0: owes none */
+	int	 readable;	/* poll() said POLLIN, no short read since */
+	int	 ack_owed;	/* read data since our last send (see conn_ack) */
+	int64_t	 ack_at;	/* force that ACK then (conn_acks) */
 	struct qlist fl, late;
 	unsigned char sid[32];	/* session ID offered (resumption check) */
 	size_t	 sid_len;
@@ -1849,6 +1859,7 @@ conn_end(struct conn *c, const char *failed, int64_t now)
 	c->rx_have = 0;
 	c->net_off = c->net_len = 0;
 	c->owe_since = 0;
+	c->readable = c->ack_owed = 0;
 	if (failed)
 		up_down(u, now, failed);
 	for (k = 0; k < (failed ? 3 : 2); k++)
@@ -2080,23 +2091,71 @@ conn_recvapp(struct conn *c, int64_t now)
 }
 
 /*
- * ACK what was just read at once. dotp sends a batch of queries and then
- * has nothing to send, so the kernel would delay its ACK up to 40 ms;
- * a server that writes small answers without TCP_NODELAY (unbound's DoT
- * does) holds the next answer under Nagle until that ACK comes: stalls
- * of 40 ms. Linux clears the flag as it goes, so it is set after every
- * read (one cheap system call per read, each read many records).
+ * Delayed ACKs against the server's Nagle. A server that writes small
+ * answers without TCP_NODELAY (unbound's DoT does) holds its next answer
+ * while its last small segment is unacknowledged; the kernel delays our
+ * ACK (up to 40 ms on Linux) hoping to put it on data, and when dotp has
+ * no query to send, the answer stalls that long. Any record dotp sends
+ * carries the ACK, and the hold is what lets the server coalesce answers
+ * into few segments under load; so dotp forces an ACK only when it owes
+ * one and no query is coming to carry it (conn_acks decides when).
+ * TCP_QUICKACK 2 sends a pending ACK now and stays in delayed-ACK mode
+ * (1 would leave it, making every later read cost an ACK packet); kernels
+ * that predate that treat 2 as 1.
  */
 static void
-conn_quickack(const struct conn *c)
+conn_ack(struct conn *c)
 {
 #ifdef TCP_QUICKACK
-	int	 one = 1;
+	int	 two = 2;
 
-	(void)setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
-#else
-	(void)c;
+	(void)setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &two, sizeof two);
 #endif
+	c->ack_owed = 0;
+}
+
+/*
+ * Sends the forced ACKs that are due (conn_ack). A connection that owes
+ * no answers needs none: the server holds nothing. One that owes a few
+ * (interactive use: an A and AAAA pair) ACKs when dotp is about to sleep
+ * (sleeping = 1); one that owes many (pipelined load, where queries keep
+ * coming) waits up to DOTP_ACK_DELAY_MS for a query to carry it.
+ * Returns when the next one is due, or INT64_MAX.
+ */
+static int64_t
+conn_acks(int64_t now, int sleeping)
+{
+	int64_t	 next = INT64_MAX;
+	int	 i;
+
+	for (i = 0; i < G.nconn; i++) {
+		struct conn *c = &G.conn[i];
+		unsigned n;
+
+		if (!c->ack_owed)
+			continue;
+		n = c->state == C_READY ? conn_inflight(c) : 0;
+		if (n == 0)
+			c->ack_owed = 0;
+		else if (now >= c->ack_at || (sleeping && n <= DOTP_ACK_FEW))
+			conn_ack(c);
+		else if (c->ack_at < next)
+			next = c->ack_at;
+	}
+	return next;
+}
+
+/* Does a connection owe an ACK and at most DOTP_ACK_FEW answers? */
+static int
+conn_ack_few(void)
+{
+	int	 i;
+
+	for (i = 0; i < G.nconn; i++)
+		if (G.conn[i].ack_owed && G.conn[i].state == C_READY &&
+		    conn_inflight(&G.conn[i]) <= DOTP_ACK_FEW)
+			return 1;
+	return 0;
 }
 
 /* The engine reported CLOSED: clean close or failure. */
@@ -2146,6 +2205,7 @@ conn_pump(struct conn *c, int64_t now)
 			n = send(c->fd, buf, len, MSG_NOSIGNAL);
 			if (n > 0) {
 				br_ssl_engine_sendrec_ack(eng, (size_t)n);
+				c->ack_owed = 0;	/* this segment ACKs */
 				continue;
 			}
 			if (n < 0 && errno == EINTR)
@@ -2179,16 +2239,22 @@ conn_pump(struct conn *c, int64_t now)
 				br_ssl_engine_recvrec_ack(eng, len);
 				continue;
 			}
-			n = recv(c->fd, c->net, sizeof c->net, 0);
-			if (n > 0) {
+			if (!c->readable)
+				;	/* poll() tells when there is more */
+			else if ((n = recv(c->fd, c->net, sizeof c->net, 0)) > 0) {
 				c->net_off = 0;
 				c->net_len = (size_t)n;
-				conn_quickack(c);
+				/* A short read emptied the socket: don't ask
+				 * again just to hear EAGAIN. */
+				c->readable = (size_t)n == sizeof c->net;
+				if (!c->ack_owed)
+					c->ack_at = now + DOTP_ACK_DELAY_MS;
+				c->ack_owed = 1;
 				continue;
-			}
-			if (n < 0 && errno == EINTR)
+			} else if (n < 0 && errno == EINTR) {
 				continue;
-			if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+			} else if (n == 0 || (errno != EAGAIN &&
+			    errno != EWOULDBLOCK)) {
 				/* EOF or reset: normal once ready. */
 				if (c->state == C_READY) {
 					log_msg(LOG_DEBUG, "upstream %s %s gen=%u",
@@ -2201,6 +2267,8 @@ conn_pump(struct conn *c, int64_t now)
 					    strerror(errno));
 				}
 				return;
+			} else {
+				c->readable = 0;
 			}
 		}
 		if ((st & BR_SSL_SENDAPP) && c->state == C_READY) {
@@ -2263,6 +2331,8 @@ conn_service(struct conn *c, short revents, int64_t now)
 {
 	if (revents & (POLLERR | POLLHUP))
 		revents |= POLLIN | POLLOUT;	/* let recv/send tell */
+	if (revents & POLLIN)
+		c->readable = 1;
 	if (c->state == C_CONNECTING) {
 		int	 err = 0;
 		socklen_t sl = sizeof err;
@@ -3172,7 +3242,7 @@ static void
 loop_run(void)
 {
 	struct pollfd *pfd = G.pfd;
-	int64_t	 now, deadline;
+	int64_t	 now, deadline, t;
 	int	 n, i, j, r, timeout, ntcp, all;
 
 	for (;;) {
@@ -3190,7 +3260,7 @@ loop_run(void)
 		all = G.poll_all || now >= G.sweep_at;
 		if (all)
 			G.sweep_at = now + DOTP_SWEEP_MS;
-		else if (G.sweep_at < deadline)
+		else if (G.ntcp > 0 && G.sweep_at < deadline)
 			deadline = G.sweep_at;
 		ntcp = 0;	/* the clients polled this pass, in order */
 		for (j = 0; j < G.ntcp; j++) {
@@ -3224,11 +3294,20 @@ loop_run(void)
 			deadline = G.q[G.age.head].deadline;
 		if (G.tx_timer < deadline)
 			deadline = G.tx_timer;
+		if ((t = conn_acks(now, 0)) < deadline)
+			deadline = t;
 		if (G.fd_wait_until > now && G.fd_wait_until < deadline)
 			deadline = G.fd_wait_until;	/* connects resume */
 		timeout = G.kick ? 0 : deadline <= now ? 0 :
 		    (int)(deadline - now + 1);	/* +1: never wake early */
-		r = poll(pfd, (nfds_t)n, timeout);
+		r = 0;
+		if (timeout > 0 && conn_ack_few()) {
+			/* About to sleep owing ACKs: the last look first. */
+			if ((r = poll(pfd, (nfds_t)n, 0)) == 0)
+				(void)conn_acks(now, 1);
+		}
+		if (r == 0)
+			r = poll(pfd, (nfds_t)n, timeout);
 		G.poll_all = r == 0;	/* quiet: next time, sleep on all */
 		if (r < 0) {
 			if (errno != EINTR)

@@ -877,6 +877,7 @@ def do_report(a):
                 % (len(stolen), sum(1 for r in runs if r["kind"] == kind),
                    kind, max(r["steal_pct"] for r in stolen)))
         busy = [r for r in runs if r["kind"] == kind
+                and r.get("target") != "dotp-awake"  # its busy loops are the point
                 and (r.get("foreign_cpu_pct") or 0) > 10]
         if busy:
             auto.append(
@@ -1012,6 +1013,21 @@ def do_report(a):
                     fmt(x.get("paired_upstream_dot_p50_us"), 1),
                     "-" if x.get("added_p50_us") is None
                     else "%+.1f" % x["added_p50_us"]))
+    aw = light_agg.get("dotp-awake/udp")
+    if aw:
+        L.append("| dotp, CPUs kept out of idle (diagnostic) | udp | %s | %s | %s | %s "
+                 "| %s | %s | %s | %s |" % (
+                     fmt(aw["queries"]), fmt(aw["p50_us"], 1), fmt(aw["p90_us"], 1),
+                     fmt(aw["p99_us"], 1), fmt(aw["avg_us"], 1), fmt(aw["lost_total"]),
+                     fmt(aw.get("paired_upstream_dot_p50_us"), 1),
+                     "-" if aw.get("added_p50_us") is None
+                     else "%+.1f" % aw["added_p50_us"]))
+        L.append("\nDiagnostic row: the same dotp light runs with a SCHED_IDLE busy "
+                 "loop on every CPU, which runs only when nothing else wants the CPU "
+                 "but keeps it from going idle. On a virtual machine a wake-up on an "
+                 "idle (halted) vCPU is an exit to the hypervisor; a forwarder adds "
+                 "two per query, and the difference between the rows is their cost. "
+                 "Not used for the verdicts.")
     if added is not None:
         lu2 = (light_agg.get("upstream/udp") or {}).get("p50_us")
         L.append("\ndotp added p50 latency: %+.1f µs over the upstream via "

@@ -32,6 +32,8 @@
 #   BENCH_CG_QUERIES=2000  queries in the callgrind run (0 skips callgrind)
 #   BENCH_IMAGE=1        build the image with tests/image.sh to size it
 #   BENCH_KEEP_TMP=1     keep the temp directory (configs, logs)
+#   BENCH_AWAKE=0        skip the light-load diagnostic with idle-class busy
+#                        loops keeping the CPUs out of idle
 #   BENCH_QUICKACK=1     turn delayed ACKs off on loopback (route attribute)
 #                        to tell Nagle/delayed-ACK stalls from other latency
 #
@@ -368,6 +370,33 @@ while [ $r -le "$BENCH_ROUNDS" ]; do
 	rm -f "$T/udp.txt" "$T/tcp.txt"
 	r=$((r + 1))
 done
+
+# Diagnostic (not a verdict): dotp's light run again with a SCHED_IDLE busy
+# loop on every CPU. Such a loop runs only when nothing else wants the CPU,
+# so it takes no time from the processes measured, but it keeps the CPUs
+# from going idle: on a virtual machine, waking a task on an idle (halted)
+# vCPU is an exit to the hypervisor, and a forwarder adds two such wake-ups
+# per query. The difference between the two runs is that cost.
+if [ "${BENCH_AWAKE:-1}" = 1 ] && command -v chrt >/dev/null 2>&1 &&
+    command -v taskset >/dev/null 2>&1; then
+	log "diagnostic: dotp light load with the CPUs kept out of idle"
+	SPIN=
+	for c in $(seq 0 $(($(nproc) - 1))); do
+		start "spin$c" taskset -c "$c" chrt --idle 0 sh -c 'while :; do :; done'
+		SPIN="$SPIN $LAST_PID"
+	done
+	r=1
+	while [ $r -le "$BENCH_ROUNDS" ]; do
+		$BENCH_TOOL light --target dotp-awake --mode udp --port "$PORT_dotp" \
+		    --pair-port $UP_TLS_PORT --pair-ca "$CA" --tls-name $UP_NAME \
+		    --pid "$PID_dotp" --upstream-pid "$UP_PID" \
+		    --duration "$L" --prefix "a${r}" --round $r --out "$RUNS" ||
+		    caveat "light dotp-awake round $r: lost or wrong answers"
+		r=$((r + 1))
+	done
+	for p in $SPIN; do stop "$p" 10; done
+fi
+meta settings.awake "${BENCH_AWAKE:-1}"
 
 # --- final state of the forwarders, then stop them ---------------------------
 for t in $MEASURED; do

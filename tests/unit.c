@@ -616,6 +616,43 @@ test_cidr(void)
 	ok(parse_cidr("", &c) < 0 && parse_cidr("/8", &c) < 0, "empty");
 }
 
+/* conn_acks: which owed ACKs are forced, and when the next is due. */
+static void
+test_acks(void)
+{
+	struct conn cs[4];
+	int64_t	 now = 1000, next;
+
+	memset(cs, 0, sizeof cs);
+	G.conn = cs;
+	G.nconn = 4;
+	for (int i = 0; i < 4; i++) {
+		cs[i].fd = -1;	/* setsockopt fails quietly */
+		cs[i].state = C_READY;
+		cs[i].ack_owed = 1;
+		cs[i].ack_at = now + 1;
+	}
+	cs[0].fl.n = 0;			/* owes no answers */
+	cs[1].fl.n = 2;			/* a few: an A and AAAA pair */
+	cs[2].fl.n = DOTP_ACK_FEW + 1;	/* pipelined load */
+	cs[3].fl.n = 1;
+	cs[3].state = C_HANDSHAKE;	/* not ready: nothing to ACK */
+	ok(conn_ack_few(), "a few owed: ACK before sleeping");
+	next = conn_acks(now, 0);
+	ok(!cs[0].ack_owed && !cs[3].ack_owed, "nothing owed: dropped");
+	ok(cs[1].ack_owed && cs[2].ack_owed, "busy pass: none forced yet");
+	ok(next == now + 1, "next due at ack_at");
+	next = conn_acks(now, 1);
+	ok(!cs[1].ack_owed, "a few owed: forced when about to sleep");
+	ok(cs[2].ack_owed && next == now + 1,
+	    "many owed: waits for a query to carry it");
+	ok(!conn_ack_few(), "only the pipelined one left");
+	next = conn_acks(now + 1, 0);
+	ok(!cs[2].ack_owed && next == INT64_MAX, "forced once due");
+	G.conn = NULL;
+	G.nconn = 0;
+}
+
 int
 main(void)
 {
@@ -631,6 +668,7 @@ main(void)
 	test_tls_errors();
 	test_padding();
 	test_cidr();
+	test_acks();
 	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
 	return t_fail != 0;
 }

@@ -166,3 +166,54 @@ def test_garbage_datagrams_do_not_hurt(proxy, upstream):
         a = fn(proxy.host, proxy.port, good, timeout=3)
         assert zero_id(strip_padding(a)) == \
             zero_id(strip_padding(upstream.direct(good))), describe(a)
+
+
+# --- delayed ACKs against the server's Nagle --------------------------------
+# unbound writes each DoT answer on its own without TCP_NODELAY: while its
+# last small segment is unacknowledged, Nagle holds the next one until the
+# ACK comes. A forwarder that lets the kernel delay that ACK (up to 40 ms
+# on Linux) when it has no query to send stalls the second answer of a
+# pair, and a burst by one hold per round. Bounds are a tenth to a half of
+# that stall, on medians of many rounds.
+
+def _pair_rounds(proxy, rounds, size):
+    """Send `size` queries at once on one UDP socket, `rounds` times;
+    returns the seconds each round took to get every answer."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((proxy.host, proxy.port))
+    s.settimeout(2)
+    took = []
+    try:
+        for r in range(rounds):
+            want = set()
+            t0 = time.monotonic()
+            for k in range(size):
+                qid = (r * size + k) % 65536
+                kind = "A" if k % 2 == 0 else "AAAA"
+                s.send(make_query("www.example.test", kind, qid=qid))
+                want.add(qid)
+            while want:
+                a = s.recv(65535)
+                want.discard(wire_id(a))
+            took.append(time.monotonic() - t0)
+    finally:
+        s.close()
+    return took
+
+
+def test_answer_pair_not_held_by_nagle(proxy):
+    """A and AAAA sent together (what getaddrinfo does): the second answer
+    must not wait for a delayed ACK."""
+    _pair_rounds(proxy, 3, 2)  # connection up, RTT known
+    took = sorted(_pair_rounds(proxy, 31, 2))
+    assert took[15] < 0.010, "median pair %.1f ms (rounds: %s)" % (
+        took[15] * 1e3, ", ".join("%.1f" % (t * 1e3) for t in took))
+
+
+def test_burst_not_held_by_nagle(proxy):
+    """40 queries in flight at once (over DOTP_ACK_FEW): the ACK may wait
+    for a query to carry it, but not for the kernel's delayed-ACK timer."""
+    _pair_rounds(proxy, 3, 2)
+    took = sorted(_pair_rounds(proxy, 15, 40))
+    assert took[7] < 0.020, "median burst %.1f ms (rounds: %s)" % (
+        took[7] * 1e3, ", ".join("%.1f" % (t * 1e3) for t in took))
