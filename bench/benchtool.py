@@ -504,13 +504,14 @@ def do_measure(a):
 
 def do_light(a):
     """Closed loop, one query in flight. With --pair-port, every query to the
-    target alternates with one sent straight to the upstream over DoT (the
-    order flips each time), so both see the same machine state and the
-    difference of their medians is the latency the target adds."""
+    target alternates with one sent straight to the upstream (over DoT, or
+    --pair-mode udp), the order flipping each time, so both see the same
+    machine state and the difference of their medians is the latency the
+    target adds."""
     c = Client(a.mode, "127.0.0.1", a.port, a.query_timeout, a.ca, a.tls_name)
     c2 = None
     if a.pair_port:
-        c2 = Client("dot", "127.0.0.1", a.pair_port, a.query_timeout,
+        c2 = Client(a.pair_mode, "127.0.0.1", a.pair_port, a.query_timeout,
                     a.pair_ca, a.tls_name)
     fmt = a.prefix + "%07d.bench.test"
     fmt2 = a.prefix + "p%07d.bench.test"
@@ -563,11 +564,12 @@ def do_light(a):
     rec.update(lat_summary_us(lat))
     rec.update(watch.stop())
     if c2:
-        pr = {"target": "upstream", "transport": "dot", "sent": i,
+        pr = {"target": "upstream", "transport": a.pair_mode, "sent": i,
               "lost": lost[1], "bad_answers": bad[1]}
         pr.update(lat_summary_us(lat2))
         rec["pair"] = pr
-        rec["client"] += ", alternating with DoT queries straight to the upstream"
+        rec["client"] += (", alternating with %s queries straight to the upstream"
+                          % ("DoT" if a.pair_mode == "dot" else "UDP"))
         if rec.get("p50_us") is not None and pr.get("p50_us") is not None:
             rec["added_p50_us"] = round(rec["p50_us"] - pr["p50_us"], 1)
     if a.out:
@@ -579,7 +581,8 @@ def do_light(a):
                   a.target, a.mode, a.round, i, rec.get("p50_us"),
                   rec.get("p90_us"), rec.get("p99_us"), lost[0],
                   "  bad %d" % bad[0] if bad[0] else "",
-                  "  | upstream DoT p50 %s us: added %+.1f us" % (
+                  "  | upstream %s p50 %s us: added %+.1f us" % (
+                      "DoT" if a.pair_mode == "dot" else "UDP",
                       rec["pair"].get("p50_us"), rec.get("added_p50_us", 0))
                   if c2 else "") + (
                   "  (other processes used %s%% of the CPU)" % rec["foreign_cpu_pct"]
@@ -758,9 +761,10 @@ def do_report(a):
         }
         prs = [x["pair"] for x in rs if x.get("pair")]
         if prs:
-            light_agg[k]["paired_upstream_dot_p50_us"] = \
+            light_agg[k]["paired_transport"] = prs[0].get("transport", "dot")
+            light_agg[k]["paired_p50_us"] = \
                 med([x.get("p50_us") for x in prs])
-            light_agg[k]["paired_upstream_dot_p99_us"] = \
+            light_agg[k]["paired_p99_us"] = \
                 med([x.get("p99_us") for x in prs])
             light_agg[k]["added_p50_us"] = \
                 med([x.get("added_p50_us") for x in rs])
@@ -821,7 +825,7 @@ def do_report(a):
         verdict("throughput", None, "not measured", ">= 90% of DoT ceiling")
     ld = light_agg.get("dotp/udp") or {}
     lp = ld.get("p50_us")
-    lu = ld.get("paired_upstream_dot_p50_us")
+    lu = ld.get("paired_p50_us")
     if lu is None:
         lu = (light_agg.get("upstream/dot") or {}).get("p50_us")
     added = ld.get("added_p50_us")
@@ -830,8 +834,12 @@ def do_report(a):
     if added is not None:
         verdict("latency", added <= 50,
                 "dotp UDP p50 %.1f us, upstream DoT p50 %.1f us (queries "
-                "alternated): added %+.1f us (median over rounds)"
-                % (lp, lu, added), "light-load p50 added latency <= 50 us")
+                "alternated): added %+.1f us (median over %d runs)%s"
+                % (lp, lu, added, ld.get("rounds", 0),
+                   "" if (light_agg.get("relay/udp") or {}).get("added_p50_us") is None
+                   else "; hop floor: a minimal UDP relay adds %+.1f us over "
+                   "direct UDP" % light_agg["relay/udp"]["added_p50_us"]),
+                "light-load p50 added latency <= 50 us")
     else:
         verdict("latency", None, "not measured", "added p50 <= 50 us")
     dt = per_target.get("dotp", {})
@@ -877,7 +885,6 @@ def do_report(a):
                 % (len(stolen), sum(1 for r in runs if r["kind"] == kind),
                    kind, max(r["steal_pct"] for r in stolen)))
         busy = [r for r in runs if r["kind"] == kind
-                and r.get("target") != "dotp-awake"  # its busy loops are the point
                 and (r.get("foreign_cpu_pct") or 0) > 10]
         if busy:
             auto.append(
@@ -998,7 +1005,9 @@ def do_report(a):
     L.append("Each forwarder's UDP queries alternate with DoT queries sent "
              "straight to the upstream by the same client (one in flight); "
              "added = forwarder p50 - upstream DoT p50 of the same run "
-             "(median over rounds). The upstream rows are runs of their own.\n")
+             "(median over runs: %s per target per round, each a new client "
+             "and so a new DoT connection). The upstream rows are runs of their "
+             "own.\n" % s.get("light_reps", 1))
     L.append("| target | transport | queries | p50 µs | p90 µs | p99 µs | avg µs | "
              "lost | upstream DoT p50 µs (paired) | added p50 µs |")
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -1010,24 +1019,21 @@ def do_report(a):
                     t, tr, fmt(x["queries"]), fmt(x["p50_us"], 1),
                     fmt(x["p90_us"], 1), fmt(x["p99_us"], 1),
                     fmt(x["avg_us"], 1), fmt(x["lost_total"]),
-                    fmt(x.get("paired_upstream_dot_p50_us"), 1),
+                    fmt(x.get("paired_p50_us"), 1),
                     "-" if x.get("added_p50_us") is None
                     else "%+.1f" % x["added_p50_us"]))
-    aw = light_agg.get("dotp-awake/udp")
-    if aw:
-        L.append("| dotp, CPUs kept out of idle (diagnostic) | udp | %s | %s | %s | %s "
-                 "| %s | %s | %s | %s |" % (
-                     fmt(aw["queries"]), fmt(aw["p50_us"], 1), fmt(aw["p90_us"], 1),
-                     fmt(aw["p99_us"], 1), fmt(aw["avg_us"], 1), fmt(aw["lost_total"]),
-                     fmt(aw.get("paired_upstream_dot_p50_us"), 1),
-                     "-" if aw.get("added_p50_us") is None
-                     else "%+.1f" % aw["added_p50_us"]))
-        L.append("\nDiagnostic row: the same dotp light runs with a SCHED_IDLE busy "
-                 "loop on every CPU, which runs only when nothing else wants the CPU "
-                 "but keeps it from going idle. On a virtual machine a wake-up on an "
-                 "idle (halted) vCPU is an exit to the hypervisor; a forwarder adds "
-                 "two per query, and the difference between the rows is their cost. "
-                 "Not used for the verdicts.")
+    rl = light_agg.get("relay/udp")
+    if rl:
+        L.append("\n**Hop floor.** `bench/relay.c` is a blocking UDP relay with one "
+                 "query in flight, no parsing and no TLS; it sits in front of the "
+                 "upstream's plain UDP port and its queries alternate with plain UDP "
+                 "queries straight to that port. What it adds is what any extra "
+                 "process on the path costs on this machine (two more sends and two "
+                 "more wake-ups per query), not work: relay p50 %s µs, direct UDP "
+                 "p50 %s µs (paired), added %s µs (median over %d runs).\n" % (
+                     fmt(rl["p50_us"], 1), fmt(rl.get("paired_p50_us"), 1),
+                     "-" if rl.get("added_p50_us") is None
+                     else "%+.1f" % rl["added_p50_us"], rl["rounds"]))
     if added is not None:
         lu2 = (light_agg.get("upstream/udp") or {}).get("p50_us")
         L.append("\ndotp added p50 latency: %+.1f µs over the upstream via "
@@ -1134,6 +1140,7 @@ def main():
     li.add_argument("--pair-port", type=int,
                     help="alternate with DoT queries to the upstream here")
     li.add_argument("--pair-ca")
+    li.add_argument("--pair-mode", choices=("dot", "udp"), default="dot")
     li.add_argument("--pid", type=int, help="the target's PID (CPU accounting)")
     li.add_argument("--upstream-pid", type=int)
     li.add_argument("--out")

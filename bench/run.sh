@@ -11,7 +11,8 @@
 #   4. drives each with dnsperf (UDP and TCP; unique names that miss every
 #      cache, and 10 repeated names), targets alternated within each of
 #      BENCH_ROUNDS rounds, plus the upstream's own ceiling (DoT and UDP);
-#   5. measures closed-loop latency with one query in flight;
+#   5. measures closed-loop latency with one query in flight, and the hop
+#      floor: the same through bench/relay.c, a minimal UDP relay;
 #   6. counts dotp's instructions per query under callgrind
 #      (bench/callgrind.sh), the binary and the image size;
 #   7. writes bench/results.json and bench/results.md, prints the table and
@@ -24,6 +25,7 @@
 #   BENCH_ROUNDS=3       rounds (medians are taken over them)
 #   BENCH_DURATION=      seconds per load run (overrides the derivation)
 #   BENCH_LIGHT_TIME=    seconds per light-load run (default 2, 1 when short)
+#   BENCH_LIGHT_REPS=3   light-load runs per target per round
 #   BENCH_CLIENTS=4      dnsperf -c
 #   BENCH_OUTSTANDING=100  dnsperf -q: total queries in flight; keep it at or
 #                        under 128 (dotp's --conn-queries) to measure dotp's
@@ -32,8 +34,6 @@
 #   BENCH_CG_QUERIES=2000  queries in the callgrind run (0 skips callgrind)
 #   BENCH_IMAGE=1        build the image with tests/image.sh to size it
 #   BENCH_KEEP_TMP=1     keep the temp directory (configs, logs)
-#   BENCH_AWAKE=0        skip the light-load diagnostic with idle-class busy
-#                        loops keeping the CPUs out of idle
 #   BENCH_QUICKACK=1     turn delayed ACKs off on loopback (route attribute)
 #                        to tell Nagle/delayed-ACK stalls from other latency
 #
@@ -76,18 +76,20 @@ esac
 case " $BENCH_TARGETS " in *" dotp "*) ;; *) BENCH_TARGETS="dotp $BENCH_TARGETS" ;; esac
 set -- $BENCH_TARGETS
 NT=$#
+LR=${BENCH_LIGHT_REPS:-3}
+case $LR in '' | *[!0-9]* | 0) die "BENCH_LIGHT_REPS must be a whole number >= 1" ;; esac
 
 # Per-run duration from the budget (95% of it, for slack): per round there
-# are 4 scenarios x NT targets + 2 upstream ceiling runs of D s, and NT + 2
-# light runs of L s; about 0.7 s of overhead each (warm-up query, settling,
+# are 4 scenarios x NT targets + 2 upstream ceiling runs of D s, and
+# LR x (NT + 2) light runs of L s; about 0.7 s of overhead each (warm-up query, settling,
 # parsing) and ~20 s fixed (start-up, callgrind, image, report).
 if [ -n "${BENCH_DURATION:-}" ]; then
 	D=$BENCH_DURATION
 	L=${BENCH_LIGHT_TIME:-2}
 else
 	set -- $(awk -v b="$BENCH_TIME" -v r="$BENCH_ROUNDS" -v n="$NT" \
-	    -v l="${BENCH_LIGHT_TIME:-}" 'BEGIN {
-		nl = r * (4 * n + 2); nq = r * (n + 2); o = 0.7
+	    -v l="${BENCH_LIGHT_TIME:-}" -v lr="$LR" 'BEGIN {
+		nl = r * (4 * n + 2); nq = r * lr * (n + 2); o = 0.7
 		if (l == "") l = (b * 60 / r < 150) ? 1 : 2
 		d = int((b * 60 * 0.95 - 20 - nl * o - nq * (l + o)) / nl)
 		if (d < 2) d = 2; if (d > 60) d = 60
@@ -318,6 +320,18 @@ MEASURED=${MEASURED# }
 meta targets_measured "$MEASURED"
 PID_upstream=$UP_PID
 
+# The hop floor for the light-load table: bench/relay.c, a blocking UDP
+# relay with no parsing and no TLS, in front of the upstream's plain port.
+PORT_relay=5399 PID_relay=
+if cc -O2 -o "$T/relay" "$BENCH_DIR/relay.c" 2>"$T/relay-cc.log"; then
+	start relay "$T/relay" $PORT_relay $UP_PLAIN_PORT
+	PID_relay=$LAST_PID
+	$BENCH_TOOL wait --port $PORT_relay --timeout 10 ||
+	    { caveat "the UDP relay (bench/relay.c) did not answer: no hop floor"; stop $PID_relay; PID_relay=; }
+else
+	caveat "could not compile bench/relay.c ($(head -n 1 "$T/relay-cc.log")): no hop floor"
+fi
+
 # --- 4. load, 5. light load --------------------------------------------------
 printf 'r0.bench.test A\nr1.bench.test A\nr2.bench.test A\nr3.bench.test A\nr4.bench.test A\nr5.bench.test A\nr6.bench.test A\nr7.bench.test A\nr8.bench.test A\nr9.bench.test A\n' >"$T/repeat.txt"
 
@@ -351,52 +365,39 @@ while [ $r -le "$BENCH_ROUNDS" ]; do
 			measure upstream udp unique $UP_PLAIN_PORT "$f" $n $r
 		fi
 	done
-	# light load: one query in flight; unique names (prefix per round)
-	for t in $MEASURED; do
-		$BENCH_TOOL light --target $t --mode udp --port "$(eval echo "\$PORT_$t")" \
-		    --pair-port $UP_TLS_PORT --pair-ca "$CA" --tls-name $UP_NAME \
-		    --pid "$(eval echo "\$PID_$t")" --upstream-pid "$UP_PID" \
-		    --duration "$L" --prefix "l${r}" --round $r --out "$RUNS" ||
-		    caveat "light $t round $r: lost or wrong answers"
+	# light load: one query in flight; unique names (prefix per run).
+	# LR runs per target, each a new client with a new DoT connection to
+	# the upstream: the thread and CPU that connection lands on move the
+	# paired baseline between two modes (about 60 and 120 us here), so one
+	# run per round would be a coin toss.
+	k=1
+	while [ $k -le "$LR" ]; do
+		for t in $MEASURED; do
+			$BENCH_TOOL light --target $t --mode udp --port "$(eval echo "\$PORT_$t")" \
+			    --pair-port $UP_TLS_PORT --pair-ca "$CA" --tls-name $UP_NAME \
+			    --pid "$(eval echo "\$PID_$t")" --upstream-pid "$UP_PID" \
+			    --duration "$L" --prefix "l${r}x$k" --round $r --out "$RUNS" ||
+			    caveat "light $t round $r run $k: lost or wrong answers"
+		done
+		[ -z "$PID_relay" ] ||
+		    $BENCH_TOOL light --target relay --mode udp --port $PORT_relay \
+		    --pair-port $UP_PLAIN_PORT --pair-mode udp \
+		    --pid "$PID_relay" --upstream-pid "$UP_PID" \
+		    --duration "$L" --prefix "h${r}x$k" --round $r --out "$RUNS" ||
+		    caveat "light relay round $r run $k: lost or wrong answers"
+		$BENCH_TOOL light --target upstream --mode dot --port $UP_TLS_PORT \
+		    --ca "$CA" --tls-name $UP_NAME --duration "$L" --prefix "l${r}x$k" \
+		    --upstream-pid "$UP_PID" \
+		    --round $r --out "$RUNS" || caveat "light upstream DoT round $r run $k: lost"
+		$BENCH_TOOL light --target upstream --mode udp --port $UP_PLAIN_PORT \
+		    --upstream-pid "$UP_PID" \
+		    --duration "$L" --prefix "m${r}x$k" --round $r --out "$RUNS" ||
+		    caveat "light upstream UDP round $r run $k: lost"
+		k=$((k + 1))
 	done
-	$BENCH_TOOL light --target upstream --mode dot --port $UP_TLS_PORT \
-	    --ca "$CA" --tls-name $UP_NAME --duration "$L" --prefix "l${r}" \
-	    --upstream-pid "$UP_PID" \
-	    --round $r --out "$RUNS" || caveat "light upstream DoT round $r: lost"
-	$BENCH_TOOL light --target upstream --mode udp --port $UP_PLAIN_PORT \
-	    --upstream-pid "$UP_PID" \
-	    --duration "$L" --prefix "m${r}" --round $r --out "$RUNS" ||
-	    caveat "light upstream UDP round $r: lost"
 	rm -f "$T/udp.txt" "$T/tcp.txt"
 	r=$((r + 1))
 done
-
-# Diagnostic (not a verdict): dotp's light run again with a SCHED_IDLE busy
-# loop on every CPU. Such a loop runs only when nothing else wants the CPU,
-# so it takes no time from the processes measured, but it keeps the CPUs
-# from going idle: on a virtual machine, waking a task on an idle (halted)
-# vCPU is an exit to the hypervisor, and a forwarder adds two such wake-ups
-# per query. The difference between the two runs is that cost.
-if [ "${BENCH_AWAKE:-1}" = 1 ] && command -v chrt >/dev/null 2>&1 &&
-    command -v taskset >/dev/null 2>&1; then
-	log "diagnostic: dotp light load with the CPUs kept out of idle"
-	SPIN=
-	for c in $(seq 0 $(($(nproc) - 1))); do
-		start "spin$c" taskset -c "$c" chrt --idle 0 sh -c 'while :; do :; done'
-		SPIN="$SPIN $LAST_PID"
-	done
-	r=1
-	while [ $r -le "$BENCH_ROUNDS" ]; do
-		$BENCH_TOOL light --target dotp-awake --mode udp --port "$PORT_dotp" \
-		    --pair-port $UP_TLS_PORT --pair-ca "$CA" --tls-name $UP_NAME \
-		    --pid "$PID_dotp" --upstream-pid "$UP_PID" \
-		    --duration "$L" --prefix "a${r}" --round $r --out "$RUNS" ||
-		    caveat "light dotp-awake round $r: lost or wrong answers"
-		r=$((r + 1))
-	done
-	for p in $SPIN; do stop "$p" 10; done
-fi
-meta settings.awake "${BENCH_AWAKE:-1}"
 
 # --- final state of the forwarders, then stop them ---------------------------
 for t in $MEASURED; do
@@ -412,6 +413,7 @@ meta dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp.log" | tail -n 1)"
 for t in $MEASURED; do
 	[ $t = dotp ] || stop "$(eval echo "\$PID_$t")" 50
 done
+[ -z "$PID_relay" ] || stop "$PID_relay" 10
 
 # --- 6. callgrind, binary, image ---------------------------------------------
 if [ "$BENCH_CG_QUERIES" -gt 0 ]; then
@@ -454,6 +456,7 @@ meta versions.valgrind "$(valgrind --version 2>&1 | sed 's/^valgrind-//')"
 meta versions.openssl "$(openssl version | cut -d' ' -f2)"
 meta settings.duration_s "$D"
 meta settings.light_s "$L"
+meta settings.light_reps "$LR"
 meta settings.rounds "$BENCH_ROUNDS"
 meta settings.budget_min "$BENCH_TIME"
 meta settings.clients "$BENCH_CLIENTS"
