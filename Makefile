@@ -110,7 +110,7 @@ fuzz: test-deps dotp
 
 # Everything in a private network namespace on loopback: see bench/run.sh.
 BENCH_PKGS = unbound stubby dnsdist knot-resolver dnsperf valgrind openssl \
-	  iproute2 util-linux procps python3 binutils
+	  iproute2 util-linux procps python3 binutils gcc libc6-dev
 
 bench: dotp
 	sh bearssl/deps.sh $(BENCH_PKGS)

@@ -2099,9 +2099,10 @@ conn_recvapp(struct conn *c, int64_t now)
  * carries the ACK, and the hold is what lets the server coalesce answers
  * into few segments under load; so dotp forces an ACK only when it owes
  * one and no query is coming to carry it (conn_acks decides when).
- * TCP_QUICKACK 2 sends a pending ACK now and stays in delayed-ACK mode
- * (1 would leave it, making every later read cost an ACK packet); kernels
- * that predate that treat 2 as 1.
+ * TCP_QUICKACK 2 sends a pending ACK now and goes back to delayed-ACK
+ * mode (1 would stay out of it, and every later read would cost an ACK
+ * packet). Linux goes back only when an ACK was pending; if the kernel
+ * already sent it, 2 acts as 1 until dotp next sends a record.
  */
 static void
 conn_ack(struct conn *c)
@@ -2145,16 +2146,19 @@ conn_acks(int64_t now, int sleeping)
 	return next;
 }
 
-/* Does a connection owe an ACK and at most DOTP_ACK_FEW answers? */
+/* Does a connection owe an ACK and 1 to DOTP_ACK_FEW answers? */
 static int
 conn_ack_few(void)
 {
+	unsigned n;
 	int	 i;
 
-	for (i = 0; i < G.nconn; i++)
+	for (i = 0; i < G.nconn; i++) {
+		n = conn_inflight(&G.conn[i]);
 		if (G.conn[i].ack_owed && G.conn[i].state == C_READY &&
-		    conn_inflight(&G.conn[i]) <= DOTP_ACK_FEW)
+		    n > 0 && n <= DOTP_ACK_FEW)
 			return 1;
+	}
 	return 0;
 }
 

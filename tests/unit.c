@@ -620,13 +620,14 @@ test_cidr(void)
 static void
 test_acks(void)
 {
-	struct conn cs[4];
+	struct conn cs[5];
 	int64_t	 now = 1000, next;
+	int	 i;
 
 	memset(cs, 0, sizeof cs);
 	G.conn = cs;
-	G.nconn = 4;
-	for (int i = 0; i < 4; i++) {
+	G.nconn = 5;
+	for (i = 0; i < 5; i++) {
 		cs[i].fd = -1;	/* setsockopt fails quietly */
 		cs[i].state = C_READY;
 		cs[i].ack_owed = 1;
@@ -637,15 +638,24 @@ test_acks(void)
 	cs[2].fl.n = DOTP_ACK_FEW + 1;	/* pipelined load */
 	cs[3].fl.n = 1;
 	cs[3].state = C_HANDSHAKE;	/* not ready: nothing to ACK */
+	cs[4].fl.n = DOTP_ACK_FEW - 1;	/* the boundary, on two lists */
+	cs[4].late.n = 1;
+	cs[1].ack_owed = cs[4].ack_owed = 0;
+	ok(!conn_ack_few(), "owing none, not ready, or many: no ACK "
+	    "before sleeping");
+	cs[1].ack_owed = 1;
 	ok(conn_ack_few(), "a few owed: ACK before sleeping");
+	cs[4].ack_owed = 1;
 	next = conn_acks(now, 0);
 	ok(!cs[0].ack_owed && !cs[3].ack_owed, "nothing owed: dropped");
-	ok(cs[1].ack_owed && cs[2].ack_owed, "busy pass: none forced yet");
+	ok(cs[1].ack_owed && cs[2].ack_owed && cs[4].ack_owed,
+	    "busy pass: none forced yet");
 	ok(next == now + 1, "next due at ack_at");
 	next = conn_acks(now, 1);
-	ok(!cs[1].ack_owed, "a few owed: forced when about to sleep");
+	ok(!cs[1].ack_owed && !cs[4].ack_owed,
+	    "up to DOTP_ACK_FEW owed: forced when about to sleep");
 	ok(cs[2].ack_owed && next == now + 1,
-	    "many owed: waits for a query to carry it");
+	    "more owed: waits for a query to carry it");
 	ok(!conn_ack_few(), "only the pipelined one left");
 	next = conn_acks(now + 1, 0);
 	ok(!cs[2].ack_owed && next == INT64_MAX, "forced once due");
