@@ -496,7 +496,8 @@ struct dotp {
 		unsigned long queries, answers, servfail, dropped;
 		unsigned long formerr, notimp, refused;
 		unsigned long stray, udp_send_fail, tcp_refused, full;
-	} st;
+	} st;	/* full: SERVFAILs for a full query table; tcp_refused:
+		 * clients over --max-tcp or --allow, closed at accept */
 	int64_t	 malformed_logged;	/* last "malformed input" line */
 	int64_t	 tcp_scan_at;	/* next look for idle TCP clients to close */
 	int64_t	 sweep_at;	/* next poll() of dormant TCP clients */
@@ -4085,9 +4086,11 @@ shutdown_all(void)
 	}
 	log_msg(LOG_INFO, "dotp exiting queries=%lu answers=%lu servfail=%lu "
 	    "dropped=%lu formerr=%lu notimp=%lu refused=%lu stray=%lu "
-	    "handshakes_full=%lu handshakes_resumed=%lu", G.st.queries,
+	    "handshakes_full=%lu handshakes_resumed=%lu table_full=%lu "
+	    "tcp_refused=%lu udp_send_failed=%lu", G.st.queries,
 	    G.st.answers, G.st.servfail, G.st.dropped, G.st.formerr,
-	    G.st.notimp, G.st.refused, G.st.stray, full, resumed);
+	    G.st.notimp, G.st.refused, G.st.stray, full, resumed,
+	    G.st.full, G.st.tcp_refused, G.st.udp_send_fail);
 }
 
 #ifndef DOTP_NO_MAIN

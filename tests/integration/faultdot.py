@@ -989,7 +989,8 @@ def names(prefix, n, zone="example.test"):
 # ==========================================================================
 
 EXIT_COUNTERS = ("queries", "answers", "servfail", "dropped", "stray",
-                 "handshakes_full", "handshakes_resumed")
+                 "handshakes_full", "handshakes_resumed", "table_full",
+                 "tcp_refused", "udp_send_failed")
 
 
 def exit_counters(log):

@@ -928,6 +928,10 @@ def test_max_tcp(dotp_factory, fd, how):
     finally:
         c1.close()
         c2.close()
+    assert d.stop() == 0
+    line = exit_line(d.log())
+    assert line and line_counters(line, ("tcp_refused",))["tcp_refused"] == 1, \
+        "want tcp_refused=1 (the third client) in: %s" % line
 
 
 @pytest.mark.parametrize("value", ["0", "65537", "abc", "-1"])

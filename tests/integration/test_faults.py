@@ -185,7 +185,10 @@ def test_max_queries_overflow_servfail_at_once(dotp_factory, faultdot_factory):
     assert len(fast) >= 60 and len(slow) >= 40 and len(slow) <= 50, \
         "SERVFAIL at once: %d, at the deadline: %d (want 70 / 50)\n%s" % (
             len(fast), len(slow), _ctx(d, srv))
-    stop_dotp(d)
+    c = stop_dotp(d)
+    assert len(fast) <= c.get("table_full", -1) <= 120 - len(slow), \
+        "exit line table_full=%s, want the SERVFAILs at once (%d to %d)" % (
+            c.get("table_full"), len(fast), 120 - len(slow))
 
 
 def test_connection_pool_bounds(dotp_factory, faultdot_factory):
