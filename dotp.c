@@ -2121,15 +2121,17 @@ conn_ack(struct conn *c)
  * no answers needs none: the server holds nothing. One that owes a few
  * (interactive use: an A and AAAA pair) ACKs when dotp is about to sleep
  * (sleeping = 1); one that owes many (pipelined load, where queries keep
- * coming) waits up to DOTP_ACK_DELAY_MS for a query to carry it.
+ * coming) waits up to DOTP_ACK_DELAY_MS for a query to carry it. *few
+ * tells whether one owing a few is still waiting (for sleeping = 1).
  * Returns when the next one is due, or INT64_MAX.
  */
 static int64_t
-conn_acks(int64_t now, int sleeping)
+conn_acks(int64_t now, int sleeping, int *few)
 {
 	int64_t	 next = INT64_MAX;
 	int	 i;
 
+	*few = 0;
 	for (i = 0; i < G.nconn; i++) {
 		struct conn *c = &G.conn[i];
 		unsigned n;
@@ -2141,26 +2143,14 @@ conn_acks(int64_t now, int sleeping)
 			c->ack_owed = 0;
 		else if (now >= c->ack_at || (sleeping && n <= DOTP_ACK_FEW))
 			conn_ack(c);
-		else if (c->ack_at < next)
-			next = c->ack_at;
+		else {
+			if (n <= DOTP_ACK_FEW)
+				*few = 1;
+			if (c->ack_at < next)
+				next = c->ack_at;
+		}
 	}
 	return next;
-}
-
-/* Does a connection owe an ACK and 1 to DOTP_ACK_FEW answers? */
-static int
-conn_ack_few(void)
-{
-	unsigned n;
-	int	 i;
-
-	for (i = 0; i < G.nconn; i++) {
-		n = conn_inflight(&G.conn[i]);
-		if (G.conn[i].ack_owed && G.conn[i].state == C_READY &&
-		    n > 0 && n <= DOTP_ACK_FEW)
-			return 1;
-	}
-	return 0;
 }
 
 /* The engine reported CLOSED: clean close or failure. */
@@ -3248,7 +3238,7 @@ loop_run(void)
 {
 	struct pollfd *pfd = G.pfd;
 	int64_t	 now, deadline, t;
-	int	 n, i, j, r, timeout, ntcp, all;
+	int	 n, i, j, r, timeout, ntcp, all, few;
 
 	for (;;) {
 		now = now_ms();
@@ -3299,17 +3289,17 @@ loop_run(void)
 			deadline = G.q[G.age.head].deadline;
 		if (G.tx_timer < deadline)
 			deadline = G.tx_timer;
-		if ((t = conn_acks(now, 0)) < deadline)
+		if ((t = conn_acks(now, 0, &few)) < deadline)
 			deadline = t;
 		if (G.fd_wait_until > now && G.fd_wait_until < deadline)
 			deadline = G.fd_wait_until;	/* connects resume */
 		timeout = G.kick ? 0 : deadline <= now ? 0 :
 		    (int)(deadline - now + 1);	/* +1: never wake early */
 		r = 0;
-		if (timeout > 0 && conn_ack_few()) {
+		if (timeout > 0 && few) {
 			/* About to sleep owing ACKs: the last look first. */
 			if ((r = poll(pfd, (nfds_t)n, 0)) == 0)
-				(void)conn_acks(now, 1);
+				(void)conn_acks(now, 1, &few);
 		}
 		if (r == 0)
 			r = poll(pfd, (nfds_t)n, timeout);

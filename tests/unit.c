@@ -622,7 +622,7 @@ test_acks(void)
 {
 	struct conn cs[5];
 	int64_t	 now = 1000, next;
-	int	 i;
+	int	 i, few;
 
 	memset(cs, 0, sizeof cs);
 	G.conn = cs;
@@ -641,23 +641,23 @@ test_acks(void)
 	cs[4].fl.n = DOTP_ACK_FEW - 1;	/* the boundary, on two lists */
 	cs[4].late.n = 1;
 	cs[1].ack_owed = cs[4].ack_owed = 0;
-	ok(!conn_ack_few(), "owing none, not ready, or many: no ACK "
-	    "before sleeping");
-	cs[1].ack_owed = 1;
-	ok(conn_ack_few(), "a few owed: ACK before sleeping");
-	cs[4].ack_owed = 1;
-	next = conn_acks(now, 0);
+	next = conn_acks(now, 0, &few);
+	ok(!few, "owing none, not ready, or many: no ACK before sleeping");
 	ok(!cs[0].ack_owed && !cs[3].ack_owed, "nothing owed: dropped");
+	ok(cs[2].ack_owed && next == now + 1, "many owed: not forced yet");
+	cs[1].ack_owed = cs[4].ack_owed = 1;
+	next = conn_acks(now, 0, &few);
+	ok(few, "a few owed: ACK before sleeping");
 	ok(cs[1].ack_owed && cs[2].ack_owed && cs[4].ack_owed,
 	    "busy pass: none forced yet");
 	ok(next == now + 1, "next due at ack_at");
-	next = conn_acks(now, 1);
+	next = conn_acks(now, 1, &few);
 	ok(!cs[1].ack_owed && !cs[4].ack_owed,
 	    "up to DOTP_ACK_FEW owed: forced when about to sleep");
 	ok(cs[2].ack_owed && next == now + 1,
 	    "more owed: waits for a query to carry it");
-	ok(!conn_ack_few(), "only the pipelined one left");
-	next = conn_acks(now + 1, 0);
+	ok(!few, "only the pipelined one left");
+	next = conn_acks(now + 1, 0, &few);
 	ok(!cs[2].ack_owed && next == INT64_MAX, "forced once due");
 	G.conn = NULL;
 	G.nconn = 0;
