@@ -2504,7 +2504,13 @@ static void
 udp_msg(struct msghdr *mh, struct iovec *iov, unsigned char *ctl,
     const struct client *cl, const unsigned char *msg, size_t len)
 {
+	union {
+		struct in_pktinfo v4;
+		struct in6_pktinfo v6;
+	} pi;
 	struct cmsghdr *cm;
+	size_t	 pilen;
+	int	 level, type;
 
 	memset(mh, 0, sizeof *mh);
 	iov->iov_base = (void *)(uintptr_t)msg;
@@ -2518,28 +2524,24 @@ udp_msg(struct msghdr *mh, struct iovec *iov, unsigned char *ctl,
 	memset(ctl, 0, UDP_CTL_LEN);
 	mh->msg_control = ctl;
 	mh->msg_controllen = UDP_CTL_LEN;
-	cm = CMSG_FIRSTHDR(mh);
+	memset(&pi, 0, sizeof pi);
 	if (cl->dst_family == AF_INET) {
-		struct in_pktinfo pi;
-
-		memset(&pi, 0, sizeof pi);
-		pi.ipi_spec_dst = cl->dst.v4;
-		cm->cmsg_level = IPPROTO_IP;
-		cm->cmsg_type = IP_PKTINFO;
-		cm->cmsg_len = CMSG_LEN(sizeof pi);
-		memcpy(CMSG_DATA(cm), &pi, sizeof pi);
-		mh->msg_controllen = CMSG_SPACE(sizeof pi);
+		pi.v4.ipi_spec_dst = cl->dst.v4;
+		level = IPPROTO_IP;
+		type = IP_PKTINFO;
+		pilen = sizeof pi.v4;
 	} else {
-		struct in6_pktinfo pi;
-
-		memset(&pi, 0, sizeof pi);
-		pi.ipi6_addr = cl->dst.v6;
-		cm->cmsg_level = IPPROTO_IPV6;
-		cm->cmsg_type = IPV6_PKTINFO;
-		cm->cmsg_len = CMSG_LEN(sizeof pi);
-		memcpy(CMSG_DATA(cm), &pi, sizeof pi);
-		mh->msg_controllen = CMSG_SPACE(sizeof pi);
+		pi.v6.ipi6_addr = cl->dst.v6;
+		level = IPPROTO_IPV6;
+		type = IPV6_PKTINFO;
+		pilen = sizeof pi.v6;
 	}
+	cm = CMSG_FIRSTHDR(mh);
+	cm->cmsg_level = level;
+	cm->cmsg_type = type;
+	cm->cmsg_len = CMSG_LEN(pilen);
+	memcpy(CMSG_DATA(cm), &pi, pilen);
+	mh->msg_controllen = CMSG_SPACE(pilen);
 }
 
 /*
