@@ -82,7 +82,7 @@ run: dotp
 
 TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython \
 	  python3-pytest openssl iproute2 util-linux buildah clang \
-	  libclang-rt-14-dev procps
+	  libclang-rt-14-dev procps bind9 bind9-utils dnsdist
 
 $(BUILD)/unit: tests/unit.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \

@@ -16,8 +16,9 @@
  *     -> up_pick(), up_enqueue()      the upstream's tx list (policy:
  *                                     first healthy, or round-robin)
  *     -> conn_inject() (SENDAPP)      queued frames go to a ready
- *                                     connection with room; all queries
- *                                     of one pass leave in one TLS record
+ *                                     connection with room, each query
+ *                                     its own TLS record; the records
+ *                                     of one pass leave in one send()
  *     -> upstream answers, any order
  *     -> conn_recvapp() (RECVAPP)     frames reassembled, q_find(ID)
  *     -> conn_answer()                sent on this connection, same
@@ -47,9 +48,12 @@
  *   - Bytes acked into the engine's SENDAPP buffer are committed to that
  *     TLS session. A query is injected whole or not at all, so it is
  *     either waiting (not on the wire) or sent on one (conn, gen).
- *   - When a connection ends, every query on it is sent again (same
- *     upstream after a clean close, another after a failure) or, when
- *     its tries or deadline are spent, answered SERVFAIL. Every client
+ *   - When a connection ends, every query on it is sent again (after a
+ *     close by the server, to a healthy upstream it has not tried, else
+ *     the same one; after a failure, to another) or, when its tries or
+ *     deadline are spent, answered SERVFAIL. A re-send after a server
+ *     recycled a connection that answered others uses no try (at most
+ *     DOTP_MAX_RECYCLES times). Every client
  *     query gets exactly one answer, or is dropped only when it was not
  *     DNS at all. A query hedged to a second upstream after its attempt
  *     timeout takes the first of the two answers; the other is stray.
@@ -169,9 +173,41 @@
 /* TCP connect, then the TLS handshake, each within its own limit. */
 #define DOTP_CONNECT_MS		1000
 #define DOTP_HANDSHAKE_MS	2000
-/* A connection with nothing in flight is closed after this; public
- * resolvers close idle DoT connections after about 10 s anyway. */
-#define DOTP_IDLE_MS		30000
+/* A connection with nothing in flight is closed after this. Cloudflare
+ * is reported to close idle DoT connections after about 10 s; 8 s
+ * leaves room for a round trip and timer slack, so that dotp closes
+ * first (a close it makes costs nothing; a server's reset can race a
+ * query). Servers that close sooner are learned (DOTP_LEARN_*). */
+#define DOTP_IDLE_MS		8000
+/* Learned per-upstream limits (struct upstream). A server that closes
+ * a connection within DOTP_CAP_GAP_MS of its last answer closes at a
+ * query count: later connections carry at most that many queries. One
+ * that closes after at least DOTP_IDLE_LEARN_MIN_MS with nothing owed
+ * closes idle connections: dotp closes its own at 3/4 of that time.
+ * Either is taken only when two closes in a row agree (a count equal, a
+ * time within a quarter), so that one reset or restart teaches nothing,
+ * and is forgotten after DOTP_LEARN_TTL_MS and learned again, so that a
+ * wrong or outdated one does not last. A connection that used up a
+ * learned count and is still open after DOTP_CAP_FORGET_MS shows the
+ * count was wrong: it is forgotten at once. */
+#define DOTP_CAP_GAP_MS		100
+#define DOTP_IDLE_LEARN_MIN_MS	500
+#define DOTP_CAP_FORGET_MS	1000
+#define DOTP_LEARN_TTL_MS	300000
+/* Times one query may be re-sent without using a try, after a server
+ * closed or cut a connection that answered other queries (recycling).
+ * With a learned count one or two suffice; the bound stops a query
+ * that makes every server connection die from cycling until its
+ * deadline. */
+#define DOTP_MAX_RECYCLES	8
+/* UDP listeners' receive buffer (--udp-rcvbuf): a burst waits there
+ * while dotp works. The kernel's default (about 208 KiB, counted with
+ * per-packet overhead) holds only a few hundred small datagrams;
+ * 4 MiB holds about as many as the query table (--max-queries), as
+ * unbound's so-rcvbuf advice suggests. Pages are taken only when
+ * datagrams wait. */
+#define DOTP_UDP_RCVBUF		(4 * 1024 * 1024)
+#define DOTP_UDP_RCVBUF_MAX	(256 * 1024 * 1024)
 /* SIGTERM: in-flight queries get this long to finish. */
 #define DOTP_DRAIN_MS		2000
 /* Attempt timeout (RFC 6298 style RTO from the upstream's smoothed
@@ -189,6 +225,12 @@
 #define DOTP_MAX_TRIES		3
 /* Read-ahead buffer per upstream connection: a full TLS record. */
 #define DOTP_NET_BUF		BR_SSL_BUFSIZE_INPUT
+/* Write buffer per upstream connection: each query is its own TLS
+ * record (dnsdist 1.7 answers only the first queries of a record that
+ * holds many, then stalls), and the records of one pass are gathered
+ * here to leave in one send(). A padded query's record is 128 to 1,200
+ * bytes, so this holds a hundred or more. */
+#define DOTP_OUT_BUF		16384
 /* After EMFILE on connect, wait this long before the next socket(). */
 #define DOTP_FD_WAIT_MS		100
 /* Longest poll() sleep: deadlines are re-checked at least this often. */
@@ -290,6 +332,7 @@ struct query {
 	uint8_t	 up;		/* upstream of the current attempt */
 	uint8_t	 tried;		/* bitmask of upstreams it was sent to */
 	uint8_t	 has_opt;	/* client sent OPT (kept when truncating) */
+	uint8_t	 recycles;	/* re-sends that used no try (q_retry) */
 	uint16_t client_id;	/* ID the client used */
 	uint16_t up_id;		/* ID on the wire upstream */
 	uint16_t udp_limit;	/* largest answer the client can take */
@@ -342,8 +385,12 @@ struct conn {
 	int64_t	 last_active;	/* last send or answer, for the idle close */
 	int64_t	 owe_since;	/* owes answers and got none since; 0: owes none */
 	int	 readable;	/* poll() said POLLIN, no short read since */
+	int	 closing;	/* dotp closes it: nothing to learn, retry */
 	int	 ack_owed;	/* read data since our last send (see conn_ack) */
 	int64_t	 ack_at;	/* force that ACK then (conn_acks) */
+	unsigned sent;		/* queries injected into this session */
+	unsigned answered;	/* answers taken from this session */
+	int64_t	 last_answer;	/* when the last one came */
 	struct qlist fl, late;
 	unsigned char sid[32];	/* session ID offered (resumption check) */
 	size_t	 sid_len;
@@ -357,6 +404,9 @@ struct conn {
 	 * takes many records at once. net[net_off..net_len) is unread. */
 	size_t	 net_off, net_len;
 	unsigned char net[DOTP_NET_BUF];
+	/* Sealed records waiting for send(): out[out_off..out_len). */
+	size_t	 out_off, out_len;
+	unsigned char out[DOTP_OUT_BUF];
 	size_t	 rx_have;	/* bytes in rx */
 	unsigned char rx[DOTP_FRAME_MAX];
 };
@@ -368,6 +418,9 @@ struct conn {
  * and the last TLS session (shared by its connections for resumption).
  * Healthy (down == 0) or down until retry_at, when a probe connection
  * tests it; down upstreams are picked only when all are down.
+ * Learned from how the server ends connections (conn_learn): cap > 0,
+ * the most queries one connection carries; idle_ms > 0, how long the
+ * server lets a connection sit idle.
  */
 struct upstream {
 	char	 label[64];	/* "ADDR:PORT" for logs */
@@ -387,7 +440,15 @@ struct upstream {
 	int	 srtt, rttvar;	/* milliseconds, RFC 6298 */
 	br_ssl_session_parameters sess;
 	int	 have_sess;
+	unsigned cap;		/* learned queries per connection, 0: none */
+	int	 idle_ms;	/* learned idle close, 0: none */
+	unsigned cap_seen;	/* the last count seen, to be confirmed */
+	int	 idle_seen;	/* the last idle close seen, likewise */
+	int64_t	 learned_at;	/* cap and idle_ms are forgotten later */
+	int64_t	 alone_until;	/* an extra connection failed: until then
+				   no other opens while one is ready */
 	unsigned long sent, answered, failures, hs_full, hs_resumed;
+	unsigned long recycled;	/* queries re-sent free after a recycle */
 };
 
 /* struct tcpclient: one accepted TCP client.
@@ -446,7 +507,7 @@ struct config {
 	int	 policy;	/* enum policy */
 	int	 timeout_ms, attempt_ms, connect_ms, handshake_ms, idle_ms;
 	int	 drain_ms, conn_queries, max_conns, max_queries;
-	int	 udp_size, tcp_idle_ms, max_tcp;
+	int	 udp_size, tcp_idle_ms, max_tcp, udp_rcvbuf;
 	int	 pad;		/* pad queries (RFC 8467); --no-pad clears */
 	struct cidr allow[DOTP_MAX_ALLOW];
 	int	 nallow;
@@ -496,8 +557,12 @@ struct dotp {
 		unsigned long queries, answers, servfail, dropped;
 		unsigned long formerr, notimp, refused;
 		unsigned long stray, udp_send_fail, tcp_refused, full;
+		unsigned long mismatched, recycled;
 	} st;	/* full: SERVFAILs for a full query table; tcp_refused:
-		 * clients over --max-tcp or --allow, closed at accept */
+		 * clients over --max-tcp or --allow, closed at accept;
+		 * mismatched: answers with an ID in flight on their
+		 * connection but another question (dropped); recycled:
+		 * re-sends after a server recycled a connection */
 	int64_t	 malformed_logged;	/* last "malformed input" line */
 	int64_t	 tcp_scan_at;	/* next look for idle TCP clients to close */
 	int64_t	 sweep_at;	/* next poll() of dormant TCP clients */
@@ -522,25 +587,32 @@ static void	tcp_send(struct tcpclient *, const unsigned char *, size_t);
 
 /* ==== 6. Utilities ==== */
 
-/* Logs one line, "level=X msg=\"...\"", to stderr; keeps errno. */
+/*
+ * Logs one logfmt line to stderr: level=L msg="TEXT" FIELDS. fmt gives
+ * the text, then optionally a tab and key=value fields (a value with
+ * spaces is quoted by the caller). Keeps errno.
+ */
 static void
 log_msg(enum log_level lvl, const char *fmt, ...)
 {
 	static const char *names[] = { "error", "warn", "info", "debug" };
-	char	 line[512];
+	char	 text[512], line[600], *tab;
 	va_list	 ap;
 	int	 n, saved = errno;
 
 	if ((int)lvl > log_verbosity)
 		return;
-	n = snprintf(line, sizeof line, "level=%s msg=\"", names[lvl]);
 	va_start(ap, fmt);
-	n += vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+	(void)vsnprintf(text, sizeof text, fmt, ap);
 	va_end(ap);
-	if (n > (int)sizeof line - 3)
-		n = (int)sizeof line - 3;
-	line[n++] = '"';
-	line[n++] = '\n';
+	if ((tab = strchr(text, '\t')) != NULL)
+		*tab++ = '\0';
+	n = snprintf(line, sizeof line, "level=%s msg=\"%s\"%s%s\n",
+	    names[lvl], text, tab ? " " : "", tab ? tab : "");
+	if (n >= (int)sizeof line) {
+		n = (int)sizeof line - 1;
+		line[n - 1] = '\n';
+	}
 	(void)!write(2, line, (size_t)n);
 	errno = saved;
 }
@@ -1056,8 +1128,8 @@ dns_check_answer(const unsigned char *a, size_t alen,
 	size_t	 i, qlen = qend - DNS_HEADER_LEN;
 	uint16_t flags;
 
-	if (alen < DNS_HEADER_LEN)
-		return 0;
+	if (alen < DNS_HEADER_LEN || qend < DNS_HEADER_LEN + 5)
+		return 0;	/* can't happen: qend is validated */
 	flags = rd16(a + DNS_OFF_FLAGS);
 	if (!(flags & DNS_FLAG_QR))
 		return 0;
@@ -1066,11 +1138,12 @@ dns_check_answer(const unsigned char *a, size_t alen,
 	if (rd16(a + DNS_OFF_QDCOUNT) != 1 || alen - DNS_HEADER_LEN < qlen)
 		return 0;
 	/* The query's name is uncompressed and validated; an answer that
-	 * compresses its question name differs here, and is refused. */
-	for (i = DNS_HEADER_LEN; i < qend; i++)
+	 * compresses its question name differs here, and is refused. Case
+	 * folds only in the name: QTYPE 65 is not QTYPE 97. */
+	for (i = DNS_HEADER_LEN; i < qend - 4; i++)
 		if (dns_lower(a[i]) != dns_lower(q[i]))
 			return 0;
-	return 1;
+	return memcmp(a + qend - 4, q + qend - 4, 4) == 0;
 }
 
 /*
@@ -1372,7 +1445,7 @@ q_alloc(void)
 	G.q[i].state = Q_LOOSE;
 	G.q[i].prev = G.q[i].next = -1;
 	G.q[i].conn = G.q[i].pconn = -1;
-	G.q[i].tries = G.q[i].tried = 0;
+	G.q[i].tries = G.q[i].tried = G.q[i].recycles = 0;
 	id_insert(i);
 	age_push(i);
 	G.qlive++;
@@ -1668,40 +1741,134 @@ tls_setup(struct conn *c)
 	br_ssl_engine_add_flags(eng, BR_OPT_NO_RENEGOTIATION);
 }
 
-/* A human reason for a BearSSL error code. */
+/*
+ * What BearSSL's error codes mean for the user: the engine's own codes,
+ * the certificate checks, and the alerts a server sends (BearSSL adds
+ * BR_ERR_RECV_FATAL_ALERT to their number). The text is the log's
+ * message; the code is kept as a field (tls_fields).
+ */
+struct tls_why {
+	uint16_t code;
+	const char *text;
+};
+static const struct tls_why tls_whys[] = {
+	{ BR_ERR_UNSUPPORTED_VERSION,
+	    "server chose a TLS version dotp does not speak (dotp speaks "
+	    "TLS 1.2)" },
+	{ BR_ERR_BAD_VERSION, "server changed TLS version mid-session" },
+	{ BR_ERR_BAD_LENGTH, "server sent a malformed record: is it a DoT "
+	    "server?" },
+	{ BR_ERR_TOO_LARGE, "server sent a record too large" },
+	{ BR_ERR_BAD_MAC, "record failed authentication: corrupted or "
+	    "tampered with in transit" },
+	{ BR_ERR_UNKNOWN_TYPE, "server sent a record of unknown type: is it "
+	    "a DoT server?" },
+	{ BR_ERR_UNEXPECTED, "server sent an unexpected handshake message" },
+	{ BR_ERR_BAD_HANDSHAKE, "server sent a malformed handshake message" },
+	{ BR_ERR_BAD_CIPHER_SUITE, "server chose a cipher suite dotp did "
+	    "not offer" },
+	{ BR_ERR_BAD_SNI, "server sent a malformed name extension" },
+	{ BR_ERR_LIMIT_EXCEEDED, "server's handshake exceeds dotp's limits" },
+	{ BR_ERR_BAD_FINISHED, "handshake integrity check failed" },
+	{ BR_ERR_RESUME_MISMATCH, "server resumed a session with other "
+	    "parameters" },
+	{ BR_ERR_INVALID_ALGORITHM, "server signed with an algorithm dotp "
+	    "did not offer" },
+	{ BR_ERR_BAD_SIGNATURE, "server's handshake signature is invalid" },
+	{ BR_ERR_WRONG_KEY_USAGE, "server's certificate key may not be used "
+	    "that way" },
+	{ BR_ERR_X509_EMPTY_CHAIN, "server sent no certificate" },
+	{ BR_ERR_X509_UNSUPPORTED, "certificate uses an unsupported "
+	    "algorithm" },
+	{ BR_ERR_X509_WRONG_KEY_TYPE, "certificate key type does not match "
+	    "the cipher suite" },
+	{ BR_ERR_X509_BAD_SIGNATURE, "certificate signature invalid or "
+	    "unsupported" },
+	{ BR_ERR_X509_TIME_UNKNOWN, "certificate validity not checkable: no "
+	    "clock" },
+	{ BR_ERR_X509_EXPIRED, "certificate expired or not yet valid" },
+	{ BR_ERR_X509_DN_MISMATCH, "certificate chain out of order" },
+	{ BR_ERR_X509_BAD_SERVER_NAME, "certificate name mismatch: the name "
+	    "after # is not in the server's certificate" },
+	{ BR_ERR_X509_CRITICAL_EXTENSION, "certificate has an unsupported "
+	    "critical extension" },
+	{ BR_ERR_X509_NOT_CA, "certificate chain has a non-CA issuer" },
+	{ BR_ERR_X509_FORBIDDEN_KEY_USAGE, "certificate key usage forbids "
+	    "TLS server use" },
+	{ BR_ERR_X509_WEAK_PUBLIC_KEY, "certificate key too weak" },
+	{ BR_ERR_X509_NOT_TRUSTED, "certificate not trusted: no known CA "
+	    "(see --ca-file)" },
+	/* Alerts from the server. */
+	{ BR_ERR_RECV_FATAL_ALERT + 0, "server closed with close_notify "
+	    "during the handshake" },
+	{ BR_ERR_RECV_FATAL_ALERT + 10, "server received an unexpected "
+	    "message" },
+	{ BR_ERR_RECV_FATAL_ALERT + 20, "server saw a record fail "
+	    "authentication" },
+	{ BR_ERR_RECV_FATAL_ALERT + 40, "no cipher suite or curve in common "
+	    "with the server" },
+	{ BR_ERR_RECV_FATAL_ALERT + 42, "server requires a client "
+	    "certificate" },
+	{ BR_ERR_RECV_FATAL_ALERT + 47, "server rejected a handshake "
+	    "parameter" },
+	{ BR_ERR_RECV_FATAL_ALERT + 49, "server denied access" },
+	{ BR_ERR_RECV_FATAL_ALERT + 50, "server could not decode dotp's "
+	    "handshake" },
+	{ BR_ERR_RECV_FATAL_ALERT + 51, "server failed to verify the "
+	    "handshake" },
+	{ BR_ERR_RECV_FATAL_ALERT + 70, "server requires TLS 1.3 (dotp "
+	    "speaks TLS 1.2)" },
+	{ BR_ERR_RECV_FATAL_ALERT + 71, "server requires stronger security "
+	    "than dotp offers" },
+	{ BR_ERR_RECV_FATAL_ALERT + 80, "server had an internal error" },
+	{ BR_ERR_RECV_FATAL_ALERT + 86, "server refused a fallback" },
+	{ BR_ERR_RECV_FATAL_ALERT + 90, "server cancelled the handshake" },
+	{ BR_ERR_RECV_FATAL_ALERT + 109, "server requires a TLS 1.3 "
+	    "extension: it may require TLS 1.3" },
+	{ BR_ERR_RECV_FATAL_ALERT + 112, "server does not serve the name "
+	    "after # (SNI)" },
+	{ BR_ERR_RECV_FATAL_ALERT + 116, "server requires a client "
+	    "certificate" },
+	{ BR_ERR_RECV_FATAL_ALERT + 120, "server requires an ALPN protocol "
+	    "dotp does not offer" },
+};
+
+/* The user's words for BearSSL error err; buf (len bytes) holds the
+ * text for a code not in tls_whys. */
 static const char *
 tls_strerror(int err, char *buf, size_t len)
 {
-	switch (err) {
-	case BR_ERR_X509_NOT_TRUSTED:
-		return "certificate not trusted";
-	case BR_ERR_X509_BAD_SERVER_NAME:
-		return "certificate name mismatch";
-	case BR_ERR_X509_EXPIRED:
-		return "certificate expired or not yet valid";
-	case BR_ERR_X509_BAD_SIGNATURE:
-		return "certificate signature invalid or unsupported";
-	case BR_ERR_X509_UNSUPPORTED:
-		return "certificate uses an unsupported algorithm";
-	case BR_ERR_TOO_LARGE:
-		return "record too large";
-	case BR_ERR_IO:
-		return "I/O error";
-	default:
-		break;
-	}
+	size_t	 k;
+
+	for (k = 0; k < sizeof tls_whys / sizeof tls_whys[0]; k++)
+		if (tls_whys[k].code == err)
+			return tls_whys[k].text;
 	if (err >= BR_ERR_SEND_FATAL_ALERT)
-		snprintf(buf, len, "sent fatal alert %d", err -
-		    BR_ERR_SEND_FATAL_ALERT);
+		snprintf(buf, len, "dotp sent fatal alert %d",
+		    err - BR_ERR_SEND_FATAL_ALERT);
 	else if (err >= BR_ERR_RECV_FATAL_ALERT)
-		snprintf(buf, len, "received fatal alert %d%s", err -
-		    BR_ERR_RECV_FATAL_ALERT, err - BR_ERR_RECV_FATAL_ALERT == 40 ?
-		    " (no common cipher suite or curve)" : "");
+		snprintf(buf, len, "server sent fatal alert %d",
+		    err - BR_ERR_RECV_FATAL_ALERT);
 	else if (err >= BR_ERR_X509_OK)
 		snprintf(buf, len, "certificate invalid (x509 error %d)", err);
 	else
 		snprintf(buf, len, "TLS error %d", err);
 	return buf;
+}
+
+/* The code of err as log fields: "tls_error=N", plus "alert=A" for an
+ * alert the server sent or "alert_sent=A" for one dotp sent. */
+static void
+tls_fields(int err, char *buf, size_t len)
+{
+	if (err >= BR_ERR_SEND_FATAL_ALERT)
+		snprintf(buf, len, "tls_error=%d alert_sent=%d", err,
+		    err - BR_ERR_SEND_FATAL_ALERT);
+	else if (err >= BR_ERR_RECV_FATAL_ALERT)
+		snprintf(buf, len, "tls_error=%d alert=%d", err,
+		    err - BR_ERR_RECV_FATAL_ALERT);
+	else
+		snprintf(buf, len, "tls_error=%d", err);
 }
 
 /* ==== 10. Upstreams and their connections ==== */
@@ -1716,9 +1883,13 @@ tls_strerror(int err, char *buf, size_t len)
  *   - connect, handshake or verification failure, or a connection that
  *     owes answers and sends none for an attempt timeout: the upstream is
  *     marked down (back-off) and its queries go to another upstream;
- *   - a close by the server after the handshake (close_notify, FIN, RST),
- *     or our idle close: normal; queries on it are sent again, on a new
- *     connection to the same upstream.
+ *   - a close by the server after the handshake (close_notify, FIN, RST,
+ *     a cut frame), or our idle close: normal; queries on it are sent
+ *     again (q_retry: a healthy upstream not tried yet, else the same
+ *     one, on a new connection), without using a try when the
+ *     connection answered others (conn_end). What the close
+ *     says about the server is learned (conn_learn): how many queries a
+ *     connection may carry, how long it may sit idle.
  */
 
 static struct conn *
@@ -1827,68 +1998,223 @@ up_enqueue(int ui, int i, int64_t now)
 	G.kick = 1;
 }
 
-/* Marks u down for a back-off; logged at error when it was up. */
-static void
-up_down(struct upstream *u, int64_t now, const char *why)
+/* Connection c's number within its upstream, for logs: with the
+ * generation it tells one session from another. */
+static int
+conn_slot(const struct conn *c)
 {
-	u->backoff_ms = u->backoff_ms ? 2 * u->backoff_ms : DOTP_BACKOFF_MIN_MS;
+	return (int)(c - G.conn) % G.cfg.max_conns;
+}
+
+/* The log fields naming connection c. */
+#define CONN_FMT	"upstream=%s conn=%d gen=%u"
+#define CONN_ARGS(c)	G.up[(c)->up].label, conn_slot(c), (c)->gen
+
+/* How long a connection of u may sit idle before dotp closes it:
+ * --idle-timeout, or less when the server was seen to close sooner. */
+static int
+up_idle_ms(const struct upstream *u)
+{
+	int	 t = u->idle_ms / 4 * 3;
+
+	return u->idle_ms > 0 && t < G.cfg.idle_ms ? t : G.cfg.idle_ms;
+}
+
+/* Does connection c still take queries under u's learned count? */
+static int
+conn_has_cap(const struct conn *c)
+{
+	const struct upstream *u = &G.up[c->up];
+
+	return u->cap == 0 || c->sent < u->cap;
+}
+
+/* Does upstream ui have a connection that completed its handshake and
+ * still takes queries (not spent under a learned count)? */
+static int
+up_has_ready(int ui)
+{
+	int	 k;
+
+	for (k = 0; k < G.cfg.max_conns; k++)
+		if (conn_of(ui, k)->state == C_READY &&
+		    conn_has_cap(conn_of(ui, k)))
+			return 1;
+	return 0;
+}
+
+/*
+ * Marks u down for a back-off; logged at error when it was up. why says
+ * what failed, fields are key=value pairs naming the connection and the
+ * code. Connections that fail together (opened in parallel) double the
+ * back-off once.
+ */
+static void
+up_down(struct upstream *u, int64_t now, const char *why, const char *fields)
+{
+	int	 was_down = u->down;
+
+	if (!u->down || now - u->failed_at >= DOTP_BACKOFF_MIN_MS)
+		u->backoff_ms = u->backoff_ms ? 2 * u->backoff_ms :
+		    DOTP_BACKOFF_MIN_MS;
 	if (u->backoff_ms > DOTP_BACKOFF_MAX_MS)
 		u->backoff_ms = DOTP_BACKOFF_MAX_MS;
 	u->retry_at = now + u->backoff_ms;
 	u->failed_at = now;
 	u->failures++;
-	log_msg(u->down ? LOG_DEBUG : LOG_ERR, "upstream %s %s name=%s "
-	    "retry_in_ms=%d", u->label, why, u->name, u->backoff_ms);
+	log_msg(was_down ? LOG_DEBUG : LOG_ERR, "upstream down: %s; queries "
+	    "go to other upstreams until it answers again\tupstream=%s "
+	    "name=%s %s%sretry_in_ms=%d", why, u->label, u->name, fields,
+	    *fields ? " " : "", u->backoff_ms);
 	u->down = 1;
 }
 
 /*
- * Ends connection c. failed: see the section comment. Every query on it
- * is sent again or answered (q_retry); after a failure the queries
- * waiting on its upstream move on too, since it is now down.
+ * The server ended ready connection c (close_notify, FIN, RST or a cut
+ * frame). Learns what that says about the server: a close right after
+ * an answer is a count of queries per connection; a close after a quiet
+ * spell with nothing owed is an idle timeout. Each is taken when the
+ * previous close said the same (DOTP_CAP_GAP_MS and the rest), and
+ * logged when it changes.
  */
 static void
-conn_end(struct conn *c, const char *failed, int64_t now)
+conn_learn(struct conn *c, int64_t now)
+{
+	struct upstream *u = &G.up[c->up];
+	int64_t	 quiet = now - c->last_active;
+	unsigned n = c->answered;
+
+	if (n > 0 && now - c->last_answer <= DOTP_CAP_GAP_MS) {
+		if (u->cap_seen != n) {
+			u->cap_seen = n;	/* once: wait for a second */
+			return;
+		}
+		if (u->cap != 0 && n >= u->cap)
+			return;
+		u->cap = n;
+		u->learned_at = now;
+		log_msg(LOG_INFO, "upstream closes connections after %u "
+		    "answers; later connections carry at most that many "
+		    "queries\t" CONN_FMT " learned_conn_queries=%u", n,
+		    CONN_ARGS(c), n);
+		return;
+	}
+	if (conn_inflight(c) > 0 || quiet < DOTP_IDLE_LEARN_MIN_MS ||
+	    quiet >= up_idle_ms(u))
+		return;
+	if (quiet > u->idle_seen + u->idle_seen / 4 ||
+	    quiet < u->idle_seen - u->idle_seen / 4) {
+		u->idle_seen = (int)quiet;	/* once: wait for a second */
+		return;
+	}
+	u->idle_ms = (int)(quiet < u->idle_seen ? quiet : u->idle_seen);
+	u->learned_at = now;
+	log_msg(LOG_INFO, "upstream closes idle connections after about %d "
+	    "ms; dotp now closes its own idle ones after %d ms\t" CONN_FMT
+	    " learned_idle_ms=%d", u->idle_ms, up_idle_ms(u), CONN_ARGS(c),
+	    u->idle_ms);
+}
+
+/* Forgets what was learned of u after DOTP_LEARN_TTL_MS: it is learned
+ * again if it still holds. */
+static void
+up_unlearn(struct upstream *u, int64_t now)
+{
+	if ((u->cap == 0 && u->idle_ms == 0) ||
+	    now - u->learned_at < DOTP_LEARN_TTL_MS)
+		return;
+	log_msg(LOG_DEBUG, "upstream limits forgotten, to be learned again\t"
+	    "upstream=%s learned_conn_queries=%u learned_idle_ms=%d",
+	    u->label, u->cap, u->idle_ms);
+	u->cap = u->cap_seen = 0;
+	u->idle_ms = u->idle_seen = 0;
+}
+
+/*
+ * Ends connection c. failed: what failed (see the section comment), or
+ * NULL for a close; fields: log fields of the failure. Every query on
+ * it is sent again or answered (q_retry); after a failure the queries
+ * waiting on its upstream move on too, since it is now down. When the
+ * server ended a connection that answered (it recycles connections),
+ * the queries it left unanswered are re-sent without using a try, up
+ * to DOTP_MAX_RECYCLES times each: the guard against a server that
+ * answers nothing is that a connection which answered nothing still
+ * costs its queries a try.
+ */
+static void
+conn_end(struct conn *c, const char *failed, const char *fields,
+    int64_t now)
 {
 	struct upstream *u = &G.up[c->up];
 	struct qlist moved = QLIST_ZERO;
 	struct qlist *from[3] = { &c->fl, &c->late, &u->tx };
-	int	 i, k, stall = failed && c->state == C_READY;
+	char	 f[160];
+	int	 i, k, stall = failed && c->state == C_READY, recycled;
 
+	if (failed && c->state != C_READY && up_has_ready(c->up)) {
+		/* An extra connection failed while another one serves (a
+		 * server limiting connections per client): the upstream is
+		 * not down, but no more open beside the ready ones for a
+		 * while. Nothing was sent on this one. */
+		log_msg(u->alone_until ? LOG_DEBUG : LOG_WARN, "extra "
+		    "connection to the upstream failed: %s; using the open "
+		    "ones\t" CONN_FMT "%s%s", failed, CONN_ARGS(c),
+		    *fields ? " " : "", fields);
+		u->alone_until = now + DOTP_BACKOFF_MIN_MS;
+		failed = NULL;
+	}
+	recycled = !failed && !c->closing && c->state == C_READY &&
+	    c->answered > 0;
+	if (!failed && !c->closing && c->state == C_READY)
+		conn_learn(c, now);
 	fd_close(&c->fd);
 	c->state = C_FREE;
 	c->rx_have = 0;
 	c->net_off = c->net_len = 0;
+	c->out_off = c->out_len = 0;
 	c->owe_since = 0;
 	c->readable = c->ack_owed = 0;
-	if (failed)
-		up_down(u, now, failed);
+	if (failed) {
+		snprintf(f, sizeof f, "conn=%d gen=%u%s%s", conn_slot(c),
+		    c->gen, *fields ? " " : "", fields);
+		up_down(u, now, failed, f);
+	}
 	for (k = 0; k < (failed ? 3 : 2); k++)
 		while ((i = from[k]->head) >= 0) {
 			q_unlink(i);
 			qlist_push(&moved, i);
 		}
 	while ((i = moved.head) >= 0) {
+		struct query *q = &G.q[i];
+
 		qlist_remove(&moved, i);
+		if (recycled && q->recycles < DOTP_MAX_RECYCLES &&
+		    q->tries > 0) {
+			q->tries--;
+			q->recycles++;
+			u->recycled++;
+			G.st.recycled++;
+		}
 		q_retry(i, failed ? c->up : -1, stall, now);
 	}
 }
 
-/* Fails c with a formatted reason (upstream marked down). */
+/* Fails c: why is formatted, fields are the failure's log fields. */
 static void
-conn_fail(struct conn *c, int64_t now, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+conn_fail(struct conn *c, int64_t now, const char *fields,
+    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
 static void
-conn_fail(struct conn *c, int64_t now, const char *fmt, ...)
+conn_fail(struct conn *c, int64_t now, const char *fields,
+    const char *fmt, ...)
 {
-	char	 why[160];
+	char	 why[200];
 	va_list	 ap;
 
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof why, fmt, ap);
 	va_end(ap);
-	conn_end(c, why, now);
+	conn_end(c, why, fields, now);
 }
 
 /*
@@ -1909,9 +2235,9 @@ conn_open(int ui, struct conn *c, int64_t now)
 	    SOCK_CLOEXEC, 0);
 	if (fd < 0) {
 		if (!G.connect_burst)
-			log_msg(LOG_WARN, "upstream %s socket: %s; retrying "
-			    "every %d ms", u->label, strerror(errno),
-			    DOTP_FD_WAIT_MS);
+			log_msg(LOG_WARN, "no socket for the upstream: %s; "
+			    "retrying every %d ms\tupstream=%s",
+			    strerror(errno), DOTP_FD_WAIT_MS, u->label);
 		G.connect_burst = 1;
 		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
 		return -1;
@@ -1924,12 +2250,15 @@ conn_open(int ui, struct conn *c, int64_t now)
 	c->deadline = now + G.cfg.connect_ms;
 	c->last_active = now;
 	c->owe_since = 0;
+	c->closing = 0;
+	c->sent = c->answered = 0;
 	c->rx_have = 0;
 	c->net_off = c->net_len = 0;
+	c->out_off = c->out_len = 0;
 	c->sid_len = 0;
 	set_nodelay(fd);
 	if (fill_random(seed, sizeof seed) < 0) {
-		conn_fail(c, now, "getrandom failed: %s", strerror(errno));
+		conn_fail(c, now, "", "getrandom failed: %s", strerror(errno));
 		return 0;
 	}
 	br_ssl_engine_inject_entropy(&c->cc.eng, seed, sizeof seed);
@@ -1939,17 +2268,17 @@ conn_open(int ui, struct conn *c, int64_t now)
 		memcpy(c->sid, u->sess.session_id, c->sid_len);
 	}
 	if (!br_ssl_client_reset(&c->cc, u->name, u->have_sess)) {
-		conn_fail(c, now, "TLS reset failed (error %d)",
+		conn_fail(c, now, "", "TLS reset failed (error %d)",
 		    br_ssl_engine_last_error(&c->cc.eng));
 		return 0;
 	}
 	if (connect(fd, &u->addr.sa, u->addrlen) < 0 &&
 	    errno != EINPROGRESS) {
-		conn_fail(c, now, "connect failed: %s", strerror(errno));
+		conn_fail(c, now, "", "connect failed: %s", strerror(errno));
 		return 0;
 	}
-	log_msg(LOG_DEBUG, "upstream %s connecting gen=%u%s", u->label,
-	    c->gen, conn_inflight(c) || u->tx.n ? "" : " probe");
+	log_msg(LOG_DEBUG, "upstream connecting%s\t" CONN_FMT,
+	    conn_inflight(c) || u->tx.n ? "" : " (probe)", CONN_ARGS(c));
 	return 0;
 }
 
@@ -1971,16 +2300,19 @@ conn_ready(struct conn *c, int64_t now)
 		u->hs_resumed++;
 	else
 		u->hs_full++;
-	log_msg(LOG_DEBUG, "upstream %s ready gen=%u suite=0x%04x "
-	    "handshake=%s", u->label, c->gen, u->sess.cipher_suite,
+	log_msg(LOG_DEBUG, "upstream ready\t" CONN_FMT " suite=0x%04x "
+	    "handshake=%s", CONN_ARGS(c), u->sess.cipher_suite,
 	    resumed ? "resumed" : "full");
 	if (u->down)
-		log_msg(LOG_INFO, "upstream %s is up again", u->label);
+		log_msg(LOG_INFO, "upstream is up again\tupstream=%s",
+		    u->label);
 	u->down = 0;
 	u->backoff_ms = 0;
 }
 
-/* Dispatches one answer frame (msg, len) that arrived on c. */
+/* Dispatches one answer frame (msg, len) that arrived on c. An answer
+ * is taken only for a query in flight on this session with the same
+ * question (RFC 7858 3.3); others are counted and dropped. */
 static void
 conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 {
@@ -1990,72 +2322,78 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 
 	if (i < 0) {
 		G.st.stray++;
-		log_msg(LOG_DEBUG, "upstream %s answer for unknown ID dropped",
-		    G.up[c->up].label);
+		log_msg(LOG_DEBUG, "answer for an unknown ID dropped\t"
+		    CONN_FMT, CONN_ARGS(c));
 		return;
 	}
 	q = &G.q[i];
 	cur = (q->state == Q_SENT || q->state == Q_LATE) && q->conn == ci &&
 	    q->gen == c->gen;
 	prev = q->pconn == ci && q->pgen == c->gen;
-	if ((!cur && !prev) || !dns_check_answer(msg, len, q->qbuf, q->qend)) {
+	if (!cur && !prev) {
 		G.st.stray++;
-		log_msg(LOG_DEBUG, "upstream %s answer for an ID not in flight"
-		    " on this connection dropped", G.up[c->up].label);
+		log_msg(LOG_DEBUG, "answer for an ID not in flight on this "
+		    "connection dropped\t" CONN_FMT, CONN_ARGS(c));
+		return;
+	}
+	if (!dns_check_answer(msg, len, q->qbuf, q->qend)) {
+		G.st.mismatched++;
+		log_msg(LOG_DEBUG, "answer to another question dropped\t"
+		    CONN_FMT " id=%u", CONN_ARGS(c), q->up_id);
 		return;
 	}
 	if (cur && q->tries == 1)	/* Karn: only unambiguous samples */
 		up_rtt_sample(&G.up[c->up], now - q->sent_at);
 	G.up[c->up].answered++;
+	c->answered++;
+	c->last_answer = now;
 	q_unlink(i);
 	c->owe_since = conn_inflight(c) > 0 ? now : 0;
 	c->last_active = now;
 	q_deliver(i, msg, len);
 }
 
-/* Injects queries waiting on c's upstream into SENDAPP, while c has room
- * under --conn-queries, then flushes so they leave as one record.
- * Returns 1 if anything was injected. */
+/*
+ * Injects the next query waiting on c's upstream into SENDAPP and seals
+ * it as a record of its own, if c has room under --conn-queries and the
+ * learned count. Returns 1 if it injected one.
+ */
 static int
 conn_inject(struct conn *c, int64_t now)
 {
 	br_ssl_engine_context *eng = &c->cc.eng;
 	struct upstream *u = &G.up[c->up];
+	struct query *q;
 	unsigned char *buf;
 	size_t	 avail, need;
-	int	 i, did = 0;
+	int	 i = u->tx.head;
 
-	while ((i = u->tx.head) >= 0 &&
-	    conn_inflight(c) < (unsigned)G.cfg.conn_queries) {
-		struct query *q = &G.q[i];
-
-		buf = br_ssl_engine_sendapp_buf(eng, &avail);
-		if (buf == NULL)
-			break;
-		need = 2 + (size_t)q->qlen;
-		if (need > avail)
-			break;	/* flushed below; the rest goes next round */
-		wr16(buf, q->qlen);
-		memcpy(buf + 2, q->qbuf, q->qlen);
-		br_ssl_engine_sendapp_ack(eng, need);
-		/* Committed: these bytes belong to this session now. */
-		q_unlink(i);
-		q->state = Q_SENT;
-		q->conn = (int)(c - G.conn);
-		q->gen = c->gen;
-		q->sent_at = now;
-		q->tries++;
-		qlist_push(&c->fl, i);
-		if (c->owe_since == 0 || conn_inflight(c) == 0)
-			c->owe_since = now;
-		u->sent++;
-		did = 1;
-	}
-	if (did) {
-		br_ssl_engine_flush(eng, 0);
-		c->last_active = now;
-	}
-	return did;
+	if (i < 0 || conn_inflight(c) >= (unsigned)G.cfg.conn_queries ||
+	    !conn_has_cap(c))
+		return 0;
+	q = &G.q[i];
+	need = 2 + (size_t)q->qlen;
+	buf = br_ssl_engine_sendapp_buf(eng, &avail);
+	if (buf == NULL || need > avail)
+		return 0;	/* can't happen: a record holds any query */
+	wr16(buf, q->qlen);
+	memcpy(buf + 2, q->qbuf, q->qlen);
+	br_ssl_engine_sendapp_ack(eng, need);
+	br_ssl_engine_flush(eng, 0);
+	/* Committed: these bytes belong to this session now. */
+	q_unlink(i);
+	q->state = Q_SENT;
+	q->conn = (int)(c - G.conn);
+	q->gen = c->gen;
+	q->sent_at = now;
+	q->tries++;
+	qlist_push(&c->fl, i);
+	if (c->owe_since == 0)
+		c->owe_since = now;
+	c->sent++;
+	c->last_active = now;
+	u->sent++;
+	return 1;
 }
 
 /* Moves the decrypted bytes into the frame assembler and dispatches
@@ -2153,133 +2491,203 @@ conn_acks(int64_t now, int sleeping, int *few)
 	return next;
 }
 
-/* The engine reported CLOSED: clean close or failure. */
+/* The engine reported CLOSED: a clean close (close_notify) once ready,
+ * or a failure, in the user's words with the code as fields. */
 static void
 conn_closed(struct conn *c, int64_t now)
 {
-	char	 buf[80];
+	char	 buf[80], f[64];
 	int	 err = br_ssl_engine_last_error(&c->cc.eng);
 
 	if (err == BR_ERR_OK && c->state == C_READY) {
-		log_msg(LOG_DEBUG, "upstream %s closed cleanly gen=%u",
-		    G.up[c->up].label, c->gen);
-		conn_end(c, NULL, now);
+		log_msg(LOG_DEBUG, "upstream closed the connection "
+		    "(close_notify)\t" CONN_FMT " answered=%u", CONN_ARGS(c),
+		    c->answered);
+		conn_end(c, NULL, "", now);
 		return;
 	}
-	if (err != BR_ERR_OK)	/* don't offer a session that failed */
-		G.up[c->up].have_sess = 0;
-	conn_fail(c, now, "%s", err == BR_ERR_OK ?
-	    "closed during the handshake" : tls_strerror(err, buf, sizeof buf));
+	if (err == BR_ERR_OK)
+		err = BR_ERR_RECV_FATAL_ALERT;	/* close_notify: alert 0 */
+	G.up[c->up].have_sess = 0;	/* don't offer a session that failed */
+	tls_fields(err, f, sizeof f);
+	conn_fail(c, now, f, "%s%s", c->state == C_READY ? "" :
+	    "handshake failed: ", tls_strerror(err, buf, sizeof buf));
+}
+
+/* The socket ended (EOF, or error e) or a send failed: a recycle once
+ * ready; a failure during the handshake, where a server that wants
+ * what dotp does not offer (TLS 1.3, a client certificate) just closes. */
+static void
+conn_lost(struct conn *c, int e, const char *what, int64_t now)
+{
+	char	 f[80];
+
+	if (c->state == C_READY) {
+		log_msg(LOG_DEBUG, "upstream %s\t" CONN_FMT " answered=%u "
+		    "error=\"%s\"", what, CONN_ARGS(c), c->answered,
+		    e ? strerror(e) : "EOF");
+		conn_end(c, NULL, "", now);
+		return;
+	}
+	snprintf(f, sizeof f, "error=\"%s\"", e ? strerror(e) : "EOF");
+	G.up[c->up].have_sess = 0;	/* don't offer a session that failed */
+	if (e != 0 && e != ECONNRESET) {
+		conn_fail(c, now, f, "connection failed during the handshake");
+		return;
+	}
+	conn_fail(c, now, f, "server %s during the handshake: it may require "
+	    "TLS 1.3 or a client certificate", e ? "reset the connection" :
+	    "closed");
+}
+
+/* Pump step: moves sealed record bytes from SENDREC into out[], where
+ * the records of a pass gather for one send(). Returns 1 if it moved
+ * any. */
+static int
+conn_take_records(struct conn *c)
+{
+	unsigned char *buf;
+	size_t	 len, room;
+
+	buf = br_ssl_engine_sendrec_buf(&c->cc.eng, &len);
+	if (buf == NULL)
+		return 0;
+	if (c->out_off > 0 && sizeof c->out - c->out_len < len) {
+		memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+		c->out_len -= c->out_off;
+		c->out_off = 0;
+	}
+	room = sizeof c->out - c->out_len;
+	if (room == 0)
+		return 0;
+	if (len > room)
+		len = room;
+	memcpy(c->out + c->out_len, buf, len);
+	c->out_len += len;
+	br_ssl_engine_sendrec_ack(&c->cc.eng, len);
+	return 1;
+}
+
+/* Pump step: sends out[]. Returns 1 on progress, 0 when there is
+ * nothing to send or the socket is full, -1 on an error (errno). */
+static int
+conn_write(struct conn *c)
+{
+	ssize_t	 n;
+
+	if (c->out_off == c->out_len)
+		return 0;
+	n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off,
+	    MSG_NOSIGNAL);
+	if (n > 0) {
+		c->out_off += (size_t)n;
+		if (c->out_off == c->out_len)
+			c->out_off = c->out_len = 0;
+		c->ack_owed = 0;	/* this segment ACKs */
+		return 1;
+	}
+	if (n < 0 && errno == EINTR)
+		return 1;
+	if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+		return -1;
+	return 0;
+}
+
+/* Pump step: feeds RECVREC from the read-ahead buffer, refilled by one
+ * recv() of many records when empty. Returns 1 on progress, 0 when the
+ * socket is empty, -1 at EOF or on an error (errno; 0 at EOF). */
+static int
+conn_read(struct conn *c, int64_t now)
+{
+	unsigned char *buf;
+	size_t	 len;
+	ssize_t	 n;
+
+	buf = br_ssl_engine_recvrec_buf(&c->cc.eng, &len);
+	if (c->net_off < c->net_len) {
+		if (len > c->net_len - c->net_off)
+			len = c->net_len - c->net_off;
+		memcpy(buf, c->net + c->net_off, len);
+		c->net_off += len;
+		br_ssl_engine_recvrec_ack(&c->cc.eng, len);
+		return 1;
+	}
+	if (!c->readable)
+		return 0;	/* poll() tells when there is more */
+	n = recv(c->fd, c->net, sizeof c->net, 0);
+	if (n > 0) {
+		c->net_off = 0;
+		c->net_len = (size_t)n;
+		/* A short read emptied the socket: don't ask again just to
+		 * hear EAGAIN. */
+		c->readable = (size_t)n == sizeof c->net;
+		if (!c->ack_owed)
+			c->ack_at = now + DOTP_ACK_DELAY_MS;
+		c->ack_owed = 1;
+		return 1;
+	}
+	if (n < 0 && errno == EINTR)
+		return 1;
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+		c->readable = 0;
+		return 0;
+	}
+	if (n == 0)
+		errno = 0;
+	return -1;
 }
 
 /*
- * Runs the engine until no step makes progress (STYLE.md 1.3): SENDREC
- * first, then RECVAPP, RECVREC, then SENDAPP. The state is read afresh
- * every round. Stops at EAGAIN; on any error the connection ends.
+ * Runs the engine until no step makes progress (STYLE.md 1.3): records
+ * out of SENDREC first, then RECVAPP, RECVREC, then SENDAPP (one query,
+ * one record, as many as fit), and last the send() of every record the
+ * pass sealed. The state is read afresh every round. Stops when the
+ * socket would block; on any error the connection ends.
  */
 static void
 conn_pump(struct conn *c, int64_t now)
 {
-	br_ssl_engine_context *eng = &c->cc.eng;
-	unsigned char *buf;
 	unsigned st;
-	size_t	 len;
-	ssize_t	 n;
-	int	 send_blocked = 0, r;
+	int	 r;
 
 	while (c->fd >= 0 && c->state != C_CONNECTING) {
-		st = br_ssl_engine_current_state(eng);
+		st = br_ssl_engine_current_state(&c->cc.eng);
 		if (st & BR_SSL_CLOSED) {
+			(void)conn_write(c);	/* a last close_notify */
 			conn_closed(c, now);
 			return;
 		}
 		if (c->state == C_HANDSHAKE && (st & BR_SSL_SENDAPP))
 			conn_ready(c, now);
-		if ((st & BR_SSL_SENDREC) && !send_blocked) {
-			buf = br_ssl_engine_sendrec_buf(eng, &len);
-			n = send(c->fd, buf, len, MSG_NOSIGNAL);
-			if (n > 0) {
-				br_ssl_engine_sendrec_ack(eng, (size_t)n);
-				c->ack_owed = 0;	/* this segment ACKs */
-				continue;
-			}
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-				if (c->state == C_READY)
-					conn_end(c, NULL, now);
-				else
-					conn_fail(c, now, "send failed: %s",
-					    strerror(errno));
-				return;
-			}
-			send_blocked = 1;
-		}
+		if ((st & BR_SSL_SENDREC) && conn_take_records(c))
+			continue;
 		if (st & BR_SSL_RECVAPP) {
 			if ((r = conn_recvapp(c, now)) < 0) {
-				conn_fail(c, now, "sent a frame shorter than "
-				    "a DNS header");
+				conn_fail(c, now, "", "server sent a frame "
+				    "shorter than a DNS header");
 				return;
 			}
 			if (r > 0)
 				continue;
 		}
 		if (st & BR_SSL_RECVREC) {
-			buf = br_ssl_engine_recvrec_buf(eng, &len);
-			if (c->net_off < c->net_len) {
-				if (len > c->net_len - c->net_off)
-					len = c->net_len - c->net_off;
-				memcpy(buf, c->net + c->net_off, len);
-				c->net_off += len;
-				br_ssl_engine_recvrec_ack(eng, len);
-				continue;
-			}
-			if (!c->readable)
-				;	/* poll() tells when there is more */
-			else if ((n = recv(c->fd, c->net, sizeof c->net, 0)) > 0) {
-				c->net_off = 0;
-				c->net_len = (size_t)n;
-				/* A short read emptied the socket: don't ask
-				 * again just to hear EAGAIN. */
-				c->readable = (size_t)n == sizeof c->net;
-				if (!c->ack_owed)
-					c->ack_at = now + DOTP_ACK_DELAY_MS;
-				c->ack_owed = 1;
-				continue;
-			} else if (n < 0 && errno == EINTR) {
-				continue;
-			} else if (n == 0 || (errno != EAGAIN &&
-			    errno != EWOULDBLOCK)) {
-				/* EOF or reset: normal once ready. */
-				if (c->state == C_READY) {
-					log_msg(LOG_DEBUG, "upstream %s %s gen=%u",
-					    G.up[c->up].label, n == 0 ? "EOF" :
-					    strerror(errno), c->gen);
-					conn_end(c, NULL, now);
-				} else {
-					conn_fail(c, now, "%s during the "
-					    "handshake", n == 0 ? "EOF" :
-					    strerror(errno));
-				}
+			if ((r = conn_read(c, now)) < 0) {
+				conn_lost(c, errno, "ended the connection",
+				    now);
 				return;
-			} else {
-				c->readable = 0;
 			}
-		}
-		if ((st & BR_SSL_SENDAPP) && c->state == C_READY) {
-			if (conn_inject(c, now))
+			if (r > 0)
 				continue;
-			if (G.up[c->up].tx.head >= 0 && !send_blocked &&
-			    conn_inflight(c) < (unsigned)G.cfg.conn_queries) {
-				/* The next query did not fit in what is left
-				 * of the record: seal it to empty the buffer. */
-				br_ssl_engine_flush(eng, 0);
-				if (br_ssl_engine_current_state(eng) &
-				    BR_SSL_SENDREC)
-					continue;
-			}
 		}
-		break;
+		if ((st & BR_SSL_SENDAPP) && c->state == C_READY &&
+		    conn_inject(c, now))
+			continue;
+		if ((r = conn_write(c)) < 0) {
+			conn_lost(c, errno, "send failed", now);
+			return;
+		}
+		if (r == 0)
+			break;
 	}
 }
 
@@ -2300,16 +2708,18 @@ conn_pollset(struct conn *c, struct pollfd *pfd, int64_t *deadline)
 		pfd->events = POLLOUT;
 	} else {
 		st = br_ssl_engine_current_state(&c->cc.eng);
-		if (st & BR_SSL_SENDREC)
+		if ((st & BR_SSL_SENDREC) || c->out_off < c->out_len)
 			pfd->events |= POLLOUT;
 		if (st & BR_SSL_RECVREC)
 			pfd->events |= POLLIN;
 	}
 	if (c->state != C_READY)
 		t = c->deadline;
-	else if (conn_inflight(c) == 0)
-		t = c->last_active + G.cfg.idle_ms;
-	else {
+	else if (conn_inflight(c) == 0) {
+		t = c->last_active + up_idle_ms(u);
+		if (!conn_has_cap(c) && c->last_active + DOTP_CAP_FORGET_MS < t)
+			t = c->last_active + DOTP_CAP_FORGET_MS;
+	} else {
 		t = c->owe_since + up_attempt_ms(u) *
 		    (up_other_healthy(c->up) ? 1 : 2);
 		if (c->fl.head >= 0 && G.q[c->fl.head].sent_at +
@@ -2337,7 +2747,9 @@ conn_service(struct conn *c, short revents, int64_t now)
 		if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
 			err = errno;
 		if (err != 0) {
-			conn_fail(c, now, "connect failed: %s", strerror(err));
+			conn_fail(c, now, "", "connect failed: %s%s",
+			    strerror(err), err == ECONNREFUSED ? " (nothing "
+			    "listens there: wrong address or port?)" : "");
 			return;
 		}
 		c->state = C_HANDSHAKE;
@@ -2363,8 +2775,9 @@ conn_timers(struct conn *c, int64_t now)
 
 	if (conn_inflight(c) > 0 && now - c->owe_since >=
 	    (int64_t)at * (up_other_healthy(c->up) ? 1 : 2)) {
-		conn_fail(c, now, "answered nothing for %lld ms",
-		    (long long)(now - c->owe_since));
+		conn_fail(c, now, "", "answered nothing for %lld ms with %u "
+		    "queries waiting", (long long)(now - c->owe_since),
+		    conn_inflight(c));
 		return;
 	}
 	while ((i = c->fl.head) >= 0 && now - G.q[i].sent_at >= at) {
@@ -2377,24 +2790,12 @@ conn_timers(struct conn *c, int64_t now)
 			qlist_push(&c->late, i);
 			continue;
 		}
-		log_msg(LOG_DEBUG, "upstream %s slow, query also sent to %s",
-		    u->label, G.up[ui].label);
+		log_msg(LOG_DEBUG, "upstream slow, query also sent to %s\t"
+		    CONN_FMT, G.up[ui].label, CONN_ARGS(c));
 		q->pconn = q->conn;
 		q->pgen = q->gen;
 		up_enqueue(ui, i, now);
 	}
-}
-
-/* Does upstream ui have a connection that completed its handshake? */
-static int
-up_has_ready(int ui)
-{
-	int	 k;
-
-	for (k = 0; k < G.cfg.max_conns; k++)
-		if (conn_of(ui, k)->state == C_READY)
-			return 1;
-	return 0;
 }
 
 /*
@@ -2417,21 +2818,91 @@ up_tx_timer(int ui, int64_t now)
 		if ((to = up_pick(G.q[i].tried, 0)) < 0)
 			return INT64_MAX;	/* nowhere better: wait */
 		if (!u->down)
-			up_down(u, now, "not ready within the attempt timeout");
-		log_msg(LOG_DEBUG, "upstream %s not ready, query moved to %s",
-		    u->label, G.up[to].label);
+			up_down(u, now, "no connection ready within the "
+			    "attempt timeout", "");
+		log_msg(LOG_DEBUG, "upstream not ready, query moved to %s\t"
+		    "upstream=%s", G.up[to].label, u->label);
 		q_unlink(i);
 		up_enqueue(to, i, now);
 	}
 	return i >= 0 ? G.q[i].sent_at + at : INT64_MAX;
 }
 
+/* Closes ready connection c on dotp's side (close_notify). */
+static void
+conn_close(struct conn *c, const char *why, int64_t now)
+{
+	log_msg(LOG_DEBUG, "closing upstream connection: %s\t" CONN_FMT
+	    " sent=%u answered=%u", why, CONN_ARGS(c), c->sent, c->answered);
+	c->closing = 1;
+	br_ssl_engine_close(&c->cc.eng);
+	conn_pump(c, now);
+	if (c->fd >= 0)
+		conn_end(c, NULL, "", now);
+}
+
 /*
- * Once per loop pass: expire connects and handshakes, close idle
- * connections, run the timers of busy ones, feed queued queries to
- * ready connections with room, open a connection when all are full
- * (one handshake at a time per upstream, up to --max-conns), and probe
- * a down upstream whose back-off is over.
+ * Once per loop pass, for a connection that is not free: expire its
+ * connect or handshake; close it when idle; a ready one that used up
+ * its upstream's learned count and owes nothing is closed when queries
+ * wait for its slot, and when the server leaves it open past
+ * DOTP_CAP_FORGET_MS the count is forgotten (the server was not closing
+ * at it); run its timers and feed it. Returns the queries it can still
+ * take (0 when it is gone).
+ */
+static unsigned
+conn_kick(struct conn *c, int64_t now)
+{
+	struct upstream *u = &G.up[c->up];
+	unsigned lim = (unsigned)G.cfg.conn_queries, n;
+
+	if (c->state == C_CONNECTING || c->state == C_HANDSHAKE) {
+		if (now >= c->deadline) {
+			conn_fail(c, now, "", "%s", c->state == C_CONNECTING ?
+			    "connect timed out" : "TLS handshake timed out: "
+			    "is it a DoT server?");
+			return 0;
+		}
+		return u->cap > 0 && u->cap < lim ? u->cap : lim;
+	}
+	if (c->state != C_READY)
+		return 0;
+	if (conn_inflight(c) == 0 && !conn_has_cap(c)) {
+		if (u->tx.n > 0) {
+			conn_close(c, "it carried the learned count", now);
+			return 0;
+		}
+		if (now - c->last_active >= DOTP_CAP_FORGET_MS) {
+			log_msg(LOG_INFO, "upstream kept a connection open "
+			    "past %u queries; that count is forgotten\t"
+			    CONN_FMT " learned_conn_queries=0", u->cap,
+			    CONN_ARGS(c));
+			u->cap = 0;
+		}
+	}
+	if (conn_inflight(c) == 0 && u->tx.n == 0 &&
+	    now - c->last_active >= up_idle_ms(u)) {
+		conn_close(c, "idle", now);
+		return 0;
+	}
+	conn_timers(c, now);
+	if (c->state == C_READY && u->tx.n > 0)
+		conn_pump(c, now);
+	if (c->state != C_READY || !conn_has_cap(c))
+		return 0;
+	n = conn_inflight(c);
+	lim = n < lim ? lim - n : 0;
+	return u->cap > 0 && u->cap - c->sent < lim ? u->cap - c->sent : lim;
+}
+
+/*
+ * Once per loop pass: kick every connection (conn_kick), then open
+ * connections for the queries that the open ones cannot take. An
+ * upstream that is healthy and has completed a handshake before opens
+ * as many at once as the waiting queries need (a burst spreads over
+ * --max-conns when the server takes few queries per connection);
+ * otherwise one handshake at a time, and a down one is probed after its
+ * back-off.
  */
 static void
 up_kick(int64_t now)
@@ -2443,50 +2914,50 @@ up_kick(int64_t now)
 	G.tx_timer = INT64_MAX;
 	for (ui = 0; ui < G.nup; ui++) {
 		struct upstream *u = &G.up[ui];
-		struct conn *idle = NULL;
-		int	 open = 0, opening = 0;
+		unsigned room = 0, per;
+		int	 open = 0, opening = 0, parallel;
 
 		for (k = 0; k < G.cfg.max_conns; k++) {
 			struct conn *c = conn_of(ui, k);
 
-			if (c->state == C_CONNECTING ||
-			    c->state == C_HANDSHAKE) {
-				if (now >= c->deadline) {
-					conn_fail(c, now, "%s timed out",
-					    c->state == C_CONNECTING ?
-					    "connect" : "handshake");
-					continue;
-				}
-				opening++;
-			} else if (c->state == C_READY) {
-				if (conn_inflight(c) == 0 && u->tx.n == 0 &&
-				    now - c->last_active >= G.cfg.idle_ms) {
-					log_msg(LOG_DEBUG, "upstream %s idle,"
-					    " closing gen=%u", u->label, c->gen);
-					br_ssl_engine_close(&c->cc.eng);
-					conn_pump(c, now);
-					if (c->fd >= 0)
-						conn_end(c, NULL, now);
-					continue;
-				}
-				conn_timers(c, now);
-				if (c->state == C_READY && u->tx.n > 0)
-					conn_pump(c, now);
-			}
 			if (c->state == C_FREE)
-				idle = c;
-			else
+				continue;
+			room += conn_kick(c, now);
+			if (c->state == C_CONNECTING ||
+			    c->state == C_HANDSHAKE)
+				opening++;
+			if (c->state != C_FREE)
 				open++;
 		}
 		if ((t = up_tx_timer(ui, now)) < G.tx_timer)
 			G.tx_timer = t;
-		if (idle == NULL || opening > 0 || now < G.fd_wait_until)
+		if (now < G.fd_wait_until)
 			continue;
-		/* Open when queries wait (all connections are full or none
-		 * is ready), or to probe a down upstream after back-off. */
-		if (u->tx.n > 0 || (u->down && open == 0 && !G.draining &&
-		    now >= u->retry_at))
-			conn_open(ui, idle, now);
+		up_unlearn(u, now);
+		parallel = !u->down && u->hs_full + u->hs_resumed > 0 &&
+		    now >= u->alone_until;
+		per = u->cap > 0 && u->cap < (unsigned)G.cfg.conn_queries ?
+		    u->cap : (unsigned)G.cfg.conn_queries;
+		for (k = 0; k < G.cfg.max_conns; k++) {
+			struct conn *c = conn_of(ui, k);
+
+			if (c->state != C_FREE)
+				continue;
+			if (u->tx.n > room && (parallel || opening == 0) &&
+			    (now >= u->alone_until || open == 0)) {
+				/* queries wait: all full or none ready */
+			} else if (!(u->down && open == 0 && opening == 0 &&
+			    !G.draining && now >= u->retry_at)) {
+				break;	/* nor is a probe due */
+			}
+			if (conn_open(ui, c, now) < 0)
+				break;
+			if (c->state == C_FREE)
+				break;	/* failed at once: down now */
+			opening++;
+			open++;
+			room += per;
+		}
 	}
 }
 
@@ -2733,7 +3204,8 @@ log_malformed(int64_t now)
 	    DOTP_MALFORMED_LOG_MS)
 		return;
 	G.malformed_logged = now;
-	log_msg(LOG_WARN, "malformed input dropped=%lu formerr=%lu notimp=%lu",
+	log_msg(LOG_WARN, "malformed input from clients (not DNS, or queries "
+	    "dotp does not forward)\tdropped=%lu formerr=%lu notimp=%lu",
 	    G.st.dropped, G.st.formerr, G.st.notimp);
 }
 
@@ -2790,8 +3262,9 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	}
 	if ((i = q_alloc()) < 0) {
 		if (G.st.full++ == 0)
-			log_msg(LOG_WARN, "query table full (--max-queries %d):"
-			    " SERVFAIL", G.nq);
+			log_msg(LOG_WARN, "query table full: new queries get "
+			    "SERVFAIL (raise --max-queries)\tmax_queries=%d",
+			    G.nq);
 		n = dns_make_error(m, len, qi.qend, qi.has_opt,
 		    DNS_RCODE_SERVFAIL, out, sizeof out);
 		if (n > 0)
@@ -2897,7 +3370,8 @@ udp_service(int li, int64_t now)
 #endif
 	if (n < 0) {
 		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-			log_msg(LOG_DEBUG, "udp recv: %s", strerror(errno));
+			log_msg(LOG_DEBUG, "udp recv failed\terror=\"%s\"",
+			    strerror(errno));
 		return;
 	}
 	for (i = 0; i < n; i++) {
@@ -3041,8 +3515,9 @@ tcp_shed(int lfd)
 	int	 fd;
 
 	if (!G.accept_burst)
-		log_msg(LOG_WARN, "out of file descriptors (%s): closing new "
-		    "TCP clients until some are free", strerror(errno));
+		log_msg(LOG_WARN, "out of file descriptors: closing new TCP "
+		    "clients until some are free\terror=\"%s\"",
+		    strerror(errno));
 	G.accept_burst = 1;
 	if (G.spare_fd < 0)
 		return -1;
@@ -3208,7 +3683,7 @@ drain_start(int64_t now)
 	G.drain_until = now + G.cfg.drain_ms;
 	for (i = 0; i < G.nlisten; i++)
 		fd_close(&G.lst[i].tcp);
-	log_msg(LOG_INFO, "signal %d, draining queries=%u drain_ms=%d",
+	log_msg(LOG_INFO, "signal, draining\tsignal=%d queries=%u drain_ms=%d",
 	    (int)got_signal, G.qlive, G.cfg.drain_ms);
 }
 
@@ -3232,8 +3707,8 @@ drain_done(int64_t now)
 /*
  * The loop: build the pollfd array afresh, sleep until the nearest
  * deadline, service upstream connections first (answers free slots),
- * then clients, then listeners; then expire; then feed upstreams, so all
- * queries of one pass share one TLS record. Returns after a drain.
+ * then clients, then listeners; then expire; then feed upstreams, so the
+ * queries of one pass leave in one send(). Returns after a drain.
  */
 static void
 loop_run(void)
@@ -3308,7 +3783,8 @@ loop_run(void)
 		G.poll_all = r == 0;	/* quiet: next time, sleep on all */
 		if (r < 0) {
 			if (errno != EINTR)
-				log_msg(LOG_WARN, "poll: %s", strerror(errno));
+				log_msg(LOG_WARN, "poll failed\terror=\"%s\"",
+				    strerror(errno));
 			continue;
 		}
 		now = now_ms();
@@ -3371,13 +3847,15 @@ usage(FILE *f)
 "                            an answer (0: from the upstream's RTT, %d..%d)\n"
 "      --connect-timeout MS  TCP connect limit (%d)\n"
 "      --handshake-timeout MS TLS handshake limit (%d)\n"
-"      --idle-timeout MS     close an upstream connection idle that long (%d)\n"
+"      --idle-timeout MS     close an upstream connection idle that long (%d;\n"
+"                            less for a server seen to close sooner)\n"
 "      --conn-queries N      queries in flight per connection before another\n"
 "                            one opens (%d)\n"
 "      --max-conns N         connections per upstream (%d)\n"
 "      --max-queries N       queries waiting at once; over it, SERVFAIL (%d)\n"
 "      --drain MS            on SIGTERM, time given to queries in flight (%d)\n"
 "      --udp-size N          largest UDP answer, for EDNS clients (%d)\n"
+"      --udp-rcvbuf BYTES    UDP receive buffer asked for, for bursts (%d)\n"
 "      --no-pad              do not pad queries to 128-byte blocks (RFC 8467)\n"
 "      --allow CIDR          clients allowed (repeatable); default loopback\n"
 "                            and private ranges; others get REFUSED\n"
@@ -3393,12 +3871,14 @@ usage(FILE *f)
 "DOTP_TIMEOUT, DOTP_ATTEMPT_TIMEOUT, DOTP_CONNECT_TIMEOUT,\n"
 "DOTP_HANDSHAKE_TIMEOUT, DOTP_IDLE_TIMEOUT, DOTP_CONN_QUERIES,\n"
 "DOTP_MAX_CONNS, DOTP_MAX_QUERIES, DOTP_DRAIN, DOTP_UDP_SIZE,\n"
+"DOTP_UDP_RCVBUF, "
 "DOTP_NO_PAD=1, DOTP_ALLOW, DOTP_TCP_IDLE_TIMEOUT, DOTP_MAX_TCP,\n"
 "DOTP_VERBOSE=1, DOTP_QUIET=1. Flags win.\n",
 	    DOTP_TIMEOUT_MS, DOTP_ATTEMPT_MIN_MS, DOTP_ATTEMPT_MAX_MS,
 	    DOTP_CONNECT_MS, DOTP_HANDSHAKE_MS, DOTP_IDLE_MS,
 	    DOTP_CONN_QUERIES, DOTP_MAX_CONNS, DOTP_MAX_QUERIES,
-	    DOTP_DRAIN_MS, DNS_EDNS_UDP_MAX, DOTP_TCP_IDLE_MS, DOTP_MAX_TCP);
+	    DOTP_DRAIN_MS, DNS_EDNS_UDP_MAX, DOTP_UDP_RCVBUF,
+	    DOTP_TCP_IDLE_MS, DOTP_MAX_TCP);
 }
 
 /* Prints one line about a bad value and exits 2. */
@@ -3623,6 +4103,8 @@ static const struct numopt numopts[] = {
 	{ "udp-size", "DOTP_UDP_SIZE", "bytes", DNS_UDP_MIN,
 	    DOTP_UDP_SIZE_MAX, DNS_EDNS_UDP_MAX,
 	    offsetof(struct config, udp_size) },
+	{ "udp-rcvbuf", "DOTP_UDP_RCVBUF", "bytes", 4096, DOTP_UDP_RCVBUF_MAX,
+	    DOTP_UDP_RCVBUF, offsetof(struct config, udp_rcvbuf) },
 	{ "tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", "milliseconds", 1,
 	    86400000, DOTP_TCP_IDLE_MS, offsetof(struct config, tcp_idle_ms) },
 	{ "max-tcp", "DOTP_MAX_TCP", "a count", 1, DOTP_MAX_TCP_CAP,
@@ -3826,6 +4308,31 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 
 /* ==== 15. main ==== */
 
+/*
+ * Asks for --udp-rcvbuf bytes of receive buffer on UDP socket fd: the
+ * privileged SO_RCVBUFFORCE first (root or CAP_NET_ADMIN may pass
+ * net.core.rmem_max), else SO_RCVBUF, which the kernel caps. Linux
+ * reports twice what it grants (the overhead it counts), so half the
+ * value read back is compared. Less than asked is logged, not fatal.
+ */
+static void
+udp_rcvbuf(int fd, const char *where)
+{
+	int	 want = G.cfg.udp_rcvbuf, got = 0;
+	socklen_t sl = sizeof got;
+
+#ifdef SO_RCVBUFFORCE
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &want, sizeof want) < 0)
+#endif
+		(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &want, sizeof want);
+	if (getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &got, &sl) == 0 &&
+	    got / 2 < want)
+		log_msg(LOG_INFO, "UDP receive buffer smaller than asked: a "
+		    "burst may overflow it (raise net.core.rmem_max, or run "
+		    "with CAP_NET_ADMIN)\tlisten=%s asked=%d got=%d", where,
+		    want, got / 2);
+}
+
 /* IPV6_V6ONLY for listen address a: off for the IPv6 wildcard [::] when
  * no IPv4 wildcard shares its port (then [::] serves IPv4 clients too,
  * as v4-mapped addresses); on otherwise, so both can be bound. */
@@ -3890,6 +4397,8 @@ listen_open(const struct sockaddr_text *a, struct listener *l,
 		*what = "listen";
 		if (type && listen(fd, 128) < 0)
 			goto fail;
+		if (!type)
+			udp_rcvbuf(fd, a->text);
 	}
 	return 0;
 fail:
@@ -3911,8 +4420,9 @@ fd_limit_raise(int want)
 	rl.rlim_cur = rl.rlim_max != RLIM_INFINITY &&
 	    rl.rlim_max < (rlim_t)want ? rl.rlim_max : (rlim_t)want;
 	if (setrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur < (rlim_t)want)
-		log_msg(LOG_WARN, "descriptor limit %lu is below the %d that "
-		    "--max-tcp needs", (unsigned long)rl.rlim_cur, want);
+		log_msg(LOG_WARN, "descriptor limit is below what --max-tcp "
+		    "needs\tlimit=%lu want=%d", (unsigned long)rl.rlim_cur,
+		    want);
 }
 
 /* Sets up everything from the config; exits on a start-up error. */
@@ -3996,9 +4506,9 @@ setup(void)
 		/* A machine without IPv6 still serves its IPv4 addresses. */
 		if (a->u.sa.sa_family == AF_INET6 && (errno == EAFNOSUPPORT ||
 		    errno == EADDRNOTAVAIL) && cfg->nlisten > 1) {
-			log_msg(LOG_WARN, "cannot bind %s: %s; IPv6 is not "
-			    "available here, skipping it", a->text,
-			    strerror(errno));
+			log_msg(LOG_WARN, "IPv6 is not available here, "
+			    "skipping that listen address\tlisten=%s "
+			    "error=\"%s\"", a->text, strerror(errno));
 			continue;
 		}
 		fprintf(stderr, "dotp: cannot %s %s: %s%s\n",
@@ -4033,7 +4543,7 @@ log_start(void)
 	for (i = 0; i < G.nup; i++)
 		b += (size_t)snprintf(us + b, sizeof us - b, "%s%s#%s",
 		    i ? "," : "", G.up[i].label, G.up[i].name);
-	log_msg(LOG_INFO, "dotp %s listening listen=%s upstreams=%s "
+	log_msg(LOG_INFO, "dotp listening\tversion=%s listen=%s upstreams=%s "
 	    "anchors=%zu source=%s timeout_ms=%d", DOTP_VERSION, ls, us,
 	    G.ntas, G.cfg.ca_file ? G.cfg.ca_file : "embedded",
 	    G.cfg.timeout_ms);
@@ -4056,6 +4566,7 @@ shutdown_all(void)
 		struct conn *c = &G.conn[i];
 
 		if (c->state == C_READY) {
+			c->closing = 1;
 			br_ssl_engine_close(&c->cc.eng);
 			conn_pump(c, now);	/* best effort close_notify */
 		}
@@ -4073,16 +4584,25 @@ shutdown_all(void)
 		fd_close(&G.lst[i].tcp);
 	}
 	for (i = 0; i < G.nup; i++) {
-		full += G.up[i].hs_full;
-		resumed += G.up[i].hs_resumed;
+		const struct upstream *u = &G.up[i];
+
+		full += u->hs_full;
+		resumed += u->hs_resumed;
+		log_msg(LOG_INFO, "upstream summary\tupstream=%s sent=%lu "
+		    "answered=%lu failures=%lu recycled=%lu "
+		    "handshakes_full=%lu handshakes_resumed=%lu "
+		    "learned_conn_queries=%u learned_idle_ms=%d", u->label,
+		    u->sent, u->answered, u->failures, u->recycled,
+		    u->hs_full, u->hs_resumed, u->cap, u->idle_ms);
 	}
-	log_msg(LOG_INFO, "dotp exiting queries=%lu answers=%lu servfail=%lu "
-	    "dropped=%lu formerr=%lu notimp=%lu refused=%lu stray=%lu "
-	    "handshakes_full=%lu handshakes_resumed=%lu table_full=%lu "
-	    "tcp_refused=%lu udp_send_failed=%lu", G.st.queries,
-	    G.st.answers, G.st.servfail, G.st.dropped, G.st.formerr,
-	    G.st.notimp, G.st.refused, G.st.stray, full, resumed,
-	    G.st.full, G.st.tcp_refused, G.st.udp_send_fail);
+	log_msg(LOG_INFO, "dotp exiting\tqueries=%lu answers=%lu "
+	    "servfail=%lu dropped=%lu formerr=%lu notimp=%lu refused=%lu "
+	    "stray=%lu mismatched=%lu recycled=%lu handshakes_full=%lu "
+	    "handshakes_resumed=%lu table_full=%lu tcp_refused=%lu "
+	    "udp_send_failed=%lu", G.st.queries, G.st.answers,
+	    G.st.servfail, G.st.dropped, G.st.formerr, G.st.notimp,
+	    G.st.refused, G.st.stray, G.st.mismatched, G.st.recycled, full,
+	    resumed, G.st.full, G.st.tcp_refused, G.st.udp_send_fail);
 }
 
 #ifndef DOTP_NO_MAIN

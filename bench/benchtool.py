@@ -12,6 +12,9 @@ Subcommands:
   measure  one dnsperf load run against one target, sampling the target's
            (and the upstream's) CPU time, RSS and upstream TLS connections;
            appends one JSON record to --out
+  resperf  one resperf ramp against one target: the highest answered rate
+           before the first interval losing 1% or more of its queries;
+           appends one JSON record (with the plot) to --out
   light    closed-loop latency: one query in flight at a time, for a fixed
            time or count; appends one JSON record to --out (or prints it)
   report   turn the JSON records into bench/results.json and results.md,
@@ -347,24 +350,40 @@ def do_names(a):
 # measure (dnsperf)
 # ---------------------------------------------------------------------------
 
-def parse_dnsperf(text):
-    """The statistics block of dnsperf 2.10 (see `dnsperf -h`)."""
+# the statistics lines dnsperf and resperf share
+NUM = r"([0-9.]+)"
+COMMON_STATS = {
+    "sent": r"Queries sent:\s+" + NUM,
+    "completed": r"Queries completed:\s+" + NUM,
+    "lost": r"Queries lost:\s+" + NUM,
+    "run_time_s": r"Run time \(s\):\s+" + NUM,
+}
+
+
+def match_numbers(text, pats, ints):
+    """{key: number} for each (key, regex) of pats found in text; keys in
+    ints become ints when whole."""
     r = {}
-    num = r"([0-9.]+)"
-    pats = {
-        "sent": r"Queries sent:\s+" + num,
-        "completed": r"Queries completed:\s+" + num,
-        "lost": r"Queries lost:\s+" + num,
-        "interrupted": r"Queries interrupted:\s+" + num,
-        "run_time_s": r"Run time \(s\):\s+" + num,
-        "qps": r"Queries per second:\s+" + num,
-        "reconnections": r"Reconnections:\s+" + num,
-    }
     for k, p in pats.items():
         m = re.search(p, text)
         if m:
             v = float(m.group(1))
-            r[k] = int(v) if v.is_integer() and k != "qps" else v
+            r[k] = int(v) if v.is_integer() and k in ints else v
+    return r
+
+
+def parse_dnsperf(text):
+    """The statistics block of dnsperf 2.10 (see `dnsperf -h`)."""
+    r = {}
+    num = NUM
+    pats = dict(COMMON_STATS)
+    pats.update({
+        "interrupted": r"Queries interrupted:\s+" + num,
+        "qps": r"Queries per second:\s+" + num,
+        "reconnections": r"Reconnections:\s+" + num,
+    })
+    r.update(match_numbers(text, pats, ints=("sent", "completed", "lost",
+                                             "interrupted", "reconnections")))
     m = re.search(r"Average Latency \(s\):\s+([0-9.]+) \(min ([0-9.]+), "
                   r"max ([0-9.]+)\)", text)
     if m:
@@ -384,31 +403,24 @@ def parse_dnsperf(text):
     return r
 
 
-def do_measure(a):
-    rec = {
-        "kind": "load", "target": a.target, "transport": a.transport,
-        "names": a.names, "round": a.round, "duration_s": a.duration,
-        "clients": a.clients, "outstanding": a.outstanding,
-    }
-    # one warm-up query: the target is up and has its upstream connection
+def warm_up(a, rec):
+    """One warm-up query: the target is up and has its upstream connection."""
     if a.transport != "dot":
         wa = argparse.Namespace(mode="udp", host="127.0.0.1", port=a.port,
                                 name="warmup-%d.bench.test" % random.randrange(10**9),
                                 timeout=10, ca=None, tls_name=None, quiet=False,
                                 once=False)
         rec["warmup_ok"] = do_wait(wa) == 0
-    cmd = ["dnsperf", "-m", a.transport, "-s", "127.0.0.1", "-p", str(a.port),
-           "-d", a.datafile, "-c", str(a.clients), "-q", str(a.outstanding),
-           "-l", str(a.duration), "-t", str(a.query_timeout), "-v"]
-    rec["command"] = " ".join(cmd)
-    pid, upid = a.pid, a.upstream_pid
-    if a.datafile_lines is None:
-        with open(a.datafile) as f:
-            a.datafile_lines = sum(1 for _ in f)
-    rec["datafile_lines"] = a.datafile_lines
 
+
+def run_measured(a, rec, cmd, tool, timeout):
+    """Runs a load tool (cmd) against the target after a settle, recording in
+    rec its exit status (TOOL_rc), wall time, the CPU and foreign-load figures
+    and, with --count-conns, the upstream TLS connections. Returns (output
+    file path, target CPU ticks, upstream CPU ticks, target's peak RSS)."""
+    pid, upid = a.pid, a.upstream_pid
     time.sleep(a.settle)
-    rss0, _ = mem_kib(pid)
+    rec["rss_before_kib"], _ = mem_kib(pid)
     rec["hwm_reset"] = reset_hwm(pid)
     sampler = ConnSampler(pid) if a.count_conns else None
     t0u, t0 = cpu_ticks(upid), cpu_ticks(pid)
@@ -416,20 +428,47 @@ def do_measure(a):
     if sampler:
         sampler.start()
     w0 = time.monotonic()
-    out = os.path.join(a.tmp, "dnsperf.%d.out" % os.getpid())
+    out = os.path.join(a.tmp, "%s.%d.out" % (tool, os.getpid()))
     with open(out, "w") as f:
         try:
             p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
-                               timeout=a.duration + a.query_timeout + 30)
-            rec["dnsperf_rc"] = p.returncode
+                               timeout=timeout)
+            rec[tool + "_rc"] = p.returncode
         except subprocess.TimeoutExpired:
-            rec["dnsperf_rc"] = "timeout"
+            rec[tool + "_rc"] = "timeout"
     rec["wall_s"] = round(time.monotonic() - w0, 3)
     t1, t1u = cpu_ticks(pid), cpu_ticks(upid)
     if sampler:
         sampler.stop()
+        rec["tls_conns_max"] = max(sampler.counts) if sampler.counts else None
+        rec["tls_conns_min"] = min(sampler.counts) if sampler.counts else None
+        rec["tls_conns_distinct"] = len(sampler.seen)
+        rec["tls_conn_samples"] = len(sampler.counts)
+        rec["tls_conns_ss_check"] = sampler.ss_count
     rec.update(watch.stop())
-    rss1, hwm1 = mem_kib(pid)
+    rec["rss_after_kib"], hwm1 = mem_kib(pid)
+    rec["peak_rss_kib"] = hwm1 if rec["hwm_reset"] else None
+    return out, t1 - t0, t1u - t0u
+
+
+def do_measure(a):
+    rec = {
+        "kind": "load", "target": a.target, "transport": a.transport,
+        "names": a.names, "round": a.round, "duration_s": a.duration,
+        "clients": a.clients, "outstanding": a.outstanding,
+    }
+    warm_up(a, rec)
+    cmd = ["dnsperf", "-m", a.transport, "-s", "127.0.0.1", "-p", str(a.port),
+           "-d", a.datafile, "-c", str(a.clients), "-q", str(a.outstanding),
+           "-l", str(a.duration), "-t", str(a.query_timeout), "-v"]
+    rec["command"] = " ".join(cmd)
+    if a.datafile_lines is None:
+        with open(a.datafile) as f:
+            a.datafile_lines = sum(1 for _ in f)
+    rec["datafile_lines"] = a.datafile_lines
+
+    out, cpu, ucpu = run_measured(a, rec, cmd, "dnsperf",
+                                  a.duration + a.query_timeout + 30)
 
     lat, rc_lines, timeouts = [], {}, 0
     summary = []
@@ -457,20 +496,11 @@ def do_measure(a):
     done = rec.get("completed", 0)
     noerr = rec.get("rcodes", {}).get("NOERROR", 0)
     rec["noerror"] = noerr
-    rec["cpu_s"] = round((t1 - t0) / CLK_TCK, 3)
-    rec["cpu_us_per_query"] = round((t1 - t0) / CLK_TCK * 1e6 / done, 2) \
+    rec["cpu_s"] = round(cpu / CLK_TCK, 3)
+    rec["cpu_us_per_query"] = round(cpu / CLK_TCK * 1e6 / done, 2) \
         if done else None
-    rec["upstream_cpu_us_per_query"] = round((t1u - t0u) / CLK_TCK * 1e6 / done, 2) \
-        if done and upid != pid else None
-    rec["rss_before_kib"] = rss0
-    rec["rss_after_kib"] = rss1
-    rec["peak_rss_kib"] = hwm1 if rec["hwm_reset"] else None
-    if sampler:
-        rec["tls_conns_max"] = max(sampler.counts) if sampler.counts else None
-        rec["tls_conns_min"] = min(sampler.counts) if sampler.counts else None
-        rec["tls_conns_distinct"] = len(sampler.seen)
-        rec["tls_conn_samples"] = len(sampler.counts)
-        rec["tls_conns_ss_check"] = sampler.ss_count
+    rec["upstream_cpu_us_per_query"] = round(ucpu / CLK_TCK * 1e6 / done, 2) \
+        if done and a.upstream_pid != a.pid else None
     # unique names must not repeat within a run: the file was not wrapped
     if a.names == "unique":
         rec["names_repeated"] = rec.get("sent", 0) > a.datafile_lines
@@ -482,7 +512,7 @@ def do_measure(a):
             "  lost %s  rss %s KiB  peak %s KiB  conns %s"
             % (a.target, a.transport, a.names, a.round, rec.get("qps", 0),
                rec["cpu_us_per_query"], rec.get("avg_us"), rec.get("p99_us"),
-               rec.get("lost"), rss0, rec["peak_rss_kib"],
+               rec.get("lost"), rec["rss_before_kib"], rec["peak_rss_kib"],
                rec.get("tls_conns_max", "-")))
     if (rec.get("foreign_cpu_pct") or 0) > 10:
         line += "  (other processes used %s%% of the CPU)" % rec["foreign_cpu_pct"]
@@ -492,6 +522,157 @@ def do_measure(a):
         line += "  (names repeated: file too short)"
     if noerr != done:
         line += "  (rcodes %s)" % rec.get("rcodes")
+    if "error" in rec:
+        line += "  ERROR"
+    print(line, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# resperf: the highest rate answered with under 1% loss
+# ---------------------------------------------------------------------------
+
+def parse_resperf(text):
+    """resperf 2.10's status lines and statistics block."""
+    r = {}
+    num = NUM
+    pats = dict(COMMON_STATS)
+    pats.update({
+        "reconnections": r"Reconnection\(s\):\s+" + num,
+        # with -L: the highest response rate before the first interval
+        # losing more than that (resperf's own rule; failures count as
+        # answers there)
+        "resperf_max_throughput": r"Maximum throughput:\s+" + num,
+        "resperf_lost_at_max_pct": r"Lost at that point:\s+" + num,
+    })
+    r.update(match_numbers(text, pats, ints=("sent", "completed", "lost",
+                                             "reconnections")))
+    m = re.search(r"Response codes:\s+(.*)", text)
+    if m:
+        r["rcodes"] = {k: int(v) for k, v in
+                       re.findall(r"([A-Z]+) (\d+) \(", m.group(1))}
+    # how the sending phase ended
+    m = re.search(r"Fell behind by (\d+) queries, ending test at ([0-9.]+) qps",
+                  text)
+    if m:
+        r["ended"] = "client fell behind"
+        r["ended_at_qps"] = round(float(m.group(2)))
+    elif re.search(r"Reached \d+ outstanding queries", text):
+        r["ended"] = "outstanding limit"
+    elif "Waiting for more responses" in text:
+        r["ended"] = "ramp done"
+    return r
+
+
+def parse_resperf_plot(path):
+    """The -P plot file: time, target qps, actual qps, responses/s,
+    failures/s, average latency (s), connections/s, connection latency;
+    one row per interval, by the time the queries were sent."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            try:
+                rows.append([float(x) for x in line.split()])
+            except ValueError:
+                continue
+    return rows
+
+
+def resperf_peak(rows, max_loss):
+    """Walk the ramp in order. An interval's loss is the share of the
+    queries sent in it that got no NOERROR/NXDOMAIN answer within the
+    timeout (no answer, or a failure rcode). The peak is the highest
+    answered rate (answers/s, failures excluded) over the intervals before
+    the first one losing max_loss % or more. Returns (peak, first_loss),
+    dicts or None; first_loss None means no interval reached max_loss %:
+    the ramp ended first and the peak is a lower bound."""
+    peak = first = None
+    for row in rows:
+        if len(row) < 6:
+            continue
+        t, target, sent, resp, fail, lat = row[:6]
+        if sent <= 0:
+            continue            # nothing sent in that interval (a stall)
+        ok = max(0.0, resp - fail)
+        loss = max(0.0, 100.0 * (sent - ok) / sent)
+        point = {"t_s": t, "target_qps": round(target), "sent_qps": round(sent),
+                 "answered_qps": round(ok), "loss_pct": round(loss, 2),
+                 "latency_us": round(lat * 1e6, 1) if resp else None}
+        if loss >= max_loss:
+            first = point
+            break
+        if peak is None or ok > peak["answered_qps"]:
+            peak = point
+    return peak, first
+
+
+def do_resperf(a):
+    rec = {
+        "kind": "resperf", "target": a.target, "transport": a.transport,
+        "round": a.round, "max_qps": a.max_qps, "ramp_s": a.ramp,
+        "clients": a.clients, "interval_s": a.interval,
+        "max_loss_pct": a.max_loss, "datafile_lines": a.datafile_lines,
+    }
+    warm_up(a, rec)
+    plot = os.path.join(a.tmp, "resperf.%d.plot" % os.getpid())
+    cmd = ["resperf", "-M", a.transport, "-s", "127.0.0.1", "-p", str(a.port),
+           "-d", a.datafile, "-C", str(a.clients), "-m", str(a.max_qps),
+           "-r", str(a.ramp), "-i", str(a.interval), "-t", str(a.query_timeout),
+           "-L", str(a.max_loss), "-F", str(a.fall_behind),
+           "-b", str(a.bufsize), "-P", plot]
+    rec["command"] = " ".join(cmd)
+    out, cpu, ucpu = run_measured(a, rec, cmd, "resperf",
+                                  a.ramp + a.query_timeout + 60)
+    with open(out, errors="replace") as f:
+        text = f.read()
+    os.unlink(out)
+    rec.update(parse_resperf(text))
+    rows = parse_resperf_plot(plot) if os.path.exists(plot) else []
+    if os.path.exists(plot):
+        os.unlink(plot)
+    peak, first = resperf_peak(rows, a.max_loss)
+    rec["peak"] = peak
+    rec["first_loss"] = first
+    # the very first interval already lost max_loss %: nothing sustained
+    rec["peak_qps"] = peak["answered_qps"] if peak else (0 if first else None)
+    # no interval lost max_loss % or more: the client stopped first
+    rec["lower_bound"] = first is None
+    rec["max_answered_qps_any_loss"] = round(max(
+        [max(0.0, r[3] - r[4]) for r in rows if len(r) >= 5] or [0]))
+    # the plot as "time target sent answers failures latency_us" strings
+    rec["plot"] = ["%.3f %.0f %.0f %.0f %.0f %.0f" % (r[0], r[1], r[2], r[3],
+                                                    r[4], r[5] * 1e6)
+                   for r in rows if len(r) >= 6]
+    rec["cpu_s"] = round(cpu / CLK_TCK, 3)
+    rec["upstream_cpu_s"] = round(ucpu / CLK_TCK, 3) \
+        if a.upstream_pid != a.pid else None
+    rec["names_repeated"] = rec.get("sent", 0) > a.datafile_lines
+    if rec.get("resperf_rc") != 0 or not rows:
+        rec["error"] = "resperf failed: " + text.strip()[-400:]
+    with open(a.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    line = ("%-8s %-4s resperf r%d  peak %s%s qps (<%g%% loss)" % (
+        a.target, a.transport, a.round,
+        ">=" if rec["lower_bound"] else "",
+        "-" if peak is None else "%.0f" % peak["answered_qps"], a.max_loss))
+    if peak and peak.get("latency_us") is not None:
+        line += "  avg %.0f us there" % peak["latency_us"]
+    if first:
+        line += "  | %.1f%% lost at %.0f qps sent" % (first["loss_pct"],
+                                                   first["sent_qps"])
+    line += "  | ended: %s%s, %.1f s" % (
+        rec.get("ended", "?"), " at %s qps" % rec["ended_at_qps"]
+        if rec.get("ended_at_qps") else "", rec["wall_s"])
+    if a.count_conns:
+        line += "  conns %s" % rec.get("tls_conns_max", "-")
+    if (rec.get("foreign_cpu_pct") or 0) > 10:
+        line += "  (other processes used %s%% of the CPU)" % rec["foreign_cpu_pct"]
+    if (rec.get("steal_pct") or 0) > 5:
+        line += "  (steal %s%%)" % rec["steal_pct"]
+    if rec["names_repeated"]:
+        line += "  (names repeated: file too short)"
     if "error" in rec:
         line += "  ERROR"
     print(line, flush=True)
@@ -769,6 +950,46 @@ def do_report(a):
             light_agg[k]["added_p50_us"] = \
                 med([x.get("added_p50_us") for x in rs])
 
+    # --- resperf: highest rate with under 1% loss, medians over rounds ----
+    rsp = {}
+    for r in runs:
+        if r["kind"] == "resperf":
+            rsp.setdefault("%s/%s" % (r["target"], r["transport"]), []).append(r)
+    resperf_agg = {}
+    for k, rs in rsp.items():
+        ok = [x for x in rs if "error" not in x and x.get("peak_qps") is not None]
+        lb = sum(1 for x in ok if x.get("lower_bound"))
+        ended = {}
+        for x in ok:
+            e = x.get("ended", "?")
+            ended[e] = ended.get(e, 0) + 1
+        resperf_agg[k] = {
+            "rounds": len(rs),
+            "rounds_failed": len(rs) - len(ok),
+            "peak_qps": med([x["peak_qps"] for x in ok]),
+            "peak_qps_rounds": [x["peak_qps"] for x in ok],
+            "lower_bound_rounds": lb,
+            # most rounds ended before any interval lost 1%: the median is
+            # what the client reached, not where the target started losing
+            "lower_bound": bool(ok) and 2 * lb > len(ok),
+            "latency_at_peak_us": med([(x.get("peak") or {}).get("latency_us")
+                                       for x in ok]),
+            "first_loss_sent_qps": med([(x.get("first_loss") or {}).get("sent_qps")
+                                        for x in ok]),
+            "max_answered_qps_any_loss": med([x.get("max_answered_qps_any_loss")
+                                              for x in ok]),
+            "resperf_max_throughput": med([x.get("resperf_max_throughput")
+                                           for x in ok]),
+            "ended": ended,
+            "tls_conns_max": max([x["tls_conns_max"] for x in ok
+                                  if x.get("tls_conns_max") is not None]
+                                 or [None], key=lambda v: v or 0),
+            "peak_rss_kib_max": max([x["peak_rss_kib"] for x in ok
+                                     if x.get("peak_rss_kib")] or [None],
+                                    key=lambda v: v or 0),
+            "names_repeated": any(x.get("names_repeated") for x in rs),
+        }
+
     # --- per-target memory and connections over the whole run -----------
     procs = meta.get("processes", {})
     per_target = {}
@@ -874,7 +1095,7 @@ def do_report(a):
                 % (dt["tls_conns_max"], dt.get("tls_conns_min_during_load")),
                 "exactly 1 TLS connection to the upstream")
 
-    for kind in ("load", "light"):
+    for kind in ("load", "light", "resperf"):
         stolen = [r for r in runs if r["kind"] == kind
                   and (r.get("steal_pct") or 0) > 5]
         if stolen:
@@ -904,7 +1125,14 @@ def do_report(a):
             if x["non_noerror_total"]:
                 auto.append("%s %s: %d answers were not NOERROR"
                                        % (t, key, x["non_noerror_total"]))
+    for k, x in resperf_agg.items():
+        if x["rounds_failed"]:
+            auto.append("resperf %s: %d round(s) failed (see runs)"
+                        % (k, x["rounds_failed"]))
+        if x["names_repeated"]:
+            auto.append("resperf %s: the query file wrapped (names repeated)" % k)
     result = {"meta": meta, "summary": agg, "light": light_agg,
+              "resperf": resperf_agg,
               "per_target": per_target, "callgrind": cg, "verdicts": V,
               "caveats_from_data": auto, "runs": runs}
     with open(a.out_json, "w") as f:
@@ -942,10 +1170,16 @@ def do_report(a):
         return "%s (%+.1f)" % (fmt(x.get("p50_us"), 1), x["added_p50_us"])
 
     L.append("## Summary (UDP, unique names: every query misses every cache)\n")
+    def resperf_cell(x):
+        if not x or x.get("peak_qps") is None:
+            return "-"
+        return ("≥" if x.get("lower_bound") else "") + fmt(x["peak_qps"])
+
     L.append("| target | QPS | CPU µs/query | avg µs | p50 µs | p99 µs | lost | "
+             "resperf peak QPS (<1% loss) | "
              "TCP QPS | TCP CPU µs/q | UDP repeat QPS | idle RSS KiB | "
              "peak RSS KiB | TLS conns | light p50 µs (added) | cache |")
-    L.append("|---|" + "---:|" * 13 + "---|")
+    L.append("|---|" + "---:|" * 14 + "---|")
     for t in order:
         u = agg.get(t, {}).get("udp/unique" if t != "upstream" else "dot/unique", {})
         tcp = agg.get(t, {}).get("tcp/unique", {})
@@ -953,10 +1187,12 @@ def do_report(a):
         pt = per_target.get(t, {})
         lk = "upstream/dot" if t == "upstream" else t + "/udp"
         name = t if t != "upstream" else "upstream direct (DoT)"
-        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        rk = "upstream/dot" if t == "upstream" else t + "/udp"
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             name, fmt(u.get("qps")), fmt(u.get("cpu_us_per_query"), 2),
             fmt(u.get("avg_us")), fmt(u.get("p50_us")), fmt(u.get("p99_us")),
-            fmt(u.get("lost_total")), fmt(tcp.get("qps")),
+            fmt(u.get("lost_total")), resperf_cell(resperf_agg.get(rk)),
+            fmt(tcp.get("qps")),
             fmt(tcp.get("cpu_us_per_query"), 2), fmt(rep.get("qps")),
             fmt(pt.get("idle_rss_kib")), fmt(pt.get("peak_rss_kib")),
             fmt(pt.get("tls_conns_max")),
@@ -964,10 +1200,11 @@ def do_report(a):
             meta.get("cache", {}).get(t, "-")))
     up_udp = agg.get("upstream", {}).get("udp/unique", {})
     if up_udp:
-        L.append("| upstream direct (plain UDP) | %s | %s | %s | %s | %s | %s | | | | | | | %s | none (local data) |" % (
+        L.append("| upstream direct (plain UDP) | %s | %s | %s | %s | %s | %s | %s | | | | | | | %s | none (local data) |" % (
             fmt(up_udp.get("qps")), fmt(up_udp.get("cpu_us_per_query"), 2),
             fmt(up_udp.get("avg_us")), fmt(up_udp.get("p50_us")),
             fmt(up_udp.get("p99_us")), fmt(up_udp.get("lost_total")),
+            resperf_cell(resperf_agg.get("upstream/udp")),
             fmt((light_agg.get("upstream/udp") or {}).get("p50_us"), 1)))
     L.append("")
     L.append("CPU µs/query: utime+stime of the forwarder process (all threads) "
@@ -977,7 +1214,12 @@ def do_report(a):
              "Light p50: one query in flight at a time (own closed-loop "
              "client), UDP to the forwarder, or DoT / UDP straight to the "
              "upstream; (added): minus the upstream's DoT p50 measured "
-             "alternately in the same run.\n")
+             "alternately in the same run.%s\n" % (
+                 " resperf peak: the highest rate answered before the first "
+                 "interval of resperf's ramp that lost 1% or more of its "
+                 "queries (see below); ≥: the ramp ended before any interval "
+                 "lost 1% (the client's limit, a lower bound)."
+                 if resperf_agg else ""))
     L.append("## Every scenario (medians over rounds)\n")
     L.append("| target | transport | names | QPS | CPU µs/q | upstream CPU µs/q | "
              "avg µs | p50 µs | p90 µs | p99 µs | > 30 ms | lost | non-NOERROR | "
@@ -1001,6 +1243,56 @@ def do_report(a):
                 "%d%s" % (x["rounds"], " (%d failed)" % x["rounds_failed"]
                           if x["rounds_failed"] else "")))
     L.append("")
+    if resperf_agg:
+        rs_set = s.get("resperf") or {}
+        L.append("## Peak rate with under 1% loss (resperf)\n")
+        L.append("`%s` (unique names, fresh each round; plain UDP to each "
+                 "forwarder and to the upstream, DoT to the upstream): the rate "
+                 "ramps up linearly; every %s s interval of the ramp is judged "
+                 "by the queries sent in it: lost = no NOERROR or NXDOMAIN answer within "
+                 "%s s (no answer, or a failure rcode). Peak = the highest "
+                 "answered rate over the intervals before the first one that "
+                 "lost 1%% or more; median over rounds. resperf busy-waits: it "
+                 "takes about one of the 2 cores for the whole run, so the "
+                 "forwarder and the upstream share what is left (lower than the "
+                 "dnsperf QPS above). Over DoT (TCP) nothing is dropped: "
+                 "queries wait in the connection, so that row is mostly how "
+                 "fast resperf itself could send. Runs come after all the other "
+                 "load and light runs, so the extra upstream connections and "
+                 "memory a flood brings do not show in the figures above.\n" % (
+                     rs_set.get("command", "resperf"),
+                     rs_set.get("interval_s", "?"),
+                     rs_set.get("timeout_s", "?")))
+        L.append("| target | transport | peak QPS (<1% loss) | per round | "
+                 "avg µs at peak | sent QPS at first ≥1% loss | most answered "
+                 "QPS (any loss) | resperf -L figure | ramp ended by | "
+                 "TLS conns max | peak RSS KiB |")
+        L.append("|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|")
+        for t in order:
+            for tr in ("udp", "dot"):
+                x = resperf_agg.get("%s/%s" % (t, tr))
+                if not x:
+                    continue
+                L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                    t, tr, resperf_cell(x),
+                    ", ".join(fmt(v) for v in x["peak_qps_rounds"]) or "-",
+                    fmt(x["latency_at_peak_us"]),
+                    fmt(x["first_loss_sent_qps"]),
+                    fmt(x["max_answered_qps_any_loss"]),
+                    fmt(x["resperf_max_throughput"]),
+                    ", ".join("%s (%d)" % kv for kv in sorted(x["ended"].items()))
+                    or "-",
+                    fmt(x["tls_conns_max"]) if t != "upstream" else "-",
+                    fmt(x["peak_rss_kib_max"]) if t != "upstream" else "-"))
+        L.append("")
+        L.append("Ramp ended by: client fell behind = resperf could not send "
+                 "on schedule (it stops when %s queries behind); outstanding "
+                 "limit = 65,536 queries unanswered at once; ramp done = it "
+                 "reached the maximum rate. resperf -L figure: resperf's own "
+                 "report with -L 1 (the same rule, but failure rcodes count as "
+                 "answers and an interval must lose more than 1%% to stop it). "
+                 "peak RSS: VmHWM over a resperf run (reset before it).\n"
+                 % rs_set.get("fall_behind", "?"))
     L.append("## Light load (1 query in flight, closed loop)\n")
     L.append("Each forwarder's UDP queries alternate with DoT queries sent "
              "straight to the upstream by the same client (one in flight); "
@@ -1125,6 +1417,30 @@ def main():
     m.add_argument("--tmp", default="/tmp")
     m.add_argument("--out", required=True)
 
+    rs = sub.add_parser("resperf")
+    rs.add_argument("--target", required=True)
+    rs.add_argument("--transport", choices=("udp", "tcp", "dot"), default="udp")
+    rs.add_argument("--port", type=int, required=True)
+    rs.add_argument("--datafile", required=True)
+    rs.add_argument("--datafile-lines", type=int, required=True)
+    rs.add_argument("--pid", type=int, required=True)
+    rs.add_argument("--upstream-pid", type=int, required=True)
+    rs.add_argument("--count-conns", action="store_true")
+    rs.add_argument("--max-qps", type=int, default=150000)
+    rs.add_argument("--ramp", type=int, default=6, help="ramp-up seconds")
+    rs.add_argument("--clients", type=int, default=4)
+    rs.add_argument("--interval", type=float, default=0.25,
+                    help="plot interval, seconds")
+    rs.add_argument("--max-loss", type=float, default=1.0, help="percent")
+    rs.add_argument("--query-timeout", type=int, default=2)
+    rs.add_argument("--fall-behind", type=int, default=5000)
+    rs.add_argument("--bufsize", type=int, default=4096,
+                    help="client socket buffers, KiB")
+    rs.add_argument("--settle", type=float, default=1.0)
+    rs.add_argument("--round", type=int, default=1)
+    rs.add_argument("--tmp", default="/tmp")
+    rs.add_argument("--out", required=True)
+
     li = sub.add_parser("light")
     li.add_argument("--target", default="?")
     li.add_argument("--mode", choices=("udp", "tcp", "dot"), default="udp")
@@ -1156,7 +1472,7 @@ def main():
 
     a = ap.parse_args()
     return {"wait": do_wait, "names": do_names, "rss": do_rss, "busy": do_busy,
-            "measure": do_measure, "light": do_light,
+            "measure": do_measure, "resperf": do_resperf, "light": do_light,
             "report": do_report}[a.cmd](a)
 
 

@@ -23,7 +23,9 @@
 set -eu
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 cd "$(dirname "$BENCH_DIR")"
-[ -x ./dotp ] || { echo "callgrind: ./dotp missing: run 'make dotp'" >&2; exit 1; }
+# DOTP_BIN: the binary measured (default ./dotp; run.sh passes its own)
+DOTP_BIN=${DOTP_BIN:-./dotp}
+[ -x "$DOTP_BIN" ] || { echo "callgrind: $DOTP_BIN missing: run 'make dotp'" >&2; exit 1; }
 . "$BENCH_DIR/lib.sh"
 [ -n "${BENCH_UPSTREAM:-}" ] || enter_netns "$BENCH_DIR/callgrind.sh" "$@"
 
@@ -55,11 +57,11 @@ one_run() {
 	_out=$T/cg.$1.out
 	# generous timeouts: under callgrind dotp runs ~50x slower
 	start "cg-$1" valgrind --tool=callgrind --callgrind-out-file="$_out" \
-	    ./dotp -l "127.0.0.1:$PORT" -u "$UPSTREAM" --ca-file "$CA" \
+	    "$DOTP_BIN" -l "127.0.0.1:$PORT" -u "$UPSTREAM" --ca-file "$CA" \
 	    --timeout 30000 --attempt-timeout 15000 --connect-timeout 20000 \
 	    --handshake-timeout 20000 --idle-timeout 600000 --drain 10000
 	_pid=$LAST_PID _i=0
-	while ! grep -q 'dotp .* listening' "$T/cg-$1.log" 2>/dev/null; do
+	while ! grep -q 'msg="dotp listening"' "$T/cg-$1.log" 2>/dev/null; do
 		_i=$((_i + 1))
 		[ $_i -lt 600 ] && kill -0 "$_pid" 2>/dev/null ||
 		    { cat "$T/cg-$1.log" >&2; die "dotp under valgrind did not start"; }

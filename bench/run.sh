@@ -13,15 +13,19 @@
 #      BENCH_ROUNDS rounds, plus the upstream's own ceiling (DoT and UDP);
 #   5. measures closed-loop latency with one query in flight, and the hop
 #      floor: the same through bench/relay.c, a minimal UDP relay;
-#   6. counts dotp's instructions per query under callgrind
+#   6. finds each target's highest rate with under 1% loss: a resperf
+#      ramp (plain UDP; the upstream also over DoT), after all the other
+#      runs, targets alternated, BENCH_ROUNDS rounds;
+#   7. counts dotp's instructions per query under callgrind
 #      (bench/callgrind.sh), the binary and the image size;
-#   7. writes bench/results.json and bench/results.md, prints the table and
+#   8. writes bench/results.json and bench/results.md, prints the table and
 #      the dotp target verdicts (as measured; the exit status does not
 #      depend on them).
 #
 # Knobs (environment):
-#   BENCH_TIME=10        total budget in minutes; the per-run duration is
-#                        derived from it (at least 2 s per load run)
+#   BENCH_TIME=10        budget in minutes for everything but the resperf
+#                        runs; the per-run duration is derived from it (at
+#                        least 2 s per load run)
 #   BENCH_ROUNDS=3       rounds (medians are taken over them)
 #   BENCH_DURATION=      seconds per load run (overrides the derivation)
 #   BENCH_LIGHT_TIME=    seconds per light-load run (default 2, 1 when short)
@@ -36,23 +40,34 @@
 #   BENCH_KEEP_TMP=1     keep the temp directory (configs, logs)
 #   BENCH_QUICKACK=1     turn delayed ACKs off on loopback (route attribute)
 #                        to tell Nagle/delayed-ACK stalls from other latency
+#   BENCH_RESPERF=1      0 skips the resperf runs (about 5 s per target and
+#                        round, upstream UDP and DoT included)
+#   BENCH_RESPERF_QPS=150000  resperf -m: the rate the ramp ends at
+#   BENCH_RESPERF_RAMP=6 resperf -r: seconds the ramp takes to get there
+#   DOTP_BIN=./dotp      the dotp binary measured (e.g. a copy, while ./dotp
+#                        is being rebuilt)
 #
 # Needs root (or unprivileged user namespaces) for `unshare -n`.
 set -eu
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH_DIR")
+# DOTP_BIN relative to where the bench was started from
+case ${DOTP_BIN:-} in '' | /*) ;; *) DOTP_BIN=$(pwd)/$DOTP_BIN ;; esac
 cd "$REPO"
+DOTP_BIN=${DOTP_BIN:-$REPO/dotp}
+export DOTP_BIN
 
 if [ "${BENCH_INNER:-0}" != 1 ]; then
 	# --- outside the namespace: check the tools, then re-exec inside -----
-	[ -x ./dotp ] || { echo "bench: ./dotp missing: run 'make dotp'" >&2; exit 1; }
-	for c in unbound unbound-checkconf stubby kresd dnsdist dnsperf valgrind \
+	[ -x "$DOTP_BIN" ] || { echo "bench: $DOTP_BIN missing: run 'make dotp'" >&2; exit 1; }
+	rp=; [ "${BENCH_RESPERF:-1}" = 0 ] || rp=resperf
+	for c in unbound unbound-checkconf stubby kresd dnsdist dnsperf $rp valgrind \
 	    openssl ss ip unshare /usr/bin/python3; do
 		command -v "$c" >/dev/null 2>&1 ||
 		    { echo "bench: $c is not installed (make bench installs it)" >&2; exit 1; }
 	done
 	BENCH_T0=$(date +%s)
-	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION})"
+	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP})"
 	export BENCH_T0 BENCH_CMD
 fi
 . "$BENCH_DIR/lib.sh"
@@ -62,6 +77,14 @@ enter_netns "$BENCH_DIR/run.sh" "$@"
 : "${BENCH_TIME:=10}" "${BENCH_ROUNDS:=3}" "${BENCH_CLIENTS:=4}"
 : "${BENCH_OUTSTANDING:=100}" "${BENCH_CG_QUERIES:=2000}" "${BENCH_IMAGE:=1}"
 : "${BENCH_TARGETS:=dotp stubby unbound kresd dnsdist}"
+: "${BENCH_RESPERF:=1}" "${BENCH_RESPERF_QPS:=150000}" "${BENCH_RESPERF_RAMP:=6}"
+case $BENCH_RESPERF in 0 | 1) ;; *) die "BENCH_RESPERF must be 0 or 1" ;; esac
+case $BENCH_RESPERF_QPS in '' | *[!0-9]* | 0) die "BENCH_RESPERF_QPS must be a whole number >= 1" ;; esac
+case $BENCH_RESPERF_RAMP in '' | *[!0-9]* | 0) die "BENCH_RESPERF_RAMP must be whole seconds >= 1" ;; esac
+# resperf's plot interval (s), query timeout (s, as dnsperf -t), how far
+# behind schedule it may fall before it stops (queries; its default, 1000,
+# is a 20 ms stall at 50k qps), client socket buffers (KiB)
+RP_INTERVAL=0.25 RP_TIMEOUT=2 RP_FALL=5000 RP_BUF=4096
 case $BENCH_TIME in
 '' | *[!0-9.]* | *.*.*) die "BENCH_TIME must be minutes, e.g. 10 or 2.5" ;;
 esac
@@ -115,8 +138,9 @@ log "budget ${BENCH_TIME} min, $BENCH_ROUNDS rounds, ${D} s per load run," \
 
 # the binary measured; it is checked again at the end (a rebuild during the
 # run would mix two binaries)
-DOTP_SUM=$(sha256sum dotp | cut -d' ' -f1)
+DOTP_SUM=$(sha256sum "$DOTP_BIN" | cut -d' ' -f1)
 meta binary.sha256 "$DOTP_SUM"
+meta binary.path "$DOTP_BIN"
 
 # Other work on the machine skews everything: measure it before starting.
 busy=$($BENCH_TOOL busy --seconds 1)
@@ -147,7 +171,7 @@ UPSTREAM="127.0.0.1:$UP_TLS_PORT#$UP_NAME"
 start_dotp() {
 	# no -q: only its start and exit lines are logged, and the exit line
 	# (queries=, answers=, servfail=, handshakes) goes into the results
-	start dotp ./dotp -l "127.0.0.1:$1" -u "$UPSTREAM" --ca-file "$CA"
+	start dotp "$DOTP_BIN" -l "127.0.0.1:$1" -u "$UPSTREAM" --ca-file "$CA"
 }
 start_stubby() {
 	cat >"$T/stubby.yml" <<-EOF
@@ -406,6 +430,42 @@ for t in $MEASURED; do
 	meta "processes.$t.final_rss_kib" "$1"
 	meta "processes.$t.final_hwm_kib" "$2"
 done
+
+# --- highest rate with under 1% loss (resperf) -------------------------------
+# After everything else: a flood makes forwarders open more upstream
+# connections and take more memory, which must not show in the figures
+# above. Each run: resperf ramps from 0 to BENCH_RESPERF_QPS over
+# BENCH_RESPERF_RAMP s (it stops earlier when it cannot keep up, or with
+# 65,536 queries unanswered); the plot's intervals give the peak
+# (benchtool.py resperf_peak). Unique names, fresh each round; every target
+# of a round gets the same file (each forwarder has its own cache).
+if [ "$BENCH_RESPERF" = 1 ]; then
+	RP_NAMES=$(( BENCH_RESPERF_QPS * BENCH_RESPERF_RAMP / 2 + 1000 ))
+	rresperf() { # TARGET TRANSPORT PORT PID ROUND [extra]
+		$BENCH_TOOL resperf --target "$1" --transport "$2" --port "$3" \
+		    --pid "$4" --upstream-pid "$UP_PID" --round "$5" \
+		    --datafile "$T/resperf.txt" --datafile-lines "$RP_NAMES" \
+		    --max-qps "$BENCH_RESPERF_QPS" --ramp "$BENCH_RESPERF_RAMP" \
+		    --clients "$BENCH_CLIENTS" --interval $RP_INTERVAL \
+		    --query-timeout $RP_TIMEOUT --fall-behind $RP_FALL \
+		    --bufsize $RP_BUF --tmp "$T" --out "$RUNS" ${6:-} ||
+		    caveat "resperf $1 $2 round $5 failed"
+	}
+	r=1
+	while [ $r -le "$BENCH_ROUNDS" ]; do
+		log "resperf round $r of $BENCH_ROUNDS"
+		$BENCH_TOOL names --out "$T/resperf.txt" --prefix "s${r}r" \
+		    --digits 9 --count $RP_NAMES
+		for t in $MEASURED; do
+			rresperf $t udp "$(eval echo "\$PORT_$t")" "$(eval echo "\$PID_$t")" \
+			    $r --count-conns
+		done
+		rresperf upstream udp $UP_PLAIN_PORT "$UP_PID" $r
+		rresperf upstream dot $UP_TLS_PORT "$UP_PID" $r
+		rm -f "$T/resperf.txt"
+		r=$((r + 1))
+	done
+fi
 stop "$PID_dotp" 50
 meta dotp.exit_status "$STOP_RC"
 meta dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp.log" | tail -n 1)"
@@ -422,16 +482,16 @@ if [ "$BENCH_CG_QUERIES" -gt 0 ]; then
 	    BENCH_TMP=$T sh "$BENCH_DIR/callgrind.sh" ||
 	    caveat "callgrind.sh failed"
 fi
-meta binary.size "$(stat -c %s dotp)"
-[ "$(sha256sum dotp | cut -d' ' -f1)" = "$DOTP_SUM" ] ||
-    caveat "./dotp changed during the run (rebuilt?): the load runs measured the binary that was there at the start; size, image and callgrind may be of the new one"
-if readelf -S dotp 2>/dev/null | grep -q '\.symtab'; then
+meta binary.size "$(stat -c %s "$DOTP_BIN")"
+[ "$(sha256sum "$DOTP_BIN" | cut -d' ' -f1)" = "$DOTP_SUM" ] ||
+    caveat "$DOTP_BIN changed during the run (rebuilt?): the load runs measured the binary that was there at the start; size, image and callgrind may be of the new one"
+if readelf -S "$DOTP_BIN" 2>/dev/null | grep -q '\.symtab'; then
 	meta binary.stripped false
 else
 	meta binary.stripped true
 fi
 if [ "$BENCH_IMAGE" = 1 ]; then
-	if img=$(sh tests/image.sh build dotp-bench:latest 2>&1); then
+	if img=$(DOTP_IMAGE_BIN=$DOTP_BIN sh tests/image.sh build dotp-bench:latest 2>&1); then
 		sz=$(printf '%s\n' "$img" | sed -n 's/^image: .*: \([0-9]*\) bytes uncompressed.*/\1/p')
 		gz=$(printf '%s\n' "$img" | sed -n 's/.* \([0-9]*\) bytes compressed.*/\1/p')
 		[ -z "$sz" ] || meta image.uncompressed "$sz"
@@ -446,7 +506,7 @@ if [ "$BENCH_IMAGE" = 1 ]; then
 fi
 
 # --- 7. versions, settings, report -------------------------------------------
-meta versions.dotp "$(./dotp -V 2>&1 | sed -n '1s/^dotp //p')"
+meta versions.dotp "$("$DOTP_BIN" -V 2>&1 | sed -n '1s/^dotp //p')"
 meta versions.unbound "$(unbound -V 2>/dev/null | sed -n 's/^Version //p')"
 meta versions.stubby "$(stubby -V 2>&1 | sed -n '1s/^Stubby //p') (Debian stubby $(dpkg-query -W -f='${Version}' stubby 2>/dev/null), getdns $(dpkg-query -W -f='${Version}' libgetdns10 2>/dev/null))"
 meta versions.kresd "$(kresd --version 2>&1 | sed -n 's/.*version //p')"
@@ -463,7 +523,22 @@ meta settings.clients "$BENCH_CLIENTS"
 meta settings.outstanding "$BENCH_OUTSTANDING"
 meta settings.unique_names_per_file "$NAMES"
 meta settings.dnsperf "dnsperf -m udp|tcp|dot -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING -l $D -t 2 -v (per-query latencies from -v)"
-meta settings.order "each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load"
+meta settings.order "each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load$([ "$BENCH_RESPERF" = 0 ] || echo "; after all rounds, resperf rounds: $MEASURED, upstream UDP, upstream DoT")"
+meta settings.resperf.enabled "$([ "$BENCH_RESPERF" = 1 ] && echo true || echo false)"
+if [ "$BENCH_RESPERF" = 1 ]; then
+	meta settings.resperf.command "resperf -M udp|dot -C $BENCH_CLIENTS -m $BENCH_RESPERF_QPS -r $BENCH_RESPERF_RAMP -i $RP_INTERVAL -t $RP_TIMEOUT -L 1 -F $RP_FALL -b $RP_BUF"
+	meta settings.resperf.max_qps "$BENCH_RESPERF_QPS"
+	meta settings.resperf.ramp_s "$BENCH_RESPERF_RAMP"
+	meta settings.resperf.interval_s $RP_INTERVAL
+	meta settings.resperf.timeout_s $RP_TIMEOUT
+	meta settings.resperf.fall_behind $RP_FALL
+	meta settings.resperf.client_buffer_kib $RP_BUF
+	meta settings.resperf.max_loss_pct 1
+	meta settings.resperf.names_per_round "$RP_NAMES"
+	meta versions.resperf "$(resperf -h 2>&1 | sed -n 's/^Version //p')"
+	caveat "resperf busy-waits between sends: it keeps one of the 2 cores busy for the whole run, so its peak rates are lower than the dnsperf QPS; it sends open loop (no limit on queries in flight), so dotp opens more than one upstream connection there (--conn-queries 128 per connection, up to --max-conns)"
+	caveat "resperf's client sockets get $RP_BUF KiB buffers (-b $RP_BUF, as far as net.core.rmem_max allows) so that the client drops no answers; each forwarder keeps its own default UDP receive buffer"
+fi
 meta cache.dotp "none (dotp has no cache)"
 meta cache.stubby "none (stubby has no cache)"
 meta cache.unbound "cannot be disabled: msg-cache-size 0, rrset-cache-size 0, key/neg-cache-size 0, prefetch off (unique names miss it; repeated names hit it)"

@@ -183,7 +183,7 @@ run_test() {
 	fi
 	echo "image: /dotp from $IMAGE answered www.example.test A 192.0.2.1 (udp, tcp)"
 	[ -n "$B" ] || return 0
-	grep -q 'msg="dotp .* listening' "$tmp/dotp.log" ||
+	grep -q 'msg="dotp listening" version=' "$tmp/dotp.log" ||
 	    fail "dotp did not log its start line"
 	# SIGTERM to dotp itself: buildah run passes on its exit status, 0
 	d=$(pgrep -g "$pg" -x dotp) || fail "no dotp process under buildah run"

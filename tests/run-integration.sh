@@ -7,7 +7,8 @@
 #   tests/run-integration.sh                 # uses ./dotp
 #   DOTP_BIN=/path/to/dotp-asan tests/run-integration.sh
 #
-# Needs root (or unprivileged user namespaces), unbound, openssl, dig, kdig,
+# Needs root (or unprivileged user namespaces), unbound, dnsdist, named (bind9),
+# openssl, dig, kdig,
 # and python3-dnspython + python3-pytest for /usr/bin/python3.
 set -eu
 # a relative DOTP_BIN is relative to the caller's directory

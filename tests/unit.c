@@ -223,6 +223,23 @@ test_answer_and_errors(void)
 	a[qi.qend - 3] = 1;	/* QTYPE A instead of AAAA */
 	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "type differs");
 	a[qi.qend - 3] = 28;
+	n = mkquery(q, 7, "www.example.test", 65, 1, 1232);	/* HTTPS */
+	dns_check_query(q, n, &qi);
+	memcpy(a, q, n);
+	wr16(a + 2, 0x8180);
+	ok(dns_check_answer(guard(a, n), n, q, qi.qend), "type 65");
+	a[qi.qend - 3] = 97;	/* 'a': case folds only in the name */
+	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "type 97 != 65");
+	a[qi.qend - 3] = 65;
+	a[qi.qend - 1] = 3;	/* class CH */
+	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "class differs");
+	a[qi.qend - 1] = 1;
+	wr16(a + 4, 2);
+	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "two questions");
+	wr16(a + 4, 1);
+	a[13] = 'x';	/* another name */
+	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "name differs");
+	a[13] = q[13];
 	wr16(a + 2, 0x0180);
 	ok(!dns_check_answer(guard(a, n), n, q, qi.qend), "QR clear");
 	wr16(a + 2, 0x8181);
@@ -459,14 +476,25 @@ test_tls_errors(void)
 {
 	char	 b[80];
 
-	ok(!strcmp(tls_strerror(BR_ERR_X509_NOT_TRUSTED, b, sizeof b),
-	    "certificate not trusted"), "62");
+	ok(!strncmp(tls_strerror(BR_ERR_X509_NOT_TRUSTED, b, sizeof b),
+	    "certificate not trusted: ", 25), "62");
 	ok(strstr(tls_strerror(BR_ERR_X509_BAD_SERVER_NAME, b, sizeof b),
 	    "name mismatch") != NULL, "56");
 	ok(strstr(tls_strerror(BR_ERR_X509_EXPIRED, b, sizeof b),
 	    "expired") != NULL, "54");
 	ok(strstr(tls_strerror(BR_ERR_RECV_FATAL_ALERT + 40, b, sizeof b),
-	    "received fatal alert 40") != NULL, "alert");
+	    "no cipher suite or curve in common") != NULL, "alert 40");
+	ok(!strcmp(tls_strerror(BR_ERR_RECV_FATAL_ALERT + 70, b, sizeof b),
+	    "server requires TLS 1.3 (dotp speaks TLS 1.2)"), "alert 70");
+	ok(!strcmp(tls_strerror(BR_ERR_RECV_FATAL_ALERT + 99, b, sizeof b),
+	    "server sent fatal alert 99"), "unknown alert");
+	ok(!strcmp(tls_strerror(BR_ERR_SEND_FATAL_ALERT + 50, b, sizeof b),
+	    "dotp sent fatal alert 50"), "alert sent");
+	ok(!strcmp(tls_strerror(11, b, sizeof b), "TLS error 11"), "unknown");
+	tls_fields(BR_ERR_RECV_FATAL_ALERT + 70, b, sizeof b);
+	ok(!strcmp(b, "tls_error=326 alert=70"), "fields %s", b);
+	tls_fields(BR_ERR_X509_NOT_TRUSTED, b, sizeof b);
+	ok(!strcmp(b, "tls_error=62"), "fields %s", b);
 #ifndef DOTP_NO_EMBEDDED_TAS
 	ok(DOTP_EMBEDDED_TAS_NUM > 100, "embedded anchors %d",
 	    DOTP_EMBEDDED_TAS_NUM);
@@ -616,6 +644,80 @@ test_cidr(void)
 	ok(parse_cidr("", &c) < 0 && parse_cidr("/8", &c) < 0, "empty");
 }
 
+/* conn_learn: what a server's close says about it; up_idle_ms and
+ * conn_has_cap apply it. */
+static void
+test_learn(void)
+{
+	static struct conn cs[2];
+	struct upstream *u = &G.up[0];
+	int	 saved = log_verbosity;
+
+	log_verbosity = LOG_ERR;	/* the info lines are for users */
+	memset(cs, 0, sizeof cs);
+	memset(u, 0, sizeof *u);
+	G.conn = cs;
+	G.nconn = 2;
+	G.cfg.max_conns = 2;
+	G.cfg.idle_ms = DOTP_IDLE_MS;
+	cs[0].fl = cs[0].late = (struct qlist)QLIST_ZERO;
+	cs[0].state = C_READY;
+	cs[0].answered = 3;
+	cs[0].last_answer = 1000;
+	cs[0].last_active = 1000;
+	cs[0].fl.n = 5;				/* queries it did not answer */
+	conn_learn(&cs[0], 1000 + DOTP_CAP_GAP_MS);
+	ok(u->cap == 0 && u->cap_seen == 3, "one close after 3: not yet");
+	cs[0].answered = 4;
+	conn_learn(&cs[0], 1000);
+	ok(u->cap == 0 && u->cap_seen == 4, "then 4: still nothing");
+	cs[0].answered = 3;
+	conn_learn(&cs[0], 1000);
+	conn_learn(&cs[0], 1000 + DOTP_CAP_GAP_MS);
+	ok(u->cap == 3 && u->idle_ms == 0, "two closes after 3: a count");
+	ok(u->learned_at == 1000 + DOTP_CAP_GAP_MS, "learned then");
+	cs[0].answered = 7;
+	conn_learn(&cs[0], 1000);
+	conn_learn(&cs[0], 1000);
+	ok(u->cap == 3, "a larger count does not raise it");
+	cs[0].answered = 2;
+	conn_learn(&cs[0], 1000 + DOTP_CAP_GAP_MS + 1);
+	conn_learn(&cs[0], 1000 + DOTP_CAP_GAP_MS + 1);
+	ok(u->cap == 3, "a close long after the answer is no count");
+	cs[0].sent = 2;
+	ok(conn_has_cap(&cs[0]), "2 of 3 sent: room");
+	cs[0].sent = 3;
+	ok(!conn_has_cap(&cs[0]), "3 of 3 sent: spent");
+	cs[0].fl.n = 0;				/* nothing owed, quiet */
+	conn_learn(&cs[0], 1000 + DOTP_IDLE_LEARN_MIN_MS - 1);
+	conn_learn(&cs[0], 1000 + DOTP_IDLE_LEARN_MIN_MS - 1);
+	ok(u->idle_ms == 0, "too short a quiet spell: nothing learned");
+	conn_learn(&cs[0], 1000 + 2000);
+	ok(u->idle_ms == 0, "one idle close: not yet");
+	conn_learn(&cs[0], 1000 + 4000);
+	ok(u->idle_ms == 0, "then one at twice the time: still nothing");
+	conn_learn(&cs[0], 1000 + 3600);
+	ok(u->idle_ms == 3600 && up_idle_ms(u) == 2700,
+	    "two idle closes near 3.6 s: dotp closes at 2.7 s");
+	conn_learn(&cs[0], 1000 + 2600);
+	conn_learn(&cs[0], 1000 + 2600);
+	ok(u->idle_ms == 2600, "a shorter one, twice, lowers it");
+	conn_learn(&cs[0], 1000 + DOTP_IDLE_MS);
+	conn_learn(&cs[0], 1000 + DOTP_IDLE_MS);
+	ok(u->idle_ms == 2600, "past dotp's own idle close: ignored");
+	up_unlearn(u, u->learned_at + DOTP_LEARN_TTL_MS - 1);
+	ok(u->cap == 3 && u->idle_ms == 2600, "kept until the TTL");
+	up_unlearn(u, u->learned_at + DOTP_LEARN_TTL_MS);
+	ok(u->cap == 0 && u->idle_ms == 0 && u->cap_seen == 0,
+	    "forgotten after the TTL, to be learned again");
+	u->idle_ms = 0;
+	ok(up_idle_ms(u) == DOTP_IDLE_MS, "nothing learned: --idle-timeout");
+	memset(u, 0, sizeof *u);
+	G.conn = NULL;
+	G.nconn = 0;
+	log_verbosity = saved;
+}
+
 /* conn_acks: which owed ACKs are forced, and when the next is due. */
 static void
 test_acks(void)
@@ -676,6 +778,7 @@ main(void)
 	test_config();
 	test_cfg_parse();
 	test_tls_errors();
+	test_learn();
 	test_padding();
 	test_cidr();
 	test_acks();

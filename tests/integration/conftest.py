@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 from harness import PKI, Unbound, Dotp, PortAllocator, Relay, BlackHole  # noqa: E402
+from harness import Dnsdist, Named, Tls13Server  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -147,3 +148,63 @@ def blackhole_factory():
     yield make
     for b in made:
         b.close()
+
+
+@pytest.fixture
+def dot_server_factory(tmp_path_factory, pki, ports):
+    """make(kind, cert='chain-rsa', protocols=None) -> a running DoT server
+    on 127.0.0.1 with .tls_port, .plain_port, .direct(wire, tcp), .logs():
+
+      unbound  the test unbound (Unbound, many=True)
+      dnsdist  dnsdist in front of a test unbound's plain port
+      named    BIND 9, forward-only to a test unbound's plain port;
+               protocols: its tls block's list, e.g. ["TLSv1.3"]
+
+    All of them answer from the same data: harness.ZONE plus every name
+    under harness.MANY_ZONE (A harness.MANY_A). `cert` is a key of
+    PKI.certs; the server presents that file (leaf + intermediate for the
+    chain-* ones). For dnsdist and named, .backend is their unbound.
+    Everything is stopped at teardown."""
+    started = []
+
+    def make(kind, cert="chain-rsa", protocols=None):
+        c, k = pki.certs[cert]
+        u = Unbound(tmp_path_factory.mktemp("unbound-" + cert), c, k,
+                    ports.get(), ports.get(), many=True)
+        started.append(u)
+        if kind == "unbound":
+            return u
+        d = tmp_path_factory.mktemp("%s-%s" % (kind, cert))
+        if kind == "dnsdist":
+            srv = Dnsdist(d, c, k, ports.get(), ports.get(), u.plain_port)
+        elif kind == "named":
+            srv = Named(d, c, k, ports.get(), ports.get(), u.plain_port,
+                        protocols=protocols)
+        else:
+            raise ValueError("unknown DoT server kind %r" % kind)
+        srv.backend = u
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in reversed(started):
+        srv.stop()
+
+
+@pytest.fixture
+def tls13_server_factory(pki, ports):
+    """make(cert='chain-ec') -> a running harness.Tls13Server (TLS 1.3
+    only) on 127.0.0.1:<fresh port>, its port in .port. Closed at
+    teardown."""
+    made = []
+
+    def make(cert="chain-ec"):
+        c, k = pki.certs[cert]
+        port = ports.get()
+        srv = Tls13Server(("127.0.0.1", port), c, k)
+        srv.port = port
+        made.append(srv)
+        return srv
+    yield make
+    for srv in made:
+        srv.close()

@@ -44,6 +44,37 @@ repeats for all later connections. Behaviours:
                          index): normal / delay 0-100 ms / unknown_id /
                          close (close_notify) after 1-3 more answers / RST /
                          half a frame then FIN  (weights: RANDOM_WEIGHTS)
+    wrong_question:KIND  before each real answer send an answer with the
+                         query's ID (in flight) whose question is not the
+                         query's (wrong_answer()); it carries one A record
+                         WRONG_A, TTL WRONG_TTL, so that one delivered to a
+                         client is seen. KIND:
+                           name        another name of the same length
+                                       (one letter changed, not its case)
+                           type        QTYPE AAAA (A if the query was AAAA)
+                           class       QCLASS CH (IN if the query was CH)
+                           none        QDCOUNT 0, RCODE NOERROR (the A
+                                       record then spells its owner out)
+                           two         QDCOUNT 2: the query's question,
+                                       then another (the 'name' one)
+                           compressed  the query's labels, but ending in a
+                                       compression pointer 0xC008 instead
+                                       of the root byte: offset 8 is the
+                                       high byte of NSCOUNT, always 0, so
+                                       the pointer (backwards, as RFC 1035
+                                       wants) names the root and the name
+                                       decodes to exactly the asked one;
+                                       still not the query's question bytes
+                           type65      QTYPE with bit 0x20 flipped: a
+                                       query of type 65 (HTTPS, low byte
+                                       'A') gets 97 (low byte 'a'); only
+                                       the name may compare without case
+                           case        NOT wrong: the real answer itself,
+                                       alone, with the question name's
+                                       letters in the other case (0x20
+                                       bit flipped); it must be accepted
+                         Each wrong answer counts in wrong_sent /
+                         ConnLog.wrong (case sends none).
 
 Resumption caveat: OpenSSL drops a session from the server cache when the
 connection ends without the server having sent close_notify, so after
@@ -52,8 +83,9 @@ goes away, the next handshake is necessarily full; after close_after,
 idle_close_notify or a client close_notify it can be resumed.
 
 Counters (read them directly; they only grow): accepted, handshakes,
-resumed, queries, answers, strays_sent, plus self.conns (ConnLog per
-connection) and self.qlog (every query received: (time, conn, qname)).
+resumed, queries, answers, strays_sent, wrong_sent, plus self.conns
+(ConnLog per connection; its closed_by says which side began the close)
+and self.qlog (every query received: (time, conn, qname)).
 self.rawq records every query exactly as it arrived: (conn, wire), the
 DNS message without the 2-byte TCP length (its size is len(wire)).
 
@@ -80,6 +112,7 @@ import zlib
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 
 TYPE_A = 1
@@ -217,6 +250,102 @@ def build_answer(query, tag, qid=None, edns=False, sized=False):
     return out
 
 
+TYPE_AAAA = 28
+CLASS_CH = 3
+WRONG_A = "192.0.2.66"      # the A record of every wrong_question answer
+WRONG_TTL = 6666
+WRONG_KINDS = ("name", "type", "class", "none", "two", "compressed", "type65")
+
+
+def _other_letter(name_wire):
+    """name_wire with its first letter replaced by another letter (not the
+    same letter in the other case): same length, another name."""
+    b = bytearray(name_wire)
+    pos = 0
+    while b[pos]:
+        for i in range(pos + 1, pos + 1 + b[pos]):
+            c = b[i]
+            if chr(c).isalpha():
+                lo = c | 0x20
+                repl = ord("x") if lo != ord("x") else ord("y")
+                b[i] = repl & ~0x20 if c & 0x20 == 0 else repl
+                return bytes(b)
+        pos += 1 + b[pos]
+    # no letter at all: change the first label's first byte
+    b[1] = ord("x") if b[1] != ord("x") else ord("y")
+    return bytes(b)
+
+
+def _swap_case(name_wire):
+    """name_wire with every ASCII letter's case changed (length bytes kept)."""
+    b = bytearray(name_wire)
+    pos = 0
+    while b[pos]:
+        for i in range(pos + 1, pos + 1 + b[pos]):
+            if chr(b[i]).isalpha():
+                b[i] ^= 0x20
+        pos += 1 + b[pos]
+    return bytes(b)
+
+
+def wrong_answer(query, kind):
+    """The wrong_question:KIND answer to `query` (see the module doc): ID
+    and flags as build_answer gives them, a question that is not the
+    query's, and one A record WRONG_A with TTL WRONG_TTL. None for 'case'
+    (case_answer() is the real answer then) or a query faultdot does not
+    parse."""
+    p = parse_question(query)
+    if p is None or kind == "case":
+        return None
+    qid, qname, qtype, qclass, qend = p
+    qname_wire = query[12:qend - 4]
+    flags = struct.pack("!BB", 0x80 | (query[2] & 0x79), 0x80)
+    a_rr = struct.pack("!HHIH", TYPE_A, CLASS_IN, WRONG_TTL, 4) + \
+        socket.inet_aton(WRONG_A)
+    ptr = struct.pack("!H", 0xC00C)
+    if kind == "name":
+        qs = [_other_letter(qname_wire) + struct.pack("!HH", qtype, qclass)]
+        owner = ptr
+    elif kind == "type":
+        qs = [qname_wire + struct.pack("!HH", TYPE_AAAA if qtype != TYPE_AAAA
+                                       else TYPE_A, qclass)]
+        owner = ptr
+    elif kind == "class":
+        qs = [qname_wire + struct.pack("!HH", qtype, CLASS_CH if qclass != CLASS_CH
+                                       else CLASS_IN)]
+        owner = ptr
+    elif kind == "none":
+        qs = []
+        owner = qname_wire
+    elif kind == "two":
+        qs = [query[12:qend],
+              _other_letter(qname_wire) + struct.pack("!HH", qtype, qclass)]
+        owner = ptr
+    elif kind == "compressed":
+        # labels as asked, then a pointer to offset 8 (NSCOUNT's high
+        # byte, 0: the root) where the root byte would be
+        qs = [qname_wire[:-1] + struct.pack("!H", 0xC008) +
+              struct.pack("!HH", qtype, qclass)]
+        owner = ptr
+    elif kind == "type65":
+        qs = [qname_wire + struct.pack("!HH", qtype ^ 0x0020, qclass)]
+        owner = ptr
+    else:
+        raise ValueError("unknown wrong_question kind %r" % kind)
+    hdr = struct.pack("!H", qid) + flags + struct.pack("!HHHH", len(qs), 1, 0, 0)
+    return hdr + b"".join(qs) + owner + a_rr
+
+
+def case_answer(query, tag, edns=False, sized=False):
+    """build_answer() with the question name's letters in the other case."""
+    a = build_answer(query, tag, edns=edns, sized=sized)
+    p = parse_question(query)
+    if a is None or p is None:
+        return a
+    qend = p[4]
+    return a[:12] + _swap_case(a[12:qend - 4]) + a[qend - 4:]
+
+
 def sized_query_name(n, zone="example.test", tag=""):
     """A name faultdot (sized=True) answers, for TXT, with exactly n bytes
     (without OPT)."""
@@ -238,18 +367,24 @@ class ConnLog:
         self.queries = 0
         self.answers = 0
         self.strays = 0
+        self.wrong = 0              # wrong_question answers sent
         self.max_inflight = 0       # most queries received and not yet answered
         self.t_first_query = None
         self.recv_order = []        # query IDs in the order they arrived
         self.send_order = []        # query IDs in the order they were answered
         self.end = None             # why it ended
         self.t_end = None
+        self.closed_by = None       # who began the close: 'server' | 'client'
+        self.t_close = None         # monotonic time the close began
+        self.t_last = None          # last activity (handshake done, query
+                                    # received, answer sent); kept at the close
 
     def __repr__(self):
-        return ("<conn %d %s hs=%s resumed=%s q=%d a=%d max_inflight=%d strays=%d end=%s>"
+        return ("<conn %d %s hs=%s resumed=%s q=%d a=%d max_inflight=%d strays=%d "
+                "wrong=%d end=%s by=%s>"
                 % (self.index, self.behaviour, self.t_handshake is not None,
                    self.resumed, self.queries, self.answers, self.max_inflight,
-                   self.strays, self.end))
+                   self.strays, self.wrong, self.end, self.closed_by))
 
 
 class _Closed(Exception):
@@ -278,6 +413,7 @@ class FaultDoT:
         self.queries = 0
         self.answers = 0
         self.strays_sent = 0
+        self.wrong_sent = 0         # wrong_question answers sent
         self.conns = []
         self.qlog = []
         self.rawq = []              # (conn index, query wire as received)
@@ -347,12 +483,13 @@ class FaultDoT:
         with self.lock:
             return dict(accepted=self.accepted, handshakes=self.handshakes,
                         resumed=self.resumed, queries=self.queries,
-                        answers=self.answers, strays_sent=self.strays_sent)
+                        answers=self.answers, strays_sent=self.strays_sent,
+                        wrong_sent=self.wrong_sent)
 
     def reset_counters(self):
         with self.lock:
             self.handshakes = self.resumed = self.queries = 0
-            self.answers = self.strays_sent = 0
+            self.answers = self.strays_sent = self.wrong_sent = 0
             self.qlog = []
             self.rawq = []
 
@@ -419,6 +556,11 @@ class _Conn:
         spec = log.behaviour
         name, _, arg = spec.partition(":")
         self.mode = name
+        self.warg = None
+        if name == "wrong_question":
+            if arg not in WRONG_KINDS + ("case",):
+                raise ValueError("unknown behaviour %r" % spec)
+            self.warg, arg = arg, ""
         self.arg = int(arg) if arg else None
         self.rng = random.Random(srv.seed * 1000003 + log.index)
         self.inbuf = b""
@@ -439,9 +581,16 @@ class _Conn:
         if data:
             self.sock.sendall(data)
 
+    def _began_close(self, by):
+        """Record who began the close (the first call wins)."""
+        if self.log.closed_by is None:
+            self.log.closed_by = by
+            self.log.t_close = time.monotonic()
+
     def _recv(self, timeout):
         """Raw bytes from the socket, b'' on EOF, None on timeout."""
         if not self.srv._running:
+            self._began_close("server")
             raise _Closed()
         r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
         if not r:
@@ -458,6 +607,7 @@ class _Conn:
         raise _Closed()
 
     def _close_notify_fin(self):
+        self._began_close("server")
         try:
             self.obj.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
@@ -469,6 +619,7 @@ class _Conn:
         self._fin_and_drain("close_notify+fin")
 
     def _fin_and_drain(self, why):
+        self._began_close("server")
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -485,6 +636,7 @@ class _Conn:
         self._end(why)
 
     def _rst(self):
+        self._began_close("server")
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._end("rst")
 
@@ -494,6 +646,7 @@ class _Conn:
             while True:
                 d = self._recv(0.05)
                 if d == b"":
+                    self._began_close("client")
                     self._end("peer closed (no handshake)")
         self.inc = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
@@ -513,6 +666,7 @@ class _Conn:
                 self._end("handshake timeout")
             d = self._recv(self.TICK)
             if d == b"":
+                self._began_close("client")
                 self._end("peer closed during handshake")
             if d:
                 self.inc.write(d)
@@ -526,6 +680,7 @@ class _Conn:
             if self.log.resumed:
                 self.srv.resumed += 1
         self.last_activity = time.monotonic()
+        self.log.t_last = self.last_activity
         # After an abbreviated (resumed) handshake the client's Finished and
         # its first queries can arrive in one segment: they are already in
         # the incoming BIO, and no more socket data may ever come for them.
@@ -538,6 +693,7 @@ class _Conn:
             if d is None:
                 continue
             if d == b"":
+                self._began_close("client")
                 self._end("peer FIN")
             self.inc.write(d)
             self._read_plain()
@@ -556,11 +712,13 @@ class _Conn:
                 break
             except ssl.SSLZeroReturnError:
                 # the peer's close_notify: answer in kind and go
+                self._began_close("client")
                 self._close_notify_fin()
             except ssl.SSLError as e:
                 self._end("TLS error: %s" % e)
             if not chunk:
                 # SSLObject.read() returns b'' for the peer's close_notify
+                self._began_close("client")
                 self._close_notify_fin()
             self.inbuf += chunk
         self._flush()   # e.g. alerts
@@ -581,6 +739,7 @@ class _Conn:
     def _on_query(self, q):
         now = time.monotonic()
         self.last_activity = now
+        self.log.t_last = self.last_activity
         p = parse_question(q)
         qid = struct.unpack("!H", q[:2])[0] if len(q) >= 2 else -1
         self.log.queries += 1
@@ -604,6 +763,8 @@ class _Conn:
             self._schedule(now + a / 1000.0, "answer", q)
         elif m == "unknown_id":
             self._schedule(now, "stray+answer", q)
+        elif m == "wrong_question":
+            self._schedule(now, "case_answer" if self.warg == "case" else "wrong+answer", q)
         elif m == "reorder":
             if not self.batch:
                 self.batch_t = now
@@ -703,13 +864,23 @@ class _Conn:
                 self.log.strays += 1
                 with self.srv.lock:
                     self.srv.strays_sent += 1
-            a = build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
+            if kind == "wrong+answer":
+                bad = wrong_answer(q, self.warg)
+                self.obj.write(struct.pack("!H", len(bad)) + bad)
+                self.log.wrong += 1
+                with self.srv.lock:
+                    self.srv.wrong_sent += 1
+            if kind == "case_answer":
+                a = case_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
+            else:
+                a = build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
             self.obj.write(struct.pack("!H", len(a)) + a)
             wrote = True
             self.inflight.discard(qid)
             self.log.answers += 1
             self.log.send_order.append(qid)
             self.last_activity = now
+            self.log.t_last = self.last_activity
             with self.srv.lock:
                 self.srv.answers += 1
             if self.mode in ("close_after", "fin_after", "reset_after") \
@@ -729,19 +900,20 @@ class _Conn:
 # ==========================================================================
 
 class Sent:
-    __slots__ = ("client", "kind", "qid", "qname", "wire", "t_sent", "answers")
+    __slots__ = ("client", "kind", "qid", "qname", "wire", "t_sent", "answers", "qtype")
 
-    def __init__(self, client, kind, qid, qname, wire, t):
+    def __init__(self, client, kind, qid, qname, wire, t, qtype="A"):
         self.client, self.kind, self.qid, self.qname = client, kind, qid, qname
         self.wire, self.t_sent = wire, t
+        self.qtype = qtype
         self.answers = []       # [(t, wire, arrival_seq)]
 
     def latency(self):
         return self.answers[0][0] - self.t_sent if self.answers else None
 
 
-def make_a_query(qname, qid):
-    m = dns.message.make_query(qname, "A", use_edns=False)
+def make_a_query(qname, qid, qtype="A"):
+    m = dns.message.make_query(qname, qtype, use_edns=False)
     m.id = qid
     return m.to_wire()
 
@@ -780,9 +952,11 @@ class LoadResult:
             return "ID %d != %d" % (m.id, s.qid)
         if not (m.flags & dns.flags.QR):
             return "QR not set"
+        qtype = dns.rdatatype.from_text(s.qtype)
         if len(m.question) != 1 or norm_name(m.question[0].name) != norm_name(s.qname) \
-                or m.question[0].rdtype != dns.rdatatype.A:
-            return "question %s != %s A" % ([str(x) for x in m.question], s.qname)
+                or m.question[0].rdtype != qtype \
+                or m.question[0].rdclass != dns.rdataclass.IN:
+            return "question %s != %s %s" % ([str(x) for x in m.question], s.qname, s.qtype)
         rc = m.rcode()
         if rc == dns.rcode.SERVFAIL:
             return "servfail"
@@ -792,7 +966,10 @@ class LoadResult:
         for rr in m.answer:
             if rr.rdtype == dns.rdatatype.A and norm_name(rr.name) == norm_name(s.qname):
                 got |= {r.address for r in rr}
-        want = self.expect(s.qname)
+        # faultdot answers A queries with expect(qname), others with NODATA
+        want = self.expect(s.qname) if qtype == dns.rdatatype.A else set()
+        if qtype != dns.rdatatype.A and m.answer:
+            return "records %s, want none" % [str(x) for x in m.answer]
         if got != want:
             return "A %s, want %s" % (sorted(got), sorted(want))
         return "ok"
@@ -838,10 +1015,12 @@ class LoadResult:
 
 
 def run_load(host, port, qnames, n_udp=4, n_tcp=2, window=0, timeout=5.0, linger=0.3,
-             expect=faultdot_expect, on_progress=None, tcp_first=False, rate=0):
-    """Send one A query per name in `qnames` through dotp at host:port,
-    spread round-robin over n_udp UDP sockets and n_tcp TCP connections
-    (pipelined), keeping at most `window` queries unanswered (0: all at
+             expect=faultdot_expect, on_progress=None, tcp_first=False, rate=0,
+             qtype="A"):
+    """Send one query of `qtype` (A unless told; faultdot answers other
+    types NODATA, and that is then what is expected) per name in `qnames`
+    through dotp at host:port, spread round-robin over n_udp UDP sockets
+    and n_tcp TCP connections (pipelined), keeping at most `window` queries unanswered (0: all at
     once) and, with rate > 0, sending at most `rate` queries a second. Collects every datagram/frame that comes back, until all are
     answered and `linger` more seconds passed (to catch second answers), or
     `timeout` seconds after the last query was sent. on_progress(n_sent,
@@ -910,8 +1089,8 @@ def run_load(host, port, qnames, n_udp=4, n_tcp=2, window=0, timeout=5.0, linger
                 while (ci, qid) in by_key:
                     qid = (qid + 1) & 0xFFFF
                 next_id[ci] = (qid + 1) & 0xFFFF
-                w = make_a_query(qnames[i], qid)
-                rec = Sent(ci, kind, qid, qnames[i], w, time.monotonic())
+                w = make_a_query(qnames[i], qid, qtype)
+                rec = Sent(ci, kind, qid, qnames[i], w, time.monotonic(), qtype)
                 by_key[(ci, qid)] = rec
                 inflight[(ci, qid)] = rec
                 sent.append(rec)
@@ -990,7 +1169,14 @@ def names(prefix, n, zone="example.test"):
 
 EXIT_COUNTERS = ("queries", "answers", "servfail", "dropped", "stray",
                  "handshakes_full", "handshakes_resumed", "table_full",
-                 "tcp_refused", "udp_send_failed")
+                 "tcp_refused", "udp_send_failed",
+                 # answers with an ID in flight but another question, dropped
+                 "mismatched",
+                 # queries re-sent without using up a try, after the server
+                 # closed a connection that had answered others
+                 "recycled",
+                 # what dotp learned of an upstream (when the exit line has it)
+                 "learned_conn_queries", "learned_idle_ms")
 
 
 def exit_counters(log):
@@ -1005,6 +1191,18 @@ def exit_counters(log):
                     out[k] = int(v)
             return out
     return None
+
+
+def log_values(text, key):
+    """Every integer value of `key=` in text (dotp's log), in order:
+    log_values(log, 'learned_conn_queries') -> [3, 3]."""
+    out = []
+    for line in text.splitlines():
+        for tok in line.replace('"', " ").split():
+            k, eq, v = tok.partition("=")
+            if eq and k == key and v.isdigit():
+                out.append(int(v))
+    return out
 
 
 def proc_fds(pid):
@@ -1050,6 +1248,23 @@ def fd_breakdown(pid, upstream_ports):
             if rp and rp[0] in upstream_ports:
                 up += 1
     return len(fds), up
+
+
+def settled_fds(pid, upstream_ports, want_other=None, settle=3.0):
+    """fd_breakdown(pid, upstream_ports) once dotp is quiet: when the count
+    of fds that are not upstream connections equals want_other (if given)
+    and both counts stayed the same for 100 ms, or after `settle` seconds
+    (then the last sample)."""
+    end = time.monotonic() + settle
+    prev = None
+    while True:
+        cur = fd_breakdown(pid, upstream_ports)
+        if cur == prev and (want_other is None or cur[0] - cur[1] == want_other):
+            return cur
+        if time.monotonic() > end:
+            return cur
+        prev = cur
+        time.sleep(0.1)
 
 
 def dotp_args(**opts):

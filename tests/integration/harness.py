@@ -1,21 +1,26 @@
 """Helpers for the dotp integration suite: test PKI, unbound DoT upstream,
-dotp process control, raw DNS exchanges, a connection-counting TCP relay and
-a "black hole" TLS upstream that accepts connections and never answers.
+dnsdist and BIND 9 (named) DoT servers in front of it, dotp process
+control, raw DNS exchanges, a connection-counting TCP relay, a "black hole"
+TLS upstream that accepts connections and never answers, and a TLS
+1.3-only DoT server.
 
-Everything here is plain Python + the openssl/unbound CLIs; the pytest
-fixtures that wire it together live in conftest.py.
+Everything here is plain Python + the openssl/unbound/dnsdist/named CLIs;
+the pytest fixtures that wire it together live in conftest.py.
 """
 
 import os
+import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -99,12 +104,20 @@ class PKI:
       expired      dot.test, signed by the EC root, valid 2020-01-01..2021-01-01
       self-signed  dot.test, self-signed RSA-2048
       untrusted    dot.test, signed by rogue-ca
+    and, for servers that present a chain (cert_pem holds the leaf, then the
+    intermediate; the root stays out, as real servers do):
+      chain-rsa    dot.test, RSA-2048 leaf <- int-rsa (RSA-2048) <- RSA root
+      chain-ec     dot.test, P-256 leaf <- int-ec (P-256) <- EC root
+    (the leaf alone is in <name>.pem, the chain in <name>-chain.pem, the
+    intermediates in int-rsa.pem / int-ec.pem; self.intermediates[name] =
+    (cert_pem, key_pem)).
     """
 
     def __init__(self, d):
         self.dir = Path(d)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.certs = {}
+        self.intermediates = {}
         self._serial = 0x1000
         self._build()
 
@@ -181,6 +194,35 @@ class PKI:
         self.certs[name] = (pem, key)
         return pem, key
 
+    def _intermediate(self, name, kind, cn, ca):
+        """An intermediate CA (pathlen 0) signed by the root `ca`."""
+        key = self._key(name, kind)
+        pem = self.dir / (name + ".pem")
+        csr = self.dir / (name + ".csr")
+        ext = self.dir / ("ext-%s.cnf" % name)
+        ext.write_text(
+            "[ ext ]\n"
+            "basicConstraints=critical,CA:TRUE,pathlen:0\n"
+            "keyUsage=critical,keyCertSign,cRLSign\n"
+            "subjectKeyIdentifier=hash\n"
+            "authorityKeyIdentifier=keyid:always\n")
+        run(["openssl", "req", "-new", "-key", key, "-subj", "/CN=" + cn, "-out", csr])
+        self._serial += 1
+        run(["openssl", "x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1],
+             "-set_serial", str(self._serial), "-days", "1825", "-sha256",
+             "-extfile", ext, "-extensions", "ext", "-out", pem])
+        self.intermediates[name] = (pem, key)
+        return pem, key
+
+    def _chain(self, name, kind, dns_name, inter):
+        """A leaf signed by the intermediate `inter`; self.certs[name] gets
+        the chain file (leaf first, then the intermediate)."""
+        leaf, key = self._leaf(name, kind, dns_name, ca=inter)
+        chain = self.dir / (name + "-chain.pem")
+        chain.write_text(leaf.read_text() + inter[0].read_text())
+        self.certs[name] = (chain, key)
+        return chain, key
+
     def _build(self):
         ca_ec = self._ca("ca-ec", "ec", "dotp test root EC")
         ca_rsa = self._ca("ca-rsa", "rsa", "dotp test root RSA")
@@ -196,6 +238,11 @@ class PKI:
                    dates=("20200101000000Z", "20210101000000Z"))
         self._leaf("self-signed", "rsa", "dot.test", ca=None)
         self._leaf("untrusted", "rsa", "dot.test", ca=rogue)
+
+        int_rsa = self._intermediate("int-rsa", "rsa", "dotp test intermediate RSA", ca_rsa)
+        int_ec = self._intermediate("int-ec", "ec", "dotp test intermediate EC", ca_ec)
+        self._chain("chain-rsa", "rsa", "dot.test", int_rsa)
+        self._chain("chain-ec", "ec", "dot.test", int_ec)
 
 
 # --------------------------------------------------------------------------
@@ -219,8 +266,73 @@ ZONE = [
 ]
 
 
-class Unbound:
-    def __init__(self, workdir, cert, key, tls_port, plain_port, ipv6=False):
+# With Unbound(..., many=True): every name under MANY_ZONE has one A record,
+# MANY_A (a redirect zone), so a burst of distinct names all get NOERROR.
+MANY_ZONE = "many.test"
+MANY_A = "192.0.2.99"
+
+
+# (name, type) questions the test zone answers (see Unbound), for
+# comparing answers through dotp with the server's own; the big TXT is
+# compared over TCP only (over UDP it is truncated)
+ZONE_SMALL = [
+    ("www.example.test", "A"),
+    ("www.example.test", "AAAA"),
+    ("example.test", "MX"),
+    ("alias.example.test", "CNAME"),
+    ("alias.example.test", "A"),
+    ("nx.example.test", "A"),  # NXDOMAIN with SOA in authority
+]
+ZONE_BIG = ("big.example.test", "TXT")
+
+class _PlainDns:
+    """What every test DNS server process shares: its plain-DNS port
+    (self.plain_port), its process (self.proc) and the file its output
+    goes to (self._out)."""
+
+    name = "server"
+
+    def _wait_ready(self, ready_query=("www.example.test", "A"), timeout=15.0):
+        """Ready when the plain port answers over UDP and TCP and the TLS
+        port listens."""
+        q = make_query(ready_query[0], ready_query[1], qid=1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited (%s):\n%s" % (
+                    self.name, self.proc.returncode, self.logs()))
+            try:
+                udp_exchange("127.0.0.1", self.plain_port, q, timeout=0.3, check_id=False)
+                tcp_exchange("127.0.0.1", self.plain_port, q, timeout=0.5, check_id=False)
+                if tcp_listening(self.tls_port):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("%s did not become ready in %ss:\n%s" % (
+            self.name, timeout, self.logs()))
+
+    def direct(self, wire, tcp=True, host="127.0.0.1", timeout=2.0):
+        """Ask the server's plain-DNS port directly."""
+        if tcp:
+            return tcp_exchange(host, self.plain_port, wire, timeout=timeout)
+        return udp_exchange(host, self.plain_port, wire, timeout=timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
+
+
+class Unbound(_PlainDns):
+    name = "unbound"
+
+    def __init__(self, workdir, cert, key, tls_port, plain_port, ipv6=False, many=False):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tls_port = tls_port
@@ -267,30 +379,17 @@ class Unbound:
             lines.append("  interface: %s@%d" % (h, tls_port))
         for rr in ZONE:
             lines.append("  local-data: '%s'" % rr)
+        if many:
+            lines.append('  local-zone: "%s." redirect' % MANY_ZONE)
+            lines.append("  local-data: '%s. 300 IN A %s'" % (MANY_ZONE, MANY_A))
         lines += ["remote-control:", "  control-enable: no", ""]
         self.conf.write_text("\n".join(lines))
         run(["unbound-checkconf", self.conf])
-        self.stderr = open(self.dir / "unbound.stderr", "wb")
+        self._out = open(self.dir / "unbound.stderr", "wb")
         self.proc = subprocess.Popen(["unbound", "-d", "-c", str(self.conf)],
-                                     stdout=self.stderr, stderr=subprocess.STDOUT)
+                                     stdout=self._out, stderr=subprocess.STDOUT)
         self._wait_ready()
 
-    def _wait_ready(self, timeout=10.0):
-        q = make_query("www.example.test", "A", qid=1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("unbound exited (%s):\n%s" % (
-                    self.proc.returncode, self.logs()))
-            try:
-                udp_exchange("127.0.0.1", self.plain_port, q, timeout=0.2, check_id=False)
-                tcp_exchange("127.0.0.1", self.plain_port, q, timeout=0.5, check_id=False)
-                if tcp_listening(self.tls_port):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("unbound did not become ready:\n" + self.logs())
 
     def logs(self):
         out = ""
@@ -299,21 +398,122 @@ class Unbound:
                 out += f.read_text(errors="replace")
         return out
 
-    def direct(self, wire, tcp=True, host="127.0.0.1", timeout=2.0):
-        """Ask unbound's plain-DNS port directly."""
-        if tcp:
-            return tcp_exchange(host, self.plain_port, wire, timeout=timeout)
-        return udp_exchange(host, self.plain_port, wire, timeout=timeout)
 
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.stderr.close()
+
+# --------------------------------------------------------------------------
+# dnsdist and BIND 9 (named) DoT servers in front of the test unbound
+# --------------------------------------------------------------------------
+
+class _ServerProcess(_PlainDns):
+    """A DNS server process with a plain port (UDP+TCP) and a DoT port on
+    127.0.0.1, run in the foreground with stdout+stderr in <dir>/<name>.log.
+    Subclasses write the config and set self.cmd before calling _start()."""
+
+    name = "server"
+
+    def _start(self, ready_query=("www.example.test", "A")):
+        self.logfile = self.dir / (self.name + ".log")
+        self._out = open(self.logfile, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
+                                     stdout=self._out, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(ready_query)
+        except BaseException:
+            self.stop()
+            raise
+
+    def logs(self):
+        try:
+            return self.logfile.read_text(errors="replace")
+        except (AttributeError, FileNotFoundError):
+            return ""
+
+
+class Dnsdist(_ServerProcess):
+    """dnsdist (1.7 in Debian 12) with a DoT frontend (addTLSLocal, its
+    defaults otherwise: OpenSSL provider, TLS 1.2 and 1.3, session tickets)
+    and a plain frontend, both on 127.0.0.1, forwarding everything to one
+    backend, 127.0.0.1:backend_port (the test unbound's plain port).
+    Foreground, --supervised (no console), no syslog, no security polling
+    (setSecurityPollSuffix("") - it would query a public name), no control
+    socket, no carbon. The backend's health check asks www.example.test."""
+
+    name = "dnsdist"
+
+    def __init__(self, workdir, cert, key, tls_port, plain_port, backend_port):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tls_port, self.plain_port = tls_port, plain_port
+        self.backend_port = backend_port
+        self.conf = self.dir / "dnsdist.conf"
+        self.conf.write_text("\n".join([
+            'setSecurityPollSuffix("")',
+            'setLocal("127.0.0.1:%d")' % plain_port,
+            'addTLSLocal("127.0.0.1:%d", "%s", "%s")' % (tls_port, cert, key),
+            'newServer{address="127.0.0.1:%d", checkName="www.example.test."}'
+            % backend_port,
+            "",
+        ]))
+        run(["dnsdist", "--check-config", "-C", self.conf])
+        self.cmd = ["dnsdist", "--supervised", "--disable-syslog", "-C", str(self.conf)]
+        self._start()
+
+
+class Named(_ServerProcess):
+    """BIND 9 (named, 9.18 in Debian 12) with a `tls` block and a DoT
+    listener (`listen-on port P tls dot`), plus a plain listener, both on
+    127.0.0.1 only (no IPv6, no port 53, no rndc control channel). A
+    forward-only resolver: every query goes to 127.0.0.1:forward_port (the
+    test unbound's plain port), no DNSSEC validation, so it answers from
+    the same data as the test unbound and never talks to a root server.
+    `rrset-order { order none; }`: records in a fixed order (the default,
+    cyclic, rotates them from one answer to the next).
+    protocols: the tls block's `protocols` list (e.g. ["TLSv1.3"]), None
+    for BIND's default. Foreground (-g: logs to stderr), as the current
+    user (root in the test namespace needs no -u)."""
+
+    name = "named"
+
+    def __init__(self, workdir, cert, key, tls_port, plain_port, forward_port,
+                 protocols=None):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tls_port, self.plain_port = tls_port, plain_port
+        self.forward_port = forward_port
+        self.conf = self.dir / "named.conf"
+        tls = ['tls dot {',
+               '    cert-file "%s";' % cert,
+               '    key-file "%s";' % key]
+        if protocols:
+            tls.append("    protocols { %s; };" % "; ".join(protocols))
+        tls.append("};")
+        self.conf.write_text("\n".join(tls + [
+            "options {",
+            '    directory "%s";' % self.dir,
+            "    pid-file none;",
+            '    session-keyfile "%s/session.key";' % self.dir,
+            '    managed-keys-directory "%s";' % self.dir,
+            "    listen-on port %d { 127.0.0.1; };" % plain_port,
+            "    listen-on port %d tls dot { 127.0.0.1; };" % tls_port,
+            "    listen-on-v6 { none; };",
+            "    recursion yes;",
+            "    allow-query { 127.0.0.1; };",
+            "    allow-recursion { 127.0.0.1; };",
+            "    forward only;",
+            "    forwarders { 127.0.0.1 port %d; };" % forward_port,
+            "    dnssec-validation no;",
+            "    minimal-responses yes;",
+            "    rrset-order { order none; };",
+            "    max-cache-size 32m;",
+            "    notify no;",
+            "    querylog no;",
+            "};",
+            "controls { };",
+            "",
+        ]))
+        run(["named-checkconf", self.conf])
+        self.cmd = ["named", "-g", "-c", str(self.conf)]
+        self._start()
 
 
 # --------------------------------------------------------------------------
@@ -702,6 +902,51 @@ class BlackHole(_TcpServer):
         self.socks.append(c)
 
 
+class Tls13Server(_TcpServer):
+    """A minimal DoT server that speaks TLS 1.3 only (Python's ssl, i.e.
+    OpenSSL, with minimum_version = TLSv1_3): a TLS 1.2 client's handshake
+    fails (OpenSSL sends a protocol_version alert, 70, and closes). A
+    TLS 1.3 client gets an empty NOERROR answer to each query (so kdig can
+    show the server works). self.failed lists the handshake errors seen,
+    self.handshakes counts the handshakes that succeeded."""
+
+    def __init__(self, listen, cert, key):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.failed = []
+        self.handshakes = 0
+        self.lock = threading.Lock()
+        super().__init__(listen)
+
+    def _accepted(self, c):
+        self.socks.append(c)
+        threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            c.settimeout(5)
+            t = self.ctx.wrap_socket(c, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            with self.lock:
+                self.failed.append(str(e))
+            c.close()
+            return
+        with self.lock:
+            self.handshakes += 1
+        self.socks.append(t)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                q = tcp_read_msg(t, deadline)
+                a = dns.message.make_response(dns.message.from_wire(q)).to_wire()
+                t.sendall(struct.pack("!H", len(a)) + a)
+        except (OSError, ConnectionError, ssl.SSLError, dns.exception.DNSException):
+            pass
+        finally:
+            t.close()
+
+
 def udp_burst(host, port, queries, n_socks=5, timeout=5.0):
     """Send `queries` (list of wire messages) spread over n_socks UDP sockets
     as fast as possible (query i goes out on socket i % n_socks), then
@@ -740,3 +985,29 @@ def udp_burst(host, port, queries, n_socks=5, timeout=5.0):
     finally:
         for s in socks:
             s.close()
+
+
+def dig_output(tool, host, port, name, rdtype, tcp, mask_ttl=False):
+    """dig's or kdig's answer text for one query, with the ID and the Padding
+    option masked (dig "; PAD: (N bytes)", kdig ";; PADDING: N B"), and with
+    mask_ttl every record's TTL (a caching server counts TTLs down between
+    two queries)."""
+    if tool == "dig":
+        cmd = ["dig", "@" + host, "-p", str(port), "+nocookie", "+qid=4660",
+               "+noall", "+comments", "+answer", "+authority", "+additional",
+               "+time=3", "+tries=1"]
+    else:
+        cmd = ["kdig", "@" + host, "-p", str(port), "+noall", "+header", "+comments",
+               "+opt", "+answer", "+authority", "+additional", "+timeout=3", "+retry=0"]
+    if tcp:
+        cmd.append("+tcp")
+    cmd += [name, rdtype]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=15)
+    assert p.returncode == 0, "%s failed: %s\n%s" % (tool, " ".join(cmd), p.stdout)
+    out = re.sub(r"\bid: \d+", "id: X", p.stdout)
+    out = re.sub(r"(?m)^;+ (PAD: \(\d+ bytes\)|PADDING: \d+ B)\n", "", out)
+    if mask_ttl:
+        out = re.sub(r"(?m)^([^;\s]\S*\s+)\d+(\s+IN\s)", r"\1TTL\2", out)
+    assert "HEADER" in out, out
+    return out

@@ -37,7 +37,7 @@ OPT_PADDING, OPT_COOKIE = 12, 10
 PAD_BLOCK = 128
 QUERY_MAX = 1024
 EXIT_RE = re.compile(r"dotp exiting")
-WARN_RE = re.compile(r'level=warn msg="malformed input dropped=(\d+) formerr=(\d+) notimp=(\d+)"')
+WARN_RE = re.compile(r'level=warn msg="malformed input[^"]*" dropped=(\d+) formerr=(\d+) notimp=(\d+)$')
 
 
 # ==========================================================================

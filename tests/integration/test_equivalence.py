@@ -3,25 +3,16 @@ the message ID, which dotp must restore to the client's, and any EDNS(0)
 Padding option: dotp pads its queries over TLS, and unbound then pads its
 answers there, not on its plain-DNS port)."""
 
-import re
-import subprocess
 
 import dns.message
 import pytest
 
-from harness import (make_query, udp_exchange, tcp_exchange, zero_id, wire_id,
-                     tc_bit, rcode, describe, strip_padding)
+from harness import (ZONE_SMALL, ZONE_BIG, dig_output, make_query, udp_exchange,
+                     tcp_exchange, zero_id, wire_id, tc_bit, rcode, describe,
+                     strip_padding)
 
-# (name, type) answered from the static zone
-SMALL = [
-    ("www.example.test", "A"),
-    ("www.example.test", "AAAA"),
-    ("example.test", "MX"),
-    ("alias.example.test", "CNAME"),
-    ("alias.example.test", "A"),
-    ("nx.example.test", "A"),  # NXDOMAIN with SOA in authority
-]
-BIG = ("big.example.test", "TXT")
+# (name, type) answered from the static zone (harness.ZONE_SMALL, ZONE_BIG)
+SMALL, BIG = ZONE_SMALL, ZONE_BIG
 
 
 def ids(case):
@@ -102,24 +93,7 @@ def test_big_txt_udp_truncated_to_client_limit(proxy, edns, limit):
 # ---------------------------------------------------------------- dig / kdig
 
 def _dig(tool, host, port, name, rdtype, tcp):
-    if tool == "dig":
-        cmd = ["dig", "@" + host, "-p", str(port), "+nocookie", "+qid=4660",
-               "+noall", "+comments", "+answer", "+authority", "+additional",
-               "+time=3", "+tries=1"]
-    else:
-        cmd = ["kdig", "@" + host, "-p", str(port), "+noall", "+header", "+comments",
-               "+opt", "+answer", "+authority", "+additional", "+timeout=3", "+retry=0"]
-    if tcp:
-        cmd.append("+tcp")
-    cmd += [name, rdtype]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=15)
-    assert p.returncode == 0, "%s failed: %s\n%s" % (tool, " ".join(cmd), p.stdout)
-    out = re.sub(r"\bid: \d+", "id: X", p.stdout)
-    # the Padding option (dig "; PAD: (N bytes)", kdig ";; PADDING: N B")
-    out = re.sub(r"(?m)^;+ (PAD: \(\d+ bytes\)|PADDING: \d+ B)\n", "", out)
-    assert "HEADER" in out, out
-    return out
+    return dig_output(tool, host, port, name, rdtype, tcp)
 
 
 # the big TXT is compared over TCP only (over UDP it is truncated)

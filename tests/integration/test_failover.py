@@ -185,9 +185,10 @@ def test_policy_first_uses_only_first(dotp_factory, faultdot_factory):
 
 # ---------------------------------------------------------------- (f)
 
-# Other key=value fields (e.g. suite=) may stand around handshake=.
-HS_RE = re.compile(r'msg="upstream \S+ ready gen=(\d+)(?: \w+=\S+)*? handshake=(full|resumed)'
-                   r'(?: \w+=[^" ]+)*"')
+# logfmt: msg="upstream ready" then key=value fields; other fields (e.g.
+# suite=) may stand around gen= and handshake=.
+HS_RE = re.compile(r'msg="upstream ready"(?: \w+=\S+)*? gen=(\d+)(?: \w+=\S+)*? '
+                   r'handshake=(full|resumed)\b')
 
 
 def _handshakes(log):

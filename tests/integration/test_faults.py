@@ -23,14 +23,17 @@ def _ctx(d, *servers):
 # one faulty upstream, existing options only
 # --------------------------------------------------------------------------
 
-# (behaviours, burst may see SERVFAIL)
+# (behaviours, burst may see SERVFAIL). None may: a query a closing
+# connection left unanswered is re-sent free when that connection answered
+# others (test_recycling.py), and one that answered nothing is followed by
+# a healthy one.
 SINGLE = [
     (["normal"], False),
     (["delay:150"], False),
-    (["close_after:7"], True),
-    (["fin_after:7"], True),
-    (["reset_after:7"], True),
-    (["mid_frame:7"], True),
+    (["close_after:7"], False),
+    (["fin_after:7"], False),
+    (["reset_after:7"], False),
+    (["mid_frame:7"], False),
     # the first connection dies at its first query, later ones are fine
     (["close_after:0", "normal"], False),
     (["fin_after:0", "normal"], False),
@@ -47,8 +50,10 @@ def test_single_upstream_exactly_one_answer(dotp_factory, faultdot_factory,
     a connection gives before it dies): every query can be answered on a
     fresh connection within its 3 sends, so all must be answered right.
     Burst phase (150 at once over 4 UDP sockets and 2 pipelined TCP
-    connections): exactly one answer each; where connections die every 7
-    answers SERVFAIL is allowed (3 sends spent), wrong data never."""
+    connections): exactly one answer each, the right one, also where
+    connections die every 7 answers: the queries such a close leaves
+    unanswered are re-sent without using up their tries (the connection
+    answered others), within --timeout."""
     srv = faultdot_factory(behaviours)
     d = start_dotp(dotp_factory, [srv], ["--timeout", "2000"])
     delay = 0.15 if behaviours[0].startswith("delay") else 0.0
@@ -75,7 +80,11 @@ def test_single_upstream_exactly_one_answer(dotp_factory, faultdot_factory,
 def test_unknown_id_answers_dropped_and_counted(dotp_factory, faultdot_factory):
     """Before every real answer the upstream sends a well-formed answer (same
     question) with an ID not in flight: dotp drops each one, counts it as
-    stray, and still gives every client its real answer exactly once."""
+    stray, and still gives every client its real answer exactly once. The
+    server draws the ID outside what it has read and not answered; now and
+    then that is the ID of a query dotp has sent and the server not yet
+    read, and dotp, seeing an ID in flight on the connection with another
+    question, counts that one as mismatched: still dropped."""
     srv = faultdot_factory(["unknown_id"])
     d = start_dotp(dotp_factory, [srv], ["--timeout", "2000"])
     r = run_load(d.host, d.port, names("stray", 150), N_UDP, N_TCP, timeout=3.0,
@@ -85,7 +94,8 @@ def test_unknown_id_answers_dropped_and_counted(dotp_factory, faultdot_factory):
     c = stop_dotp(d)
     assert sent >= 150
     assert c.get("stray", 0) > 0, c
-    assert c["stray"] >= sent, "upstream sent %d stray answers, dotp counted %s" % (sent, c)
+    assert c["stray"] + c["mismatched"] >= sent, \
+        "upstream sent %d stray answers, dotp counted %s" % (sent, c)
     assert c["answers"] == 150 and c["servfail"] == 0, c
 
 
