@@ -82,7 +82,7 @@ one_run() {
 	stop "$_pid" 600
 	[ "$STOP_RC" = 0 ] || { cat "$T/cg-$1.log" >&2; die "dotp under valgrind exited $STOP_RC"; }
 	_want=$(( $2 + 1 ))
-	grep -q "dotp exiting queries=$_want answers=$_want servfail=0 " "$T/cg-$1.log" ||
+	grep -q "msg=\"dotp exiting\" queries=$_want answers=$_want servfail=0 " "$T/cg-$1.log" ||
 	    { grep 'exiting' "$T/cg-$1.log" >&2; die "run $1: dotp did not answer $_want queries"; }
 	IR=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$_out")
 	[ -n "$IR" ] || IR=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$_out")
