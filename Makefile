@@ -6,7 +6,7 @@
 #                   (installs what it needs with apt-get when run as root)
 #   make image      the FROM scratch container image (buildah or docker)
 #   make fuzz       libFuzzer harnesses, FUZZ_TIME seconds each
-#   make bench      dotp against stubby, unbound, kresd and dnsdist (~10 min;
+#   make bench      dotp against stubby, unbound, kresd and dnsdist (about 12 min;
 #                   BENCH_TIME=MINUTES BENCH_ROUNDS=N), bench/results.md
 #   make clean
 #

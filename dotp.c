@@ -365,7 +365,9 @@ struct qlist {
  * assembler rx[], and the queries on the wire (fl in send order, each
  * with an attempt deadline; late: past it, with nowhere else to go).
  *
- *   C_FREE        fd == -1; fl and late are empty.
+ *   C_FREE        fd == -1; fl and late are empty; so are its buffers
+ *                 (rx, net, out), and its session counts are zero
+ *                 (conn_end clears them, calloc at start).
  *   C_CONNECTING  fd open, connect() in progress; the engine was reset
  *                 and holds the ClientHello; deadline = connect limit.
  *   C_HANDSHAKE   connected; the engine has not yet offered SENDAPP;
@@ -557,12 +559,11 @@ struct dotp {
 		unsigned long queries, answers, servfail, dropped;
 		unsigned long formerr, notimp, refused;
 		unsigned long stray, udp_send_fail, tcp_refused, full;
-		unsigned long mismatched, recycled;
+		unsigned long mismatched;
 	} st;	/* full: SERVFAILs for a full query table; tcp_refused:
 		 * clients over --max-tcp or --allow, closed at accept;
 		 * mismatched: answers with an ID in flight on their
-		 * connection but another question (dropped); recycled:
-		 * re-sends after a server recycled a connection */
+		 * connection but another question (dropped) */
 	int64_t	 malformed_logged;	/* last "malformed input" line */
 	int64_t	 tcp_scan_at;	/* next look for idle TCP clients to close */
 	int64_t	 sweep_at;	/* next poll() of dormant TCP clients */
@@ -2029,6 +2030,20 @@ conn_has_cap(const struct conn *c)
 	return u->cap == 0 || c->sent < u->cap;
 }
 
+/* The queries connection c (open, or being opened) can still take:
+ * under --conn-queries in flight and under the learned count. */
+static unsigned
+conn_room(const struct conn *c)
+{
+	const struct upstream *u = &G.up[c->up];
+	unsigned lim = (unsigned)G.cfg.conn_queries, n = conn_inflight(c);
+
+	if (!conn_has_cap(c) || n >= lim)
+		return 0;
+	lim -= n;
+	return u->cap > 0 && u->cap - c->sent < lim ? u->cap - c->sent : lim;
+}
+
 /* Does upstream ui have a connection that completed its handshake and
  * still takes queries (not spent under a learned count)? */
 static int
@@ -2169,11 +2184,10 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 		conn_learn(c, now);
 	fd_close(&c->fd);
 	c->state = C_FREE;
-	c->rx_have = 0;
-	c->net_off = c->net_len = 0;
-	c->out_off = c->out_len = 0;
+	c->rx_have = c->net_off = c->net_len = c->out_off = c->out_len = 0;
 	c->owe_since = 0;
-	c->readable = c->ack_owed = 0;
+	c->readable = c->ack_owed = c->closing = 0;
+	c->sent = c->answered = 0;
 	if (failed) {
 		snprintf(f, sizeof f, "conn=%d gen=%u%s%s", conn_slot(c),
 		    c->gen, *fields ? " " : "", fields);
@@ -2193,7 +2207,6 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 			q->tries--;
 			q->recycles++;
 			u->recycled++;
-			G.st.recycled++;
 		}
 		q_retry(i, failed ? c->up : -1, stall, now);
 	}
@@ -2249,12 +2262,6 @@ conn_open(int ui, struct conn *c, int64_t now)
 	c->state = C_CONNECTING;
 	c->deadline = now + G.cfg.connect_ms;
 	c->last_active = now;
-	c->owe_since = 0;
-	c->closing = 0;
-	c->sent = c->answered = 0;
-	c->rx_have = 0;
-	c->net_off = c->net_len = 0;
-	c->out_off = c->out_len = 0;
 	c->sid_len = 0;
 	set_nodelay(fd);
 	if (fill_random(seed, sizeof seed) < 0) {
@@ -2854,7 +2861,6 @@ static unsigned
 conn_kick(struct conn *c, int64_t now)
 {
 	struct upstream *u = &G.up[c->up];
-	unsigned lim = (unsigned)G.cfg.conn_queries, n;
 
 	if (c->state == C_CONNECTING || c->state == C_HANDSHAKE) {
 		if (now >= c->deadline) {
@@ -2863,7 +2869,7 @@ conn_kick(struct conn *c, int64_t now)
 			    "is it a DoT server?");
 			return 0;
 		}
-		return u->cap > 0 && u->cap < lim ? u->cap : lim;
+		return conn_room(c);
 	}
 	if (c->state != C_READY)
 		return 0;
@@ -2888,11 +2894,7 @@ conn_kick(struct conn *c, int64_t now)
 	conn_timers(c, now);
 	if (c->state == C_READY && u->tx.n > 0)
 		conn_pump(c, now);
-	if (c->state != C_READY || !conn_has_cap(c))
-		return 0;
-	n = conn_inflight(c);
-	lim = n < lim ? lim - n : 0;
-	return u->cap > 0 && u->cap - c->sent < lim ? u->cap - c->sent : lim;
+	return c->state == C_READY ? conn_room(c) : 0;
 }
 
 /*
@@ -2914,7 +2916,7 @@ up_kick(int64_t now)
 	G.tx_timer = INT64_MAX;
 	for (ui = 0; ui < G.nup; ui++) {
 		struct upstream *u = &G.up[ui];
-		unsigned room = 0, per;
+		unsigned room = 0;
 		int	 open = 0, opening = 0, parallel;
 
 		for (k = 0; k < G.cfg.max_conns; k++) {
@@ -2936,8 +2938,6 @@ up_kick(int64_t now)
 		up_unlearn(u, now);
 		parallel = !u->down && u->hs_full + u->hs_resumed > 0 &&
 		    now >= u->alone_until;
-		per = u->cap > 0 && u->cap < (unsigned)G.cfg.conn_queries ?
-		    u->cap : (unsigned)G.cfg.conn_queries;
 		for (k = 0; k < G.cfg.max_conns; k++) {
 			struct conn *c = conn_of(ui, k);
 
@@ -2956,7 +2956,7 @@ up_kick(int64_t now)
 				break;	/* failed at once: down now */
 			opening++;
 			open++;
-			room += per;
+			room += conn_room(c);
 		}
 	}
 }
@@ -4555,7 +4555,7 @@ static void
 shutdown_all(void)
 {
 	int64_t	 now = now_ms();
-	unsigned long full = 0, resumed = 0;
+	unsigned long full = 0, resumed = 0, recycled = 0;
 	int	 i;
 
 	while ((i = G.age.head) >= 0) {
@@ -4565,11 +4565,8 @@ shutdown_all(void)
 	for (i = 0; i < G.nconn; i++) {
 		struct conn *c = &G.conn[i];
 
-		if (c->state == C_READY) {
-			c->closing = 1;
-			br_ssl_engine_close(&c->cc.eng);
-			conn_pump(c, now);	/* best effort close_notify */
-		}
+		if (c->state == C_READY)	/* best effort close_notify */
+			conn_close(c, "exiting", now);
 		fd_close(&c->fd);
 	}
 	udp_flush();
@@ -4588,6 +4585,7 @@ shutdown_all(void)
 
 		full += u->hs_full;
 		resumed += u->hs_resumed;
+		recycled += u->recycled;
 		log_msg(LOG_INFO, "upstream summary\tupstream=%s sent=%lu "
 		    "answered=%lu failures=%lu recycled=%lu "
 		    "handshakes_full=%lu handshakes_resumed=%lu "
@@ -4601,7 +4599,7 @@ shutdown_all(void)
 	    "handshakes_resumed=%lu table_full=%lu tcp_refused=%lu "
 	    "udp_send_failed=%lu", G.st.queries, G.st.answers,
 	    G.st.servfail, G.st.dropped, G.st.formerr, G.st.notimp,
-	    G.st.refused, G.st.stray, G.st.mismatched, G.st.recycled, full,
+	    G.st.refused, G.st.stray, G.st.mismatched, recycled, full,
 	    resumed, G.st.full, G.st.tcp_refused, G.st.udp_send_fail);
 }
 
