@@ -7,7 +7,8 @@
 #   make image      the FROM scratch container image (buildah or docker)
 #   make fuzz       libFuzzer harnesses, FUZZ_TIME seconds each
 #   make bench      dotp against stubby, unbound, kresd and dnsdist (about 12 min;
-#                   BENCH_TIME=MINUTES BENCH_ROUNDS=N), bench/results.md
+#                   BENCH_TIME=MINUTES BENCH_ROUNDS=N), build/bench/results.md
+#   make bench-publish  copy the latest bench results to bench/ (to commit)
 #   make clean
 #
 # BEARSSL_SRC=DIR builds BearSSL from an unpacked source tree instead of
@@ -30,6 +31,9 @@ FUZZ_TIME = 60
 -include config.mak
 
 BR	= $(BUILD)/bearssl
+# What building needs besides make: musl-gcc drives gcc (musl-tools does
+# not pull it in), binutils for readelf, xz for the BearSSL tarball.
+BUILD_PKGS = gcc musl-tools binutils xz-utils
 SPECS	= $(BUILD)/musl-static-pie.specs
 WARN	= -std=c11 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wpedantic \
 	  -Wwrite-strings -Wimplicit-fallthrough -Wcast-qual -Wformat=2
@@ -60,7 +64,7 @@ $(BUILD)/ta.h: ca-bundle/mozilla-roots.pem ca-bundle/mkta.sh $(BR)/libbearssl.a
 # FROM scratch. Its specs are rewritten for a static PIE: rcrt1.o, no
 # dynamic linker. The result is checked: no PT_INTERP, no NEEDED.
 $(SPECS): bearssl/deps.sh
-	sh bearssl/deps.sh musl-tools binutils
+	sh bearssl/deps.sh $(BUILD_PKGS)
 	mkdir -p $(BUILD)
 	spec=$$(sed -n 's/.*-specs "\(.*\)".*/\1/p' "$$(command -v musl-gcc)") && \
 	sed -e 's/Scrt1\.o/rcrt1.o/' \
@@ -80,9 +84,12 @@ run: dotp
 
 # --- tests ------------------------------------------------------------------
 
+# libc6-dev: the unit and sanitizer builds use the host compiler and glibc;
+# debootstrap and apt-utils: the newcomer test's fresh Debian root.
 TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython \
 	  python3-pytest openssl iproute2 util-linux buildah clang \
-	  libclang-rt-14-dev procps bind9 bind9-utils dnsdist
+	  libclang-rt-14-dev procps bind9 bind9-utils dnsdist libc6-dev \
+	  debootstrap apt-utils git
 
 $(BUILD)/unit: tests/unit.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \
@@ -93,8 +100,9 @@ $(BUILD)/dotp-san: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) $(SAN) -I$(BR)/inc -I$(BUILD) -o $@ dotp.c \
 	  $(BR)/libbearssl.a
 
+# Build and test packages together: without root, one command lists them all.
 test-deps:
-	sh bearssl/deps.sh $(TEST_PKGS)
+	sh bearssl/deps.sh $(BUILD_PKGS) $(TEST_PKGS)
 
 test: test-deps dotp $(BUILD)/unit $(BUILD)/dotp-san
 	sh tests/run-all.sh
@@ -112,10 +120,19 @@ fuzz: test-deps dotp
 BENCH_PKGS = unbound stubby dnsdist knot-resolver dnsperf valgrind openssl \
 	  iproute2 util-linux procps python3 binutils gcc libc6-dev
 
-bench: dotp
-	sh bearssl/deps.sh $(BENCH_PKGS)
+bench-deps:
+	sh bearssl/deps.sh $(BUILD_PKGS) $(BENCH_PKGS)
+
+# Results go to build/bench/; bench-publish copies the latest run to bench/
+# (the figures the README quotes): committing them is a deliberate step.
+bench: bench-deps dotp
 	BENCH_TIME='$(BENCH_TIME)' BENCH_ROUNDS='$(BENCH_ROUNDS)' \
 	BENCH_CMD='make bench' sh bench/run.sh
+
+bench-publish:
+	@test -f $(BUILD)/bench/results.json || \
+	  { echo "bench-publish: no $(BUILD)/bench/results.json: run make bench" >&2; exit 1; }
+	cp $(BUILD)/bench/results.json $(BUILD)/bench/results.md bench/
 
 clean:
 	rm -f dotp
@@ -124,4 +141,5 @@ clean:
 distclean:
 	rm -rf dotp $(BUILD)
 
-.PHONY: all run test test-deps image fuzz bench clean distclean
+.PHONY: all run test test-deps image fuzz bench bench-deps bench-publish \
+	clean distclean

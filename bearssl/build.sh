@@ -39,7 +39,8 @@ took=
 
 # Tools. musl-gcc comes from musl-tools; nm and ar from binutils.
 need="make binutils"
-[ "$CC" = musl-gcc ] && need="$need musl-tools"
+# musl-gcc is a wrapper around gcc, which musl-tools does not pull in
+[ "$CC" = musl-gcc ] && need="$need gcc musl-tools"
 [ -n "$src" ] || need="$need xz-utils"
 # shellcheck disable=SC2086  # a list of package names
 sh "$here/deps.sh" $need
@@ -91,13 +92,18 @@ fetch() {
 		-o "Dir::Cache=$apt/cache" \
 		-o "Dir::Cache::pkgcache=$apt/cache/pkgcache.bin" \
 		-o "Dir::Cache::srcpkgcache=$apt/cache/srcpkgcache.bin"
-	apt-get -qq "$@" update || die "apt-get update (private lists) failed"
-	# apt downloads as the unprivileged _apt user when it can write there.
-	if [ "$(id -u)" -eq 0 ] && id _apt >/dev/null 2>&1; then
-		chown _apt "$out/src-dl"
-	fi
-	(cd "$out/src-dl" && apt-get -qq "$@" source --download-only bearssl) \
-		>/dev/null || die "apt-get source --download-only bearssl failed"
+	# As root apt downloads as the _apt user, which cannot reach a
+	# build directory under /root (and says so at length): the download
+	# runs as root instead. Signed indexes and the SHA-256 check below
+	# vouch for what arrives either way.
+	[ "$(id -u)" -ne 0 ] || set -- "$@" -o APT::Sandbox::User=root
+	log=$out/apt.log
+	echo "bearssl: fetching Debian's bearssl source package (log: $log)"
+	apt-get -q "$@" update > "$log" 2>&1 ||
+		{ tail -n 15 "$log" >&2; die "apt-get update (private lists) failed"; }
+	(cd "$out/src-dl" && apt-get -q "$@" source --download-only bearssl) \
+		>> "$log" 2>&1 || { tail -n 15 "$log" >&2;
+		die "apt-get source --download-only bearssl failed"; }
 	rm -rf "$apt/lists" "$apt/cache"    # ~10 MB of indexes, no longer needed
 
 	set -- "$out"/src-dl/*.dsc

@@ -17,7 +17,7 @@ Subcommands:
            appends one JSON record (with the plot) to --out
   light    closed-loop latency: one query in flight at a time, for a fixed
            time or count; appends one JSON record to --out (or prints it)
-  report   turn the JSON records into bench/results.json and results.md,
+  report   turn the JSON records into results.json and results.md,
            with the dotp target verdicts
 
 Everything talks to loopback only; run.sh runs all of it inside a private

@@ -19,7 +19,7 @@
 # a test CA) in a private network namespace. From run.sh: BENCH_UPSTREAM,
 # BENCH_CA and BENCH_TMP name the running upstream and the temp directory.
 #   BENCH_CG_QUERIES=2000   N
-#   BENCH_CG_OUT=FILE       JSON result (default bench/callgrind.json)
+#   BENCH_CG_OUT=FILE       JSON result (default build/bench/callgrind.json)
 set -eu
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 cd "$(dirname "$BENCH_DIR")"
@@ -30,7 +30,8 @@ DOTP_BIN=${DOTP_BIN:-./dotp}
 [ -n "${BENCH_UPSTREAM:-}" ] || enter_netns "$BENCH_DIR/callgrind.sh" "$@"
 
 N=${BENCH_CG_QUERIES:-2000}
-OUT=${BENCH_CG_OUT:-$BENCH_DIR/callgrind.json}
+OUT=${BENCH_CG_OUT:-$(dirname "$BENCH_DIR")/build/bench/callgrind.json}
+mkdir -p "$(dirname "$OUT")"
 PORT=5310
 
 if [ -n "${BENCH_UPSTREAM:-}" ]; then

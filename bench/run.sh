@@ -18,7 +18,8 @@
 #      runs, targets alternated, BENCH_ROUNDS rounds;
 #   7. counts dotp's instructions per query under callgrind
 #      (bench/callgrind.sh), the binary and the image size;
-#   8. writes bench/results.json and bench/results.md, prints the table and
+#   8. writes results.json and results.md to BENCH_OUT (build/bench; `make
+#      bench-publish` copies them to bench/), prints the table and
 #      the dotp target verdicts (as measured; the exit status does not
 #      depend on them).
 #
@@ -46,6 +47,7 @@
 #   BENCH_RESPERF_RAMP=6 resperf -r: seconds the ramp takes to get there
 #   DOTP_BIN=./dotp      the dotp binary measured (e.g. a copy, while ./dotp
 #                        is being rebuilt)
+#   BENCH_OUT=build/bench  where results.json and results.md are written
 #
 # Needs root (or unprivileged user namespaces) for `unshare -n`.
 set -eu
@@ -55,7 +57,10 @@ REPO=$(dirname "$BENCH_DIR")
 case ${DOTP_BIN:-} in '' | /*) ;; *) DOTP_BIN=$(pwd)/$DOTP_BIN ;; esac
 cd "$REPO"
 DOTP_BIN=${DOTP_BIN:-$REPO/dotp}
-export DOTP_BIN
+# BENCH_OUT relative to the repository; tracked files are never written
+case ${BENCH_OUT:-} in '' ) BENCH_OUT=$REPO/build/bench ;; /*) ;; *) BENCH_OUT=$REPO/$BENCH_OUT ;; esac
+mkdir -p "$BENCH_OUT"
+export DOTP_BIN BENCH_OUT
 
 if [ "${BENCH_INNER:-0}" != 1 ]; then
 	# --- outside the namespace: check the tools, then re-exec inside -----
@@ -562,5 +567,6 @@ meta date "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 meta command "$BENCH_CMD"
 
 $BENCH_TOOL report --runs "$RUNS" --meta "$META" --callgrind "$T/callgrind.json" \
-    --out-json "$BENCH_DIR/results.json" --out-md "$BENCH_DIR/results.md"
-log "done in $(( $(date +%s) - BENCH_T0 )) s: bench/results.md, bench/results.json"
+    --out-json "$BENCH_OUT/results.json" --out-md "$BENCH_OUT/results.md"
+log "done in $(( $(date +%s) - BENCH_T0 )) s: $BENCH_OUT/results.md, $BENCH_OUT/results.json" \
+    "('make bench-publish' copies them to bench/)"

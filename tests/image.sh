@@ -13,6 +13,9 @@
 # DOTP_IMAGE_BIN=PATH puts another binary in the image instead of ./dotp.
 set -eu
 cd "$(dirname "$0")/.."
+# unbound lives in /usr/sbin, which a normal user's PATH lacks
+PATH=$PATH:/usr/sbin:/sbin
+export PATH
 
 MAX=1000000
 cmd=${1:-}

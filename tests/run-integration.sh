@@ -17,6 +17,9 @@ case "${DOTP_BIN:-}" in
     *) DOTP_BIN="$(pwd)/$DOTP_BIN" ;;
 esac
 cd "$(dirname "$0")/.."
+# unbound, named and dnsdist live in /usr/sbin, which a normal user's PATH lacks
+PATH=$PATH:/usr/sbin:/sbin
+export PATH
 : "${DOTP_BIN:=$(pwd)/dotp}"
 export DOTP_BIN
 
