@@ -67,7 +67,7 @@
  * BUILD AND TEST: `make` (static musl + BearSSL), `make test`.
  */
 
-/* ==== 1. Feature macros and includes ==== */
+/* ==== 1. Includes and tunables ==== */
 
 #define _GNU_SOURCE	/* accept4, SOCK_NONBLOCK, getrandom, MSG_NOSIGNAL */
 
@@ -101,8 +101,6 @@
 #ifndef DOTP_VERSION
 #define DOTP_VERSION "0.1.0"
 #endif
-
-/* ==== 2. Tunables ==== */
 
 /*
  * Each limit is a named constant with its reason. They bound memory:
@@ -271,7 +269,7 @@
  * header (4) and up to a block less one of zeros. */
 #define DOTP_PAD_ROOM		(11 + 4 + DOTP_PAD_BLOCK - 1)
 
-/* ==== 3. Types ==== */
+/* ==== 2. Types and the global state ==== */
 
 enum log_level { LOG_ERR, LOG_WARN, LOG_INFO, LOG_DEBUG };
 
@@ -570,23 +568,14 @@ struct dotp {
 	int	 poll_all;	/* the last poll() timed out: poll everyone */
 };
 
-/* ==== 4. Globals ==== */
-
 static volatile sig_atomic_t got_signal;
 static struct dotp G;
 static int log_verbosity = LOG_INFO;
 
-/* ==== 5. Prototypes ==== */
+/* ==== 3. Utilities ==== */
 
 static void	log_msg(enum log_level, const char *, ...)
 		    __attribute__((format(printf, 2, 3)));
-static void	q_retry(int, int, int, int64_t);
-static void	q_servfail(int);
-static void	q_deliver(int, unsigned char *, size_t);
-static void	tcp_done_query(const struct client *);
-static void	tcp_send(struct tcpclient *, const unsigned char *, size_t);
-
-/* ==== 6. Utilities ==== */
 
 /*
  * Logs one logfmt line to stderr: level=L msg="TEXT" FIELDS. fmt gives
@@ -788,7 +777,7 @@ cidr_match(const struct cidr *c, const struct sockaddr *sa)
 	return 1;
 }
 
-/* ==== 7. DNS wire format ==== */
+/* ==== 4. DNS wire format ==== */
 
 /*
  * Pure functions over byte buffers: no I/O, no globals. Parsers return
@@ -1260,7 +1249,256 @@ frame_complete(const unsigned char *buf, size_t have, size_t min, size_t max)
 	return (long)(2 + flen);
 }
 
-/* ==== 8. Query table ==== */
+/* ==== 5. Client output ==== */
+
+/* Control-message room for one IP_PKTINFO or IPV6_PKTINFO. */
+#define UDP_CTL_LEN	(CMSG_SPACE(sizeof(struct in6_pktinfo)) + \
+			    CMSG_SPACE(sizeof(struct in_pktinfo)))
+
+/* Fills mh (with iov and control room ctl) to send msg to UDP client
+ * cl: from the address it sent to when that is known (a wildcard
+ * listener), so a client that asked 127.0.0.2 is not answered from
+ * 127.0.0.1. */
+static void
+udp_msg(struct msghdr *mh, struct iovec *iov, unsigned char *ctl,
+    const struct client *cl, const unsigned char *msg, size_t len)
+{
+	union {
+		struct in_pktinfo v4;
+		struct in6_pktinfo v6;
+	} pi;
+	struct cmsghdr *cm;
+	size_t	 pilen;
+	int	 level, type;
+
+	memset(mh, 0, sizeof *mh);
+	iov->iov_base = (void *)(uintptr_t)msg;
+	iov->iov_len = len;
+	mh->msg_name = (void *)(uintptr_t)&cl->peer;
+	mh->msg_namelen = cl->peerlen;
+	mh->msg_iov = iov;
+	mh->msg_iovlen = 1;
+	if (cl->dst_family == 0)
+		return;
+	memset(ctl, 0, UDP_CTL_LEN);
+	mh->msg_control = ctl;
+	mh->msg_controllen = UDP_CTL_LEN;
+	memset(&pi, 0, sizeof pi);
+	if (cl->dst_family == AF_INET) {
+		pi.v4.ipi_spec_dst = cl->dst.v4;
+		level = IPPROTO_IP;
+		type = IP_PKTINFO;
+		pilen = sizeof pi.v4;
+	} else {
+		pi.v6.ipi6_addr = cl->dst.v6;
+		level = IPPROTO_IPV6;
+		type = IPV6_PKTINFO;
+		pilen = sizeof pi.v6;
+	}
+	cm = CMSG_FIRSTHDR(mh);
+	cm->cmsg_level = level;
+	cm->cmsg_type = type;
+	cm->cmsg_len = CMSG_LEN(pilen);
+	memcpy(CMSG_DATA(cm), &pi, pilen);
+	mh->msg_controllen = CMSG_SPACE(pilen);
+}
+
+/*
+ * UDP answers of one loop pass are collected here and leave together:
+ * one sendmmsg() on Linux (one sendmsg() each elsewhere). The arena
+ * holds copies of the messages; a full batch, or an answer for another
+ * listener, flushes first.
+ */
+static struct {
+	int	 li;			/* listener of every entry */
+	int	 n;
+	size_t	 used;			/* bytes of arena in use */
+	struct client cl[DOTP_UDP_BATCH];
+	size_t	 off[DOTP_UDP_BATCH], len[DOTP_UDP_BATCH];
+	unsigned char arena[DOTP_UDP_BATCH * DNS_UDP_MIN];
+} udp_out;
+
+/* Sends what udp_out holds. */
+static void
+udp_flush(void)
+{
+	static struct mmsghdr mm[DOTP_UDP_BATCH];
+	static struct iovec iov[DOTP_UDP_BATCH];
+	static unsigned char ctl[DOTP_UDP_BATCH][UDP_CTL_LEN];
+	int	 fd, i, sent = 0, r;
+
+	if (udp_out.n == 0)
+		return;
+	fd = G.lst[udp_out.li].udp;
+	for (i = 0; i < udp_out.n; i++)
+		udp_msg(&mm[i].msg_hdr, &iov[i], ctl[i], &udp_out.cl[i],
+		    udp_out.arena + udp_out.off[i], udp_out.len[i]);
+	while (sent < udp_out.n) {
+#if defined(__linux__) && defined(SYS_sendmmsg)
+		/* The system call itself: musl's sendmmsg() is a loop of
+		 * sendmsg() on 64-bit targets, because its msghdr and
+		 * cmsghdr have socklen_t fields plus padding where the
+		 * kernel has size_t. udp_msg() zeroes every header and
+		 * control buffer before filling them, so the padding is 0
+		 * and the kernel reads the same values. */
+		r = (int)syscall(SYS_sendmmsg, fd, mm + sent,
+		    (unsigned)(udp_out.n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
+#else
+		r = sendmsg(fd, &mm[sent].msg_hdr, MSG_DONTWAIT |
+		    MSG_NOSIGNAL) < 0 ? -1 : 1;
+#endif
+		if (r <= 0) {
+			if (r < 0 && errno == EINTR)
+				continue;
+			/* Full socket buffer: UDP may drop; the client
+			 * retries. Skip the one that failed. */
+			G.st.udp_send_fail++;
+			r = 1;
+		}
+		sent += r;
+	}
+	udp_out.n = 0;
+	udp_out.used = 0;
+}
+
+/* Queues one datagram for client cl (listener cl->idx). */
+static void
+udp_queue(const struct client *cl, const unsigned char *msg, size_t len)
+{
+	if (udp_out.n == DOTP_UDP_BATCH || len > sizeof udp_out.arena -
+	    udp_out.used || (udp_out.n > 0 && udp_out.li != cl->idx))
+		udp_flush();
+	if (len > sizeof udp_out.arena) {	/* can't happen: <= 4096 */
+		G.st.udp_send_fail++;
+		return;
+	}
+	udp_out.li = cl->idx;
+	udp_out.cl[udp_out.n] = *cl;
+	udp_out.off[udp_out.n] = udp_out.used;
+	udp_out.len[udp_out.n] = len;
+	memcpy(udp_out.arena + udp_out.used, msg, len);
+	udp_out.used += len;
+	udp_out.n++;
+}
+
+static void
+tcp_close(struct tcpclient *c)
+{
+	int	 j = (int)(c - G.tcp), last;
+
+	fd_close(&c->fd);
+	free(c->out);
+	c->out = NULL;
+	c->out_len = c->out_off = c->out_cap = 0;
+	c->rx_have = 0;
+	c->pending = 0;
+	c->eof = 0;
+	c->gen++;
+	/* Off the live list (the last one takes its place), onto free. */
+	last = G.tcp_live[--G.ntcp];
+	G.tcp_live[c->live_pos] = last;
+	G.tcp[last].live_pos = c->live_pos;
+	G.tcp_free[G.ntcp_free++] = j;
+}
+
+/* Client c has nothing outstanding now: its idle time starts, and if it
+ * shut its side, the next expire() closes it. */
+static void
+tcp_became_idle(struct tcpclient *c)
+{
+	if (c->pending > 0 || c->out_len > 0)
+		return;
+	c->idle_since = now_ms();
+	if (c->eof)
+		G.tcp_scan_at = 0;
+}
+
+/* A query of TCP client cl was answered or failed. */
+static void
+tcp_done_query(const struct client *cl)
+{
+	struct tcpclient *c = &G.tcp[cl->idx];
+
+	if (c->fd >= 0 && c->gen == cl->gen && c->pending > 0 &&
+	    --c->pending == 0)
+		tcp_became_idle(c);
+}
+
+/* Writes queued output. Returns -1 if the client is dead. */
+static int
+tcp_flush(struct tcpclient *c)
+{
+	ssize_t	 n;
+
+	while (c->out_off < c->out_len) {
+		n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off,
+		    MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			return -1;
+		}
+		c->out_off += (size_t)n;
+	}
+	if (c->out_len > 0) {
+		c->out_off = c->out_len = 0;
+		tcp_became_idle(c);
+	}
+	return 0;
+}
+
+/* Queues one framed answer for c and tries to write it. */
+static void
+tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
+{
+	unsigned char hdr[2];
+	size_t	 need = 2 + len;
+
+	if (c->out_len + need > DOTP_TCP_OUT_MAX) {
+		log_msg(LOG_DEBUG, "tcp client not reading, closed");
+		tcp_close(c);
+		return;
+	}
+	if (c->out_cap - c->out_len < need) {
+		size_t cap = c->out_cap ? c->out_cap : 4096;
+		unsigned char *np;
+
+		while (cap - c->out_len < need)
+			cap *= 2;
+		if (cap > DOTP_TCP_OUT_MAX)
+			cap = DOTP_TCP_OUT_MAX;
+		if ((np = realloc(c->out, cap)) == NULL) {
+			log_msg(LOG_WARN, "tcp client: out of memory");
+			tcp_close(c);
+			return;
+		}
+		c->out = np;
+		c->out_cap = cap;
+	}
+	wr16(hdr, (uint16_t)len);
+	memcpy(c->out + c->out_len, hdr, 2);
+	memcpy(c->out + c->out_len + 2, msg, len);
+	c->out_len += need;
+	if (tcp_flush(c) < 0)
+		tcp_close(c);
+}
+
+/* Sends one message to a client. UDP: as is (callers truncate). TCP:
+ * framed and queued, if the client is still the same one. */
+static void
+client_send(const struct client *cl, const unsigned char *msg, size_t len)
+{
+	if (cl->kind == CK_UDP) {
+		udp_queue(cl, msg, len);
+		return;
+	}
+	if (G.tcp[cl->idx].fd >= 0 && G.tcp[cl->idx].gen == cl->gen)
+		tcp_send(&G.tcp[cl->idx], msg, len);
+}
+
+/* ==== 6. Query table ==== */
 
 /*
  * Query slots live in G.q[] (G.nq of them, --max-queries). Slots from
@@ -1491,7 +1729,51 @@ q_unlink(int i)
 	q->state = Q_LOOSE;
 }
 
-/* ==== 9. TLS setup ==== */
+/* Delivers the answer msg (in a connection's rx buffer, which dotp owns
+ * and may patch) to the client of query i, with the client's ID,
+ * truncated for a UDP client if needed, and frees the slot. The query
+ * MUST be Q_LOOSE. */
+static void
+q_deliver(int i, unsigned char *msg, size_t len)
+{
+	struct query *q = &G.q[i];
+	unsigned char small[DOTP_UDP_SIZE_MAX];
+
+	wr16(msg + DNS_OFF_ID, q->client_id);
+	/* Undo what dotp added: the client gets what it asked for. */
+	if (q->padded == 2)
+		len = dns_strip_opt(msg, len);
+	else if (q->padded == 1)
+		len = dns_strip_padding(msg, len);
+	if (q->cl.kind == CK_UDP && len > q->udp_limit) {
+		size_t n = dns_truncate(msg, len, q->has_opt, small,
+		    q->udp_limit < sizeof small ? q->udp_limit : sizeof small);
+		client_send(&q->cl, small, n);
+	} else {
+		client_send(&q->cl, msg, len);
+	}
+	G.st.answers++;
+	q_free(i);
+}
+
+/* Answers query i (Q_LOOSE) with SERVFAIL and frees it. */
+static void
+q_servfail(int i)
+{
+	struct query *q = &G.q[i];
+	unsigned char out[DNS_UDP_MIN];
+	size_t	 n;
+
+	wr16(q->qbuf + DNS_OFF_ID, q->client_id);
+	n = dns_make_error(q->qbuf, q->qlen, q->qend, q->has_opt,
+	    DNS_RCODE_SERVFAIL, out, sizeof out);
+	if (n > 0)
+		client_send(&q->cl, out, n);
+	G.st.servfail++;
+	q_free(i);
+}
+
+/* ==== 7. TLS ==== */
 
 /*
  * Trust anchors: compiled in from ca-bundle/ (build/ta.h, made by
@@ -1872,7 +2154,7 @@ tls_fields(int err, char *buf, size_t len)
 		snprintf(buf, len, "tls_error=%d", err);
 }
 
-/* ==== 10. Upstreams and their connections ==== */
+/* ==== 8. Upstreams: health, RTT, picking, learned limits ==== */
 
 /*
  * The state machine of struct conn (see its comment), driven from the
@@ -1904,6 +2186,18 @@ conn_inflight(const struct conn *c)
 {
 	return c->fl.n + c->late.n;
 }
+
+/* Connection c's number within its upstream, for logs: with the
+ * generation it tells one session from another. */
+static int
+conn_slot(const struct conn *c)
+{
+	return (int)(c - G.conn) % G.cfg.max_conns;
+}
+
+/* The log fields naming connection c. */
+#define CONN_FMT	"upstream=%s conn=%d gen=%u"
+#define CONN_ARGS(c)	G.up[(c)->up].label, conn_slot(c), (c)->gen
 
 /* The attempt timeout of u, in milliseconds (see DOTP_ATTEMPT_*). */
 static int
@@ -1998,18 +2292,6 @@ up_enqueue(int ui, int i, int64_t now)
 	qlist_push(&G.up[ui].tx, i);
 	G.kick = 1;
 }
-
-/* Connection c's number within its upstream, for logs: with the
- * generation it tells one session from another. */
-static int
-conn_slot(const struct conn *c)
-{
-	return (int)(c - G.conn) % G.cfg.max_conns;
-}
-
-/* The log fields naming connection c. */
-#define CONN_FMT	"upstream=%s conn=%d gen=%u"
-#define CONN_ARGS(c)	G.up[(c)->up].label, conn_slot(c), (c)->gen
 
 /* How long a connection of u may sit idle before dotp closes it:
  * --idle-timeout, or less when the server was seen to close sooner. */
@@ -2145,6 +2427,41 @@ up_unlearn(struct upstream *u, int64_t now)
 	u->idle_ms = u->idle_seen = 0;
 }
 
+/* ==== 9. What happens to a query ==== */
+
+/*
+ * Query i (Q_LOOSE) lost its send. failed: the upstream that failed, or
+ * -1 after a close by the server. It goes to a healthy upstream it was
+ * not queued on yet: a server that closes busy connections is shedding
+ * load, and one that keeps failing must not eat every try. After a close
+ * with no such upstream it goes back to the same one, on a new
+ * connection; after a failure only a stall (a silent connection, not a
+ * refusal) may do so. Tries and the deadline bound it all; past them, or
+ * with nowhere to go, the client gets SERVFAIL.
+ */
+static void
+q_retry(int i, int failed, int stall, int64_t now)
+{
+	struct query *q = &G.q[i];
+	int	 ui;
+
+	if (q->tries >= DOTP_MAX_TRIES || now >= q->deadline) {
+		q_servfail(i);
+		return;
+	}
+	if (failed < 0) {
+		if ((ui = up_pick(q->tried, 0)) < 0)
+			ui = q->up;
+	} else if ((ui = up_pick(q->tried | 1u << failed, 1)) < 0 && stall) {
+		ui = failed;
+	}
+	if (ui < 0) {
+		q_servfail(i);
+		return;
+	}
+	up_enqueue(ui, i, now);
+}
+
 /*
  * Ends connection c. failed: what failed (see the section comment), or
  * NULL for a close; fields: log fields of the failure. Every query on
@@ -2229,6 +2546,78 @@ conn_fail(struct conn *c, int64_t now, const char *fields,
 	va_end(ap);
 	conn_end(c, why, fields, now);
 }
+
+/*
+ * The timers of a ready connection with queries in flight:
+ *   - it owes answers and sent none for an attempt timeout (twice that
+ *     when no other upstream is healthy): dead; it fails, and its
+ *     queries go elsewhere (or to a new connection, see q_retry);
+ *   - the oldest query passed its attempt timeout: it is sent to the
+ *     next untried healthy upstream too (a hedge; either answer wins),
+ *     or, with nowhere to go, waits on the late list.
+ */
+static void
+conn_timers(struct conn *c, int64_t now)
+{
+	struct upstream *u = &G.up[c->up];
+	int	 at = up_attempt_ms(u), i, ui;
+
+	if (conn_inflight(c) > 0 && now - c->owe_since >=
+	    (int64_t)at * (up_other_healthy(c->up) ? 1 : 2)) {
+		conn_fail(c, now, "", "answered nothing for %lld ms with %u "
+		    "queries waiting", (long long)(now - c->owe_since),
+		    conn_inflight(c));
+		return;
+	}
+	while ((i = c->fl.head) >= 0 && now - G.q[i].sent_at >= at) {
+		struct query *q = &G.q[i];
+
+		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->tried, 0) : -1;
+		q_unlink(i);
+		if (ui < 0) {
+			q->state = Q_LATE;
+			qlist_push(&c->late, i);
+			continue;
+		}
+		log_msg(LOG_DEBUG, "upstream slow, query also sent to %s\t"
+		    CONN_FMT, G.up[ui].label, CONN_ARGS(c));
+		q->pconn = q->conn;
+		q->pgen = q->gen;
+		up_enqueue(ui, i, now);
+	}
+}
+
+/*
+ * Queries that waited an attempt timeout on ui without any connection
+ * of it being ready (a slow connect or handshake: nothing was sent, so
+ * this is a move, not a duplicate) go to the next healthy upstream they
+ * were not queued on, and ui is marked down, so that new queries do not
+ * wait on it too; a handshake that completes later marks it up again.
+ * Returns the time of the next such check, or INT64_MAX.
+ */
+static int64_t
+up_tx_timer(int ui, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	int	 at = up_attempt_ms(u), i, to;
+
+	if (u->tx.head < 0 || up_has_ready(ui))
+		return INT64_MAX;
+	while ((i = u->tx.head) >= 0 && now - G.q[i].sent_at >= at) {
+		if ((to = up_pick(G.q[i].tried, 0)) < 0)
+			return INT64_MAX;	/* nowhere better: wait */
+		if (!u->down)
+			up_down(u, now, "no connection ready within the "
+			    "attempt timeout", "");
+		log_msg(LOG_DEBUG, "upstream not ready, query moved to %s\t"
+		    "upstream=%s", G.up[to].label, u->label);
+		q_unlink(i);
+		up_enqueue(to, i, now);
+	}
+	return i >= 0 ? G.q[i].sent_at + at : INT64_MAX;
+}
+
+/* ==== 10. Upstream connections ==== */
 
 /*
  * Opens connection k of upstream ui: socket, non-blocking connect, and
@@ -2765,76 +3154,6 @@ conn_service(struct conn *c, short revents, int64_t now)
 	conn_pump(c, now);
 }
 
-/*
- * The timers of a ready connection with queries in flight:
- *   - it owes answers and sent none for an attempt timeout (twice that
- *     when no other upstream is healthy): dead; it fails, and its
- *     queries go elsewhere (or to a new connection, see q_retry);
- *   - the oldest query passed its attempt timeout: it is sent to the
- *     next untried healthy upstream too (a hedge; either answer wins),
- *     or, with nowhere to go, waits on the late list.
- */
-static void
-conn_timers(struct conn *c, int64_t now)
-{
-	struct upstream *u = &G.up[c->up];
-	int	 at = up_attempt_ms(u), i, ui;
-
-	if (conn_inflight(c) > 0 && now - c->owe_since >=
-	    (int64_t)at * (up_other_healthy(c->up) ? 1 : 2)) {
-		conn_fail(c, now, "", "answered nothing for %lld ms with %u "
-		    "queries waiting", (long long)(now - c->owe_since),
-		    conn_inflight(c));
-		return;
-	}
-	while ((i = c->fl.head) >= 0 && now - G.q[i].sent_at >= at) {
-		struct query *q = &G.q[i];
-
-		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->tried, 0) : -1;
-		q_unlink(i);
-		if (ui < 0) {
-			q->state = Q_LATE;
-			qlist_push(&c->late, i);
-			continue;
-		}
-		log_msg(LOG_DEBUG, "upstream slow, query also sent to %s\t"
-		    CONN_FMT, G.up[ui].label, CONN_ARGS(c));
-		q->pconn = q->conn;
-		q->pgen = q->gen;
-		up_enqueue(ui, i, now);
-	}
-}
-
-/*
- * Queries that waited an attempt timeout on ui without any connection
- * of it being ready (a slow connect or handshake: nothing was sent, so
- * this is a move, not a duplicate) go to the next healthy upstream they
- * were not queued on, and ui is marked down, so that new queries do not
- * wait on it too; a handshake that completes later marks it up again.
- * Returns the time of the next such check, or INT64_MAX.
- */
-static int64_t
-up_tx_timer(int ui, int64_t now)
-{
-	struct upstream *u = &G.up[ui];
-	int	 at = up_attempt_ms(u), i, to;
-
-	if (u->tx.head < 0 || up_has_ready(ui))
-		return INT64_MAX;
-	while ((i = u->tx.head) >= 0 && now - G.q[i].sent_at >= at) {
-		if ((to = up_pick(G.q[i].tried, 0)) < 0)
-			return INT64_MAX;	/* nowhere better: wait */
-		if (!u->down)
-			up_down(u, now, "no connection ready within the "
-			    "attempt timeout", "");
-		log_msg(LOG_DEBUG, "upstream not ready, query moved to %s\t"
-		    "upstream=%s", G.up[to].label, u->label);
-		q_unlink(i);
-		up_enqueue(to, i, now);
-	}
-	return i >= 0 ? G.q[i].sent_at + at : INT64_MAX;
-}
-
 /* Closes ready connection c on dotp's side (close_notify). */
 static void
 conn_close(struct conn *c, const char *why, int64_t now)
@@ -2961,227 +3280,7 @@ up_kick(int64_t now)
 	}
 }
 
-/* ==== 11. Answers and clients ==== */
-
-/* Control-message room for one IP_PKTINFO or IPV6_PKTINFO. */
-#define UDP_CTL_LEN	(CMSG_SPACE(sizeof(struct in6_pktinfo)) + \
-			    CMSG_SPACE(sizeof(struct in_pktinfo)))
-
-/* Fills mh (with iov and control room ctl) to send msg to UDP client
- * cl: from the address it sent to when that is known (a wildcard
- * listener), so a client that asked 127.0.0.2 is not answered from
- * 127.0.0.1. */
-static void
-udp_msg(struct msghdr *mh, struct iovec *iov, unsigned char *ctl,
-    const struct client *cl, const unsigned char *msg, size_t len)
-{
-	union {
-		struct in_pktinfo v4;
-		struct in6_pktinfo v6;
-	} pi;
-	struct cmsghdr *cm;
-	size_t	 pilen;
-	int	 level, type;
-
-	memset(mh, 0, sizeof *mh);
-	iov->iov_base = (void *)(uintptr_t)msg;
-	iov->iov_len = len;
-	mh->msg_name = (void *)(uintptr_t)&cl->peer;
-	mh->msg_namelen = cl->peerlen;
-	mh->msg_iov = iov;
-	mh->msg_iovlen = 1;
-	if (cl->dst_family == 0)
-		return;
-	memset(ctl, 0, UDP_CTL_LEN);
-	mh->msg_control = ctl;
-	mh->msg_controllen = UDP_CTL_LEN;
-	memset(&pi, 0, sizeof pi);
-	if (cl->dst_family == AF_INET) {
-		pi.v4.ipi_spec_dst = cl->dst.v4;
-		level = IPPROTO_IP;
-		type = IP_PKTINFO;
-		pilen = sizeof pi.v4;
-	} else {
-		pi.v6.ipi6_addr = cl->dst.v6;
-		level = IPPROTO_IPV6;
-		type = IPV6_PKTINFO;
-		pilen = sizeof pi.v6;
-	}
-	cm = CMSG_FIRSTHDR(mh);
-	cm->cmsg_level = level;
-	cm->cmsg_type = type;
-	cm->cmsg_len = CMSG_LEN(pilen);
-	memcpy(CMSG_DATA(cm), &pi, pilen);
-	mh->msg_controllen = CMSG_SPACE(pilen);
-}
-
-/*
- * UDP answers of one loop pass are collected here and leave together:
- * one sendmmsg() on Linux (one sendmsg() each elsewhere). The arena
- * holds copies of the messages; a full batch, or an answer for another
- * listener, flushes first.
- */
-static struct {
-	int	 li;			/* listener of every entry */
-	int	 n;
-	size_t	 used;			/* bytes of arena in use */
-	struct client cl[DOTP_UDP_BATCH];
-	size_t	 off[DOTP_UDP_BATCH], len[DOTP_UDP_BATCH];
-	unsigned char arena[DOTP_UDP_BATCH * DNS_UDP_MIN];
-} udp_out;
-
-/* Sends what udp_out holds. */
-static void
-udp_flush(void)
-{
-	static struct mmsghdr mm[DOTP_UDP_BATCH];
-	static struct iovec iov[DOTP_UDP_BATCH];
-	static unsigned char ctl[DOTP_UDP_BATCH][UDP_CTL_LEN];
-	int	 fd, i, sent = 0, r;
-
-	if (udp_out.n == 0)
-		return;
-	fd = G.lst[udp_out.li].udp;
-	for (i = 0; i < udp_out.n; i++)
-		udp_msg(&mm[i].msg_hdr, &iov[i], ctl[i], &udp_out.cl[i],
-		    udp_out.arena + udp_out.off[i], udp_out.len[i]);
-	while (sent < udp_out.n) {
-#if defined(__linux__) && defined(SYS_sendmmsg)
-		/* The system call itself: musl's sendmmsg() is a loop of
-		 * sendmsg() on 64-bit targets, because its msghdr and
-		 * cmsghdr have socklen_t fields plus padding where the
-		 * kernel has size_t. udp_msg() zeroes every header and
-		 * control buffer before filling them, so the padding is 0
-		 * and the kernel reads the same values. */
-		r = (int)syscall(SYS_sendmmsg, fd, mm + sent,
-		    (unsigned)(udp_out.n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
-#else
-		r = sendmsg(fd, &mm[sent].msg_hdr, MSG_DONTWAIT |
-		    MSG_NOSIGNAL) < 0 ? -1 : 1;
-#endif
-		if (r <= 0) {
-			if (r < 0 && errno == EINTR)
-				continue;
-			/* Full socket buffer: UDP may drop; the client
-			 * retries. Skip the one that failed. */
-			G.st.udp_send_fail++;
-			r = 1;
-		}
-		sent += r;
-	}
-	udp_out.n = 0;
-	udp_out.used = 0;
-}
-
-/* Queues one datagram for client cl (listener cl->idx). */
-static void
-udp_queue(const struct client *cl, const unsigned char *msg, size_t len)
-{
-	if (udp_out.n == DOTP_UDP_BATCH || len > sizeof udp_out.arena -
-	    udp_out.used || (udp_out.n > 0 && udp_out.li != cl->idx))
-		udp_flush();
-	if (len > sizeof udp_out.arena) {	/* can't happen: <= 4096 */
-		G.st.udp_send_fail++;
-		return;
-	}
-	udp_out.li = cl->idx;
-	udp_out.cl[udp_out.n] = *cl;
-	udp_out.off[udp_out.n] = udp_out.used;
-	udp_out.len[udp_out.n] = len;
-	memcpy(udp_out.arena + udp_out.used, msg, len);
-	udp_out.used += len;
-	udp_out.n++;
-}
-
-/* Sends one message to a client. UDP: as is (callers truncate). TCP:
- * framed and queued, if the client is still the same one. */
-static void
-client_send(const struct client *cl, const unsigned char *msg, size_t len)
-{
-	if (cl->kind == CK_UDP) {
-		udp_queue(cl, msg, len);
-		return;
-	}
-	if (G.tcp[cl->idx].fd >= 0 && G.tcp[cl->idx].gen == cl->gen)
-		tcp_send(&G.tcp[cl->idx], msg, len);
-}
-
-/* Delivers the answer msg (in a connection's rx buffer, which dotp owns
- * and may patch) to the client of query i, with the client's ID,
- * truncated for a UDP client if needed, and frees the slot. The query
- * MUST be Q_LOOSE. */
-static void
-q_deliver(int i, unsigned char *msg, size_t len)
-{
-	struct query *q = &G.q[i];
-	unsigned char small[DOTP_UDP_SIZE_MAX];
-
-	wr16(msg + DNS_OFF_ID, q->client_id);
-	/* Undo what dotp added: the client gets what it asked for. */
-	if (q->padded == 2)
-		len = dns_strip_opt(msg, len);
-	else if (q->padded == 1)
-		len = dns_strip_padding(msg, len);
-	if (q->cl.kind == CK_UDP && len > q->udp_limit) {
-		size_t n = dns_truncate(msg, len, q->has_opt, small,
-		    q->udp_limit < sizeof small ? q->udp_limit : sizeof small);
-		client_send(&q->cl, small, n);
-	} else {
-		client_send(&q->cl, msg, len);
-	}
-	G.st.answers++;
-	q_free(i);
-}
-
-/* Answers query i (Q_LOOSE) with SERVFAIL and frees it. */
-static void
-q_servfail(int i)
-{
-	struct query *q = &G.q[i];
-	unsigned char out[DNS_UDP_MIN];
-	size_t	 n;
-
-	wr16(q->qbuf + DNS_OFF_ID, q->client_id);
-	n = dns_make_error(q->qbuf, q->qlen, q->qend, q->has_opt,
-	    DNS_RCODE_SERVFAIL, out, sizeof out);
-	if (n > 0)
-		client_send(&q->cl, out, n);
-	G.st.servfail++;
-	q_free(i);
-}
-
-/*
- * Query i (Q_LOOSE) lost its send. failed: the upstream that failed, or
- * -1 after a close by the server. It goes to a healthy upstream it was
- * not queued on yet: a server that closes busy connections is shedding
- * load, and one that keeps failing must not eat every try. After a close
- * with no such upstream it goes back to the same one, on a new
- * connection; after a failure only a stall (a silent connection, not a
- * refusal) may do so. Tries and the deadline bound it all; past them, or
- * with nowhere to go, the client gets SERVFAIL.
- */
-static void
-q_retry(int i, int failed, int stall, int64_t now)
-{
-	struct query *q = &G.q[i];
-	int	 ui;
-
-	if (q->tries >= DOTP_MAX_TRIES || now >= q->deadline) {
-		q_servfail(i);
-		return;
-	}
-	if (failed < 0) {
-		if ((ui = up_pick(q->tried, 0)) < 0)
-			ui = q->up;
-	} else if ((ui = up_pick(q->tried | 1u << failed, 1)) < 0 && stall) {
-		ui = failed;
-	}
-	if (ui < 0) {
-		q_servfail(i);
-		return;
-	}
-	up_enqueue(ui, i, now);
-}
+/* ==== 11. Client input ==== */
 
 /* Is a client at sa allowed (--allow, or the private default)? */
 static int
@@ -3389,8 +3488,6 @@ udp_service(int li, int64_t now)
 	}
 }
 
-/* ==== 12. TCP clients ==== */
-
 /*
  * A TCP client sends 2-byte-length framed queries, any number, and gets
  * answers in the order they arrive from upstream. Output that cannot be
@@ -3398,110 +3495,6 @@ udp_service(int li, int64_t now)
  * client is cut off. A client that shuts its side is kept until its
  * answers are written.
  */
-
-static void
-tcp_close(struct tcpclient *c)
-{
-	int	 j = (int)(c - G.tcp), last;
-
-	fd_close(&c->fd);
-	free(c->out);
-	c->out = NULL;
-	c->out_len = c->out_off = c->out_cap = 0;
-	c->rx_have = 0;
-	c->pending = 0;
-	c->eof = 0;
-	c->gen++;
-	/* Off the live list (the last one takes its place), onto free. */
-	last = G.tcp_live[--G.ntcp];
-	G.tcp_live[c->live_pos] = last;
-	G.tcp[last].live_pos = c->live_pos;
-	G.tcp_free[G.ntcp_free++] = j;
-}
-
-/* Client c has nothing outstanding now: its idle time starts, and if it
- * shut its side, the next expire() closes it. */
-static void
-tcp_became_idle(struct tcpclient *c)
-{
-	if (c->pending > 0 || c->out_len > 0)
-		return;
-	c->idle_since = now_ms();
-	if (c->eof)
-		G.tcp_scan_at = 0;
-}
-
-/* A query of TCP client cl was answered or failed. */
-static void
-tcp_done_query(const struct client *cl)
-{
-	struct tcpclient *c = &G.tcp[cl->idx];
-
-	if (c->fd >= 0 && c->gen == cl->gen && c->pending > 0 &&
-	    --c->pending == 0)
-		tcp_became_idle(c);
-}
-
-/* Writes queued output. Returns -1 if the client is dead. */
-static int
-tcp_flush(struct tcpclient *c)
-{
-	ssize_t	 n;
-
-	while (c->out_off < c->out_len) {
-		n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off,
-		    MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				return 0;
-			return -1;
-		}
-		c->out_off += (size_t)n;
-	}
-	if (c->out_len > 0) {
-		c->out_off = c->out_len = 0;
-		tcp_became_idle(c);
-	}
-	return 0;
-}
-
-/* Queues one framed answer for c and tries to write it. */
-static void
-tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
-{
-	unsigned char hdr[2];
-	size_t	 need = 2 + len;
-
-	if (c->out_len + need > DOTP_TCP_OUT_MAX) {
-		log_msg(LOG_DEBUG, "tcp client not reading, closed");
-		tcp_close(c);
-		return;
-	}
-	if (c->out_cap - c->out_len < need) {
-		size_t cap = c->out_cap ? c->out_cap : 4096;
-		unsigned char *np;
-
-		while (cap - c->out_len < need)
-			cap *= 2;
-		if (cap > DOTP_TCP_OUT_MAX)
-			cap = DOTP_TCP_OUT_MAX;
-		if ((np = realloc(c->out, cap)) == NULL) {
-			log_msg(LOG_WARN, "tcp client: out of memory");
-			tcp_close(c);
-			return;
-		}
-		c->out = np;
-		c->out_cap = cap;
-	}
-	wr16(hdr, (uint16_t)len);
-	memcpy(c->out + c->out_len, hdr, 2);
-	memcpy(c->out + c->out_len + 2, msg, len);
-	c->out_len += need;
-	if (tcp_flush(c) < 0)
-		tcp_close(c);
-}
 
 /*
  * Out of descriptors, a pending connection would wake poll() for ever:
@@ -3623,7 +3616,7 @@ tcp_read(int j, int64_t now)
 	}
 }
 
-/* ==== 13. Event loop ==== */
+/* ==== 12. Event loop ==== */
 
 /* SIGTERM, SIGINT: the first starts the drain (the loop sees the flag
  * when poll() returns EINTR); a second one ends the process at once. */
@@ -3822,7 +3815,7 @@ loop_run(void)
 	}
 }
 
-/* ==== 14. Config and command line ==== */
+/* ==== 13. Options ==== */
 
 static void
 usage(FILE *f)
@@ -4306,7 +4299,7 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	}
 }
 
-/* ==== 15. main ==== */
+/* ==== 14. Setup, shutdown and main ==== */
 
 /*
  * Asks for --udp-rcvbuf bytes of receive buffer on UDP socket fd: the
