@@ -20,7 +20,7 @@
  *                                     its own TLS record; the records
  *                                     of one pass leave in one send()
  *     -> upstream answers, any order
- *     -> conn_recvapp() (RECVAPP)     frames reassembled, q_find(ID)
+ *     -> conn_take_answers() (RECVAPP) frames reassembled, q_find(ID)
  *     -> conn_answer()                sent on this connection, same
  *                                     question (dns_check_answer)
  *     -> q_deliver()                  client ID restored, truncated for
@@ -64,10 +64,44 @@
  *     the age list is sorted by deadline and expiry is O(1) per query.
  *   - Every length read off the wire is checked once, where it enters.
  *
- * BUILD AND TEST: `make` (static musl + BearSSL), `make test`.
+ * SECTIONS (each opens with what it owns, calls and is called by;
+ * each uses only the ones above it)
+ *
+ *    1 Includes and tunables      8 Upstreams: health, RTT, picking,
+ *    2 Types and the global state   learned limits
+ *    3 Utilities                  9 What happens to a query (the table)
+ *    4 DNS wire format           10 Upstream connections
+ *    5 Client output             11 Client input
+ *    6 Query table               12 Event loop
+ *    7 TLS                       13 Options
+ *                                14 Setup, shutdown and main
+ *
+ * WHERE TO CHANGE WHAT
+ *
+ *   a new option          a field in struct config and a row of opts[]
+ *                         (13); the README's table (a test compares)
+ *   a new counter         a row of DOTP_STATS or DOTP_UP_STATS (2), and
+ *                         G.ctr[CTR_X]++ where it happens; the exit line
+ *                         and later the metrics follow the table
+ *   a new descriptor      a value of enum fd_kind (2), a _pollset and a
+ *     kind                _service function, a row of fd_kinds[] (12)
+ *   a new rule for a      the table of section 9 and the function there
+ *     query (re-send,     that applies it (q_retry, conn_end,
+ *     hedge, SERVFAIL)    conn_timers, up_tx_timer)
+ *   a connection timer    conn_due (10): polling and acting both use it
+ *   a limit               a named constant with its reason (1)
+ *   a DNS wire rule       section 4; the fuzz harnesses (tests/fuzz)
+ *
+ * BUILD AND TEST: `make` (static musl + BearSSL), `make check` (unit
+ * and engine tests, seconds), `make test` (everything).
  */
 
 /* ==== 1. Includes and tunables ==== */
+
+/*
+ * Every fixed limit, as a named constant with its reason. Nothing here
+ * is code; everything below may use it.
+ */
 
 #define _GNU_SOURCE	/* accept4, SOCK_NONBLOCK, getrandom, MSG_NOSIGNAL */
 
@@ -97,6 +131,9 @@
 #include <unistd.h>
 
 #include "bearssl.h"
+
+/* A parameter a function of a table row may ignore. */
+#define UNUSED	__attribute__((unused))
 
 #ifndef DOTP_VERSION
 #define DOTP_VERSION "0.1.0"
@@ -259,6 +296,20 @@
 #define DNS_NAME_MAX		255
 #define DNS_RCODE_REFUSED	5
 #define DNS_OPT_PADDING		12	/* EDNS(0) option code, RFC 7830 */
+/* A resource record after its owner name: TYPE, CLASS, TTL, RDLENGTH,
+ * then RDATA. */
+#define DNS_RR_TYPE		0
+#define DNS_RR_CLASS		2
+#define DNS_RR_RDLEN		8
+#define DNS_RR_FIXED		10
+/* An OPT record (RFC 6891) is owned by the root, a 1-byte name; its
+ * CLASS is the UDP payload size; its RDATA, options, starts at 11. */
+#define DNS_OPT_UDPSIZE		(1 + DNS_RR_CLASS)
+#define DNS_OPT_RDLEN		(1 + DNS_RR_RDLEN)
+#define DNS_OPT_HEADER		(1 + DNS_RR_FIXED)
+/* An EDNS option: CODE, LENGTH, then its data. */
+#define DNS_OPTION_LEN		2
+#define DNS_OPTION_HEADER	4
 #define DNS_UDP_MIN		512	/* RFC 1035 limit without EDNS(0) */
 #define DNS_EDNS_UDP_MAX	1232	/* DNS Flag Day 2020: no fragments */
 /* --udp-size range: 4096 is the largest size resolvers commonly offer. */
@@ -271,11 +322,40 @@
 
 /* ==== 2. Types and the global state ==== */
 
-enum log_level { LOG_ERR, LOG_WARN, LOG_INFO, LOG_DEBUG };
+/*
+ * The objects, from the leaves up (a client address, a query, a
+ * connection, an upstream, a TCP client, a listener), each with what it
+ * owns and what is true of it; then the option values (struct config)
+ * and the one global, G, grouped by what uses it. Also the counter rows
+ * (DOTP_STATS) and the descriptor kinds of the loop (enum fd_kind).
+ */
+
+/* Log levels; --verbose prints all, --quiet errors only. */
+enum log_level { LVL_ERROR, LVL_WARN, LVL_INFO, LVL_DEBUG };
+
+/*
+ * The kinds of descriptor in the poll set. Each has a _pollset function,
+ * which appends its objects' descriptors (loop_add) and lowers the
+ * deadline, and a _service function, called after poll() with an
+ * object's index: their table is fd_kinds[] (section 12). Enum order is
+ * service order: upstream answers free query slots before clients bring
+ * new queries, and listeners come last.
+ */
+enum fd_kind { FK_CONN, FK_TCP, FK_UDP, FK_ACCEPT, FK_N };
 
 /* Outcome of validating a client query: drop it, forward it, or answer
  * it at once with an RCODE. */
 enum qcheck { QC_DROP = -1, QC_OK = 0 };
+
+/* What dns_walk_records() finds among a message's records. */
+struct dns_rrs {
+	size_t	 end;		/* offset just past the last record */
+	size_t	 opt;		/* the root's first OPT in the additional
+				   section, 0: none */
+	size_t	 opt_end;	/* offset just past it */
+	unsigned nopt;		/* OPT records anywhere */
+	int	 opt_bad;	/* an OPT elsewhere, or not owned by the root */
+};
 
 /* What dns_check_query() learns about a valid query. */
 struct qinfo {
@@ -283,8 +363,12 @@ struct qinfo {
 	size_t	 end;		/* offset just past the last counted record */
 	int	 has_opt;	/* client sent an OPT record */
 	size_t	 opt;		/* its offset */
+	size_t	 opt_end;	/* offset just past it */
 	uint16_t udp_size;	/* its advertised payload size */
 };
+
+/* What dns_pad_query() did to a query, undone in its answer. */
+enum pad_how { PAD_NONE, PAD_OPTION, PAD_ADDED_OPT };
 
 /*
  * A client address: where an answer goes.
@@ -345,8 +429,7 @@ struct query {
 	int64_t	 sent_at;	/* when the current send was injected */
 	int64_t	 deadline;	/* SERVFAIL at this time */
 	struct client cl;
-	uint8_t	 padded;	/* 1: dotp padded the client's OPT, 2: dotp
-				   added the OPT; undone in the answer */
+	uint8_t	 padded;	/* enum pad_how: undone in the answer */
 	unsigned char qbuf[DOTP_QUERY_MAX + DOTP_PAD_ROOM];
 };
 
@@ -376,6 +459,8 @@ struct qlist {
  * A connection with no query at all is a probe of its upstream's health.
  */
 enum conn_state { C_FREE, C_CONNECTING, C_HANDSHAKE, C_READY };
+/* Which deadline of a connection comes next (conn_due). */
+enum conn_timer { CT_NONE, CT_OPEN, CT_FORGET, CT_IDLE, CT_FLIGHT };
 struct conn {
 	int	 up;		/* owning upstream */
 	int	 fd;
@@ -410,6 +495,68 @@ struct conn {
 	size_t	 rx_have;	/* bytes in rx */
 	unsigned char rx[DOTP_FRAME_MAX];
 };
+
+/*
+ * Counters: one row each, in one list per scope, and the list drives
+ * everything else: the enum, the table of names and help texts, the
+ * exit line (stats_log) and, later, the metrics endpoint. A new counter
+ * is one row here and one `G.ctr[CTR_X]++` where it happens.
+ * Kinds: STAT_COUNTER only rises; STAT_TOTAL is an upstream counter
+ * whose sum over the upstreams also goes on the exit line; STAT_GAUGE is
+ * a level read through the row's function when reported.
+ */
+enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
+
+/* X(ID, name, kind, help): the whole process. */
+#define DOTP_STATS(X) \
+	X(CTR_QUERIES, "queries", STAT_COUNTER, \
+	    "messages received from clients") \
+	X(CTR_ANSWERS, "answers", STAT_COUNTER, \
+	    "upstream answers delivered to clients") \
+	X(CTR_SERVFAIL, "servfail", STAT_COUNTER, \
+	    "queries answered SERVFAIL: deadline, tries or query table spent") \
+	X(CTR_DROPPED, "dropped", STAT_COUNTER, \
+	    "client messages dropped: not DNS queries") \
+	X(CTR_FORMERR, "formerr", STAT_COUNTER, \
+	    "malformed queries answered FORMERR") \
+	X(CTR_NOTIMP, "notimp", STAT_COUNTER, \
+	    "queries of an opcode other than QUERY, answered NOTIMP") \
+	X(CTR_REFUSED, "refused", STAT_COUNTER, \
+	    "queries from clients outside --allow, answered REFUSED") \
+	X(CTR_STRAY, "stray", STAT_COUNTER, \
+	    "upstream answers for no query in flight on their connection") \
+	X(CTR_MISMATCHED, "mismatched", STAT_COUNTER, \
+	    "upstream answers with an ID in flight but another question") \
+	X(CTR_TABLE_FULL, "table_full", STAT_COUNTER, \
+	    "queries answered SERVFAIL because the query table was full") \
+	X(CTR_TCP_REFUSED, "tcp_refused", STAT_COUNTER, \
+	    "TCP clients closed at accept: over --max-tcp or outside --allow") \
+	X(CTR_UDP_SEND_FAILED, "udp_send_failed", STAT_COUNTER, \
+	    "UDP answers the kernel did not send (socket buffer full)")
+
+/* X(ID, name, kind, help): one upstream. */
+#define DOTP_UP_STATS(X) \
+	X(UCTR_SENT, "sent", STAT_COUNTER, \
+	    "queries sent to the upstream (re-sends and hedges included)") \
+	X(UCTR_ANSWERED, "answered", STAT_COUNTER, \
+	    "answers taken from the upstream") \
+	X(UCTR_FAILURES, "failures", STAT_COUNTER, \
+	    "connection failures: connect, handshake, verification, stall") \
+	X(UCTR_RECYCLED, "recycled", STAT_TOTAL, \
+	    "queries re-sent without using a try after the server recycled " \
+	    "a connection") \
+	X(UCTR_HANDSHAKES_FULL, "handshakes_full", STAT_TOTAL, \
+	    "full TLS handshakes") \
+	X(UCTR_HANDSHAKES_RESUMED, "handshakes_resumed", STAT_TOTAL, \
+	    "TLS handshakes that resumed a session") \
+	X(UCTR_LEARNED_CONN_QUERIES, "learned_conn_queries", STAT_GAUGE, \
+	    "queries per connection the server was seen to allow (0: none)") \
+	X(UCTR_LEARNED_IDLE_MS, "learned_idle_ms", STAT_GAUGE, \
+	    "idle time after which the server was seen to close (0: none)")
+
+#define STAT_ENUM(id, name, kind, help)	id,
+enum ctr { DOTP_STATS(STAT_ENUM) CTR_N };
+enum up_ctr { DOTP_UP_STATS(STAT_ENUM) UCTR_N };
 
 /*
  * struct upstream: one configured resolver.
@@ -447,8 +594,7 @@ struct upstream {
 	int64_t	 learned_at;	/* cap and idle_ms are forgotten later */
 	int64_t	 alone_until;	/* an extra connection failed: until then
 				   no other opens while one is ready */
-	unsigned long sent, answered, failures, hs_full, hs_resumed;
-	unsigned long recycled;	/* queries re-sent free after a recycle */
+	unsigned long ctr[UCTR_N];	/* the counters of up_stat_defs */
 };
 
 /* struct tcpclient: one accepted TCP client.
@@ -508,7 +654,8 @@ struct config {
 	int	 timeout_ms, attempt_ms, connect_ms, handshake_ms, idle_ms;
 	int	 drain_ms, conn_queries, max_conns, max_queries;
 	int	 udp_size, tcp_idle_ms, max_tcp, udp_rcvbuf;
-	int	 pad;		/* pad queries (RFC 8467); --no-pad clears */
+	int	 no_pad;	/* --no-pad: do not pad queries (RFC 8467) */
+	int	 verbose, quiet;	/* -v, -q: make verbosity */
 	struct cidr allow[DOTP_MAX_ALLOW];
 	int	 nallow;
 };
@@ -533,8 +680,12 @@ struct dotp {
 	unsigned char *tcprx;
 	int	*tcp_live, *tcp_free;
 	int	 ntcp, ntcp_free, tcp_high;
-	struct pollfd *pfd;	/* the poll set, rebuilt every pass */
-	int	*pfd_tcp;	/* pfd entry of each live client, by position */
+	/* The poll set, rebuilt every pass: beside each pollfd, the kind
+	 * of its object and the object's index (loop_add). */
+	struct pollfd *pfd;
+	uint8_t	*pkind;		/* enum fd_kind */
+	int	*pidx;
+	int	 npfd;
 	struct query *q;	/* max_queries slots, calloc'd at start */
 	int	 nq;
 	int	 qfree;		/* free list head (slots used before) */
@@ -553,15 +704,7 @@ struct dotp {
 	int	 connect_burst;	/* EMFILE on socket() logged, until one works */
 	int	 accept_burst;	/* EMFILE on accept() logged, until one works */
 	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
-	struct {		/* counters, logged at exit */
-		unsigned long queries, answers, servfail, dropped;
-		unsigned long formerr, notimp, refused;
-		unsigned long stray, udp_send_fail, tcp_refused, full;
-		unsigned long mismatched;
-	} st;	/* full: SERVFAILs for a full query table; tcp_refused:
-		 * clients over --max-tcp or --allow, closed at accept;
-		 * mismatched: answers with an ID in flight on their
-		 * connection but another question (dropped) */
+	unsigned long ctr[CTR_N];	/* the counters of stat_defs */
 	int64_t	 malformed_logged;	/* last "malformed input" line */
 	int64_t	 tcp_scan_at;	/* next look for idle TCP clients to close */
 	int64_t	 sweep_at;	/* next poll() of dormant TCP clients */
@@ -570,41 +713,108 @@ struct dotp {
 
 static volatile sig_atomic_t got_signal;
 static struct dotp G;
-static int log_verbosity = LOG_INFO;
+static int log_verbosity = LVL_INFO;
 
 /* ==== 3. Utilities ==== */
 
-static void	log_msg(enum log_level, const char *, ...)
-		    __attribute__((format(printf, 2, 3)));
+/*
+ * Logging (one logfmt family and fatal()), time, bytes, descriptors,
+ * addresses and prefixes, the counter tables, and the poll-set append.
+ * Calls only libc. Called by everything below.
+ */
+
+/* Appends the string src to line (len bytes, *at used), with '"' and
+ * '\\' escaped when esc (a logfmt quoted value); cuts at len - 1. */
+static void
+log_put(char *line, size_t len, size_t *at, const char *src, int esc)
+{
+	for (; *src && *at + 2 < len; src++) {
+		if (esc && (*src == '"' || *src == '\\'))
+			line[(*at)++] = '\\';
+		line[(*at)++] = *src;
+	}
+	line[*at] = '\0';
+}
 
 /*
- * Logs one logfmt line to stderr: level=L msg="TEXT" FIELDS. fmt gives
- * the text, then optionally a tab and key=value fields (a value with
- * spaces is quoted by the caller). Keeps errno.
+ * Logs one logfmt line to stderr: level=L msg="TEXT" FIELDS, plus
+ * error="..." for errno err when err is not 0. fmt gives the text, then
+ * optionally a tab and key=value fields (a value with spaces is quoted
+ * by the caller). Keeps errno.
  */
 static void
-log_msg(enum log_level lvl, const char *fmt, ...)
+log_v(enum log_level lvl, int err, const char *fmt, va_list ap)
 {
 	static const char *names[] = { "error", "warn", "info", "debug" };
-	char	 text[512], line[600], *tab;
-	va_list	 ap;
-	int	 n, saved = errno;
+	char	 text[512], line[640], *tab;
+	size_t	 at = 0;
+	int	 saved = errno;
 
 	if ((int)lvl > log_verbosity)
 		return;
-	va_start(ap, fmt);
 	(void)vsnprintf(text, sizeof text, fmt, ap);
-	va_end(ap);
 	if ((tab = strchr(text, '\t')) != NULL)
 		*tab++ = '\0';
-	n = snprintf(line, sizeof line, "level=%s msg=\"%s\"%s%s\n",
-	    names[lvl], text, tab ? " " : "", tab ? tab : "");
-	if (n >= (int)sizeof line) {
-		n = (int)sizeof line - 1;
-		line[n - 1] = '\n';
+	log_put(line, sizeof line - 1, &at, "level=", 0);
+	log_put(line, sizeof line - 1, &at, names[lvl], 0);
+	log_put(line, sizeof line - 1, &at, " msg=\"", 0);
+	log_put(line, sizeof line - 1, &at, text, 1);
+	log_put(line, sizeof line - 1, &at, "\"", 0);
+	if (tab != NULL && *tab != '\0') {
+		log_put(line, sizeof line - 1, &at, " ", 0);
+		log_put(line, sizeof line - 1, &at, tab, 0);
 	}
-	(void)!write(2, line, (size_t)n);
+	if (err != 0) {
+		log_put(line, sizeof line - 1, &at, " error=\"", 0);
+		log_put(line, sizeof line - 1, &at, strerror(err), 1);
+		log_put(line, sizeof line - 1, &at, "\"", 0);
+	}
+	line[at++] = '\n';
+	(void)!write(2, line, at);
 	errno = saved;
+}
+
+static void	log_msg(enum log_level, const char *, ...)
+		    __attribute__((format(printf, 2, 3)));
+static void	log_errno(enum log_level, const char *, ...)
+		    __attribute__((format(printf, 2, 3)));
+static void	fatal(int, const char *, ...)
+		    __attribute__((format(printf, 2, 3), noreturn));
+
+/* Logs a line (log_v). */
+static void
+log_msg(enum log_level lvl, const char *fmt, ...)
+{
+	va_list	 ap;
+
+	va_start(ap, fmt);
+	log_v(lvl, 0, fmt, ap);
+	va_end(ap);
+}
+
+/* Logs a line with error="strerror(errno)" (log_v). */
+static void
+log_errno(enum log_level lvl, const char *fmt, ...)
+{
+	va_list	 ap;
+	int	 err = errno;
+
+	va_start(ap, fmt);
+	log_v(lvl, err, fmt, ap);
+	va_end(ap);
+}
+
+/* A start-up error: one error line, then exit(status), 2 for a bad
+ * option or value (the user's to fix), 1 for what the system refused. */
+static void
+fatal(int status, const char *fmt, ...)
+{
+	va_list	 ap;
+
+	va_start(ap, fmt);
+	log_v(LVL_ERROR, 0, fmt, ap);
+	va_end(ap);
+	exit(status);
 }
 
 /* Milliseconds of CLOCK_MONOTONIC. */
@@ -658,6 +868,28 @@ set_nodelay(int fd)
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
+/* Lowers the deadline *d to t. */
+static void
+dl_min(int64_t *d, int64_t t)
+{
+	if (t < *d)
+		*d = t;
+}
+
+/* Appends descriptor fd of object idx of kind k to the poll set (sized
+ * at start for every object there can be). */
+static void
+loop_add(enum fd_kind k, int idx, int fd, short events)
+{
+	struct pollfd *p = &G.pfd[G.npfd];
+
+	p->fd = fd;
+	p->events = events;
+	p->revents = 0;
+	G.pkind[G.npfd] = (uint8_t)k;
+	G.pidx[G.npfd++] = idx;
+}
+
 /* Closes fd if open and sets it to -1; keeps errno. */
 static void
 fd_close(int *fd)
@@ -678,6 +910,45 @@ str_copy(char *dst, size_t len, const char *src)
 
 	memmove(dst, src, n);
 	dst[n] = '\0';
+}
+
+/* The rows of DOTP_STATS and DOTP_UP_STATS as data. */
+struct stat_def {
+	const char *name, *help;
+	enum stat_kind kind;
+};
+#define STAT_DEF(id, name, kind, help)	{ name, help, kind },
+static const struct stat_def stat_defs[CTR_N] = { DOTP_STATS(STAT_DEF) };
+static const struct stat_def up_stat_defs[UCTR_N] = {
+	DOTP_UP_STATS(STAT_DEF)
+};
+
+/* The value of upstream stat k of u: its counter, or the level a gauge
+ * reports, read from where the engine keeps it. */
+static unsigned long
+up_stat(const struct upstream *u, int k)
+{
+	switch (k) {
+	case UCTR_LEARNED_CONN_QUERIES:
+		return u->cap;
+	case UCTR_LEARNED_IDLE_MS:
+		return (unsigned long)u->idle_ms;
+	default:
+		return u->ctr[k];
+	}
+}
+
+/* Appends " name=value" to buf (len bytes, *at used), cutting at len. */
+static void
+stat_append(char *buf, size_t len, size_t *at, const char *name,
+    unsigned long v)
+{
+	int	 n;
+
+	if (*at >= len)
+		return;
+	n = snprintf(buf + *at, len - *at, " %s=%lu", name, v);
+	*at += n > 0 ? (size_t)n : 0;
 }
 
 /* Formats an address as "1.2.3.4:53" or "[::1]:53". */
@@ -783,6 +1054,9 @@ cidr_match(const struct cidr *c, const struct sockaddr *sa)
  * Pure functions over byte buffers: no I/O, no globals. Parsers return
  * the offset just past what they read, or 0 when the input is bad (0 is
  * never a valid offset past the header). This is the fuzz target.
+ * Owns nothing. Calls only the byte accessors. Called by client input
+ * (check, pad), query delivery (strip, truncate), the connections
+ * (check answers) and the TCP framing on both sides.
  */
 
 /* Skips a possibly compressed name at pos. Returns the offset after it,
@@ -847,41 +1121,57 @@ dns_check_qname(const unsigned char *m, size_t len, size_t pos)
 	}
 }
 
-/* Skips one resource record. Returns the offset after it, or 0. If the
- * record is an OPT, *opt is set to its offset. */
+/* Skips one resource record. Returns the offset after it, or 0. Sets
+ * *type (if not NULL) to its TYPE. */
 static size_t
-dns_skip_rr(const unsigned char *m, size_t len, size_t pos, size_t *opt)
+dns_skip_rr(const unsigned char *m, size_t len, size_t pos, unsigned *type)
 {
-	size_t	 start = pos, rdlen;
+	size_t	 rdlen;
 
 	pos = dns_skip_name(m, len, pos);
-	if (pos == 0 || len - pos < 10)
+	if (pos == 0 || len - pos < DNS_RR_FIXED)
 		return 0;
-	rdlen = rd16(m + pos + 8);
-	if (rd16(m + pos) == DNS_TYPE_OPT && opt != NULL)
-		*opt = start;
-	pos += 10;
+	rdlen = rd16(m + pos + DNS_RR_RDLEN);
+	if (type != NULL)
+		*type = rd16(m + pos + DNS_RR_TYPE);
+	pos += DNS_RR_FIXED;
 	if (rdlen > len - pos)
 		return 0;
 	return pos + rdlen;
 }
 
-/* Finds the OPT record of a message whose question ends at qend.
- * Returns its offset, or 0 if there is none or the message is bad. */
+/*
+ * Walks the answer, authority and additional records of message m from
+ * pos, just past its question: the one way dotp finds an OPT record.
+ * Returns the offset past the last record (r->end), or 0 if a record is
+ * malformed.
+ */
 static size_t
-dns_find_opt(const unsigned char *m, size_t len, size_t qend)
+dns_walk_records(const unsigned char *m, size_t len, size_t pos,
+    struct dns_rrs *r)
 {
-	size_t	 pos = qend, opt = 0;
-	unsigned n;
+	unsigned n, k, i, type;
+	size_t	 start;
 
-	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT) +
-	    rd16(m + DNS_OFF_ARCOUNT);
-	while (n-- > 0) {
-		pos = dns_skip_rr(m, len, pos, &opt);
-		if (pos == 0)
+	memset(r, 0, sizeof *r);
+	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
+	k = n + rd16(m + DNS_OFF_ARCOUNT);
+	for (i = 0; i < k; i++) {
+		start = pos;
+		if ((pos = dns_skip_rr(m, len, pos, &type)) == 0)
 			return 0;
+		if (type != DNS_TYPE_OPT)
+			continue;
+		if (r->nopt++ > 0 && r->opt != 0)
+			continue;	/* the first is the one */
+		if (i < n || m[start] != 0) {
+			r->opt_bad = 1;
+			continue;
+		}
+		r->opt = start;
+		r->opt_end = pos;
 	}
-	return opt;
+	return r->end = pos;
 }
 
 /*
@@ -894,9 +1184,9 @@ dns_find_opt(const unsigned char *m, size_t len, size_t qend)
 static int
 dns_check_query(const unsigned char *m, size_t len, struct qinfo *qi)
 {
+	struct dns_rrs r;
 	uint16_t flags;
-	size_t	 pos, opt = 0;
-	unsigned n, k, i;
+	size_t	 pos;
 
 	if (len < DNS_HEADER_LEN)
 		return QC_DROP;
@@ -911,25 +1201,16 @@ dns_check_query(const unsigned char *m, size_t len, struct qinfo *qi)
 	if (pos == 0 || len - pos < 4)
 		return DNS_RCODE_FORMERR;
 	qi->qend = pos + 4;
-	pos = qi->qend;
-	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
-	k = n + rd16(m + DNS_OFF_ARCOUNT);
-	for (i = 0; i < k; i++) {
-		size_t seen = opt;
-
-		pos = dns_skip_rr(m, len, pos, &opt);
-		/* RFC 6891 6.1.1: one OPT at most, owned by the root, in
-		 * the additional section. */
-		if (pos == 0 || (seen && opt != seen) || (opt && m[opt] != 0) ||
-		    (opt && i < n))
-			return DNS_RCODE_FORMERR;
-	}
-	qi->has_opt = opt != 0;
-	qi->opt = opt;
-	qi->end = pos;
-	qi->udp_size = 0;
-	if (opt)	/* OPT's CLASS is the payload size */
-		qi->udp_size = rd16(m + opt + 1 + 2);
+	/* RFC 6891 6.1.1: one OPT at most, owned by the root, in the
+	 * additional section. */
+	if (dns_walk_records(m, len, qi->qend, &r) == 0 || r.nopt > 1 ||
+	    r.opt_bad)
+		return DNS_RCODE_FORMERR;
+	qi->has_opt = r.opt != 0;
+	qi->opt = r.opt;
+	qi->opt_end = r.opt_end;
+	qi->end = r.end;
+	qi->udp_size = r.opt ? rd16(m + r.opt + DNS_OPT_UDPSIZE) : 0;
 	return QC_OK;
 }
 
@@ -950,59 +1231,62 @@ dns_udp_limit(const struct qinfo *qi, uint16_t cap)
  * Pads a checked query m (len bytes, buffer of cap) in place to a
  * multiple of DOTP_PAD_BLOCK bytes with an EDNS(0) Padding option (RFC
  * 7830; the block policy of RFC 8467). Without OPT, dotp adds one
- * (payload 1232, no flags, only the padding) and sets *added_opt to 2;
- * when it pads an OPT of the client's, to 1. The
- * query is left as it is when it already has a padding option, when its
- * OPT is not the last record (a TSIG after it would break), when bytes
+ * (payload 1232, no flags, only the padding): *how = PAD_ADDED_OPT;
+ * when it pads an OPT of the client's, PAD_OPTION. The query is left as
+ * it is (PAD_NONE) when it already has a padding option, when its OPT
+ * is not the last record (a TSIG after it would break), when bytes
  * follow the records, or when there is no room.
  * Returns the new length, at most cap.
  */
 static size_t
 dns_pad_query(unsigned char *m, size_t len, size_t cap,
-    const struct qinfo *qi, int *added_opt)
+    const struct qinfo *qi, enum pad_how *how)
 {
 	size_t	 n, pad, rdlen, p, olen, rd;
 
-	*added_opt = 0;
+	*how = PAD_NONE;
 	if (qi->end != len)
 		return len;
 	if (!qi->has_opt) {
-		static const unsigned char opt[11] = {
+		static const unsigned char opt[DNS_OPT_HEADER] = {
 			0, 0, DNS_TYPE_OPT,
 			DNS_EDNS_UDP_MAX >> 8, DNS_EDNS_UDP_MAX & 0xff,
 			0, 0, 0, 0, 0, 0
 		};
 
-		n = len + sizeof opt + 4;
+		n = len + sizeof opt + DNS_OPTION_HEADER;
 		pad = (DOTP_PAD_BLOCK - n % DOTP_PAD_BLOCK) % DOTP_PAD_BLOCK;
 		if (n + pad > cap || rd16(m + DNS_OFF_ARCOUNT) == 0xffff)
 			return len;
 		memcpy(m + len, opt, sizeof opt);
-		wr16(m + len + 9, (uint16_t)(4 + pad));
+		wr16(m + len + DNS_OPT_RDLEN,
+		    (uint16_t)(DNS_OPTION_HEADER + pad));
 		wr16(m + DNS_OFF_ARCOUNT, rd16(m + DNS_OFF_ARCOUNT) + 1);
-		*added_opt = 2;
+		*how = PAD_ADDED_OPT;
 	} else {
-		/* The OPT must be the last record: its RDATA ends at len. */
-		rd = qi->opt + 1 + 10;		/* root name, then 10 bytes */
-		rdlen = rd16(m + rd - 2);
-		if (rd + rdlen != len)
-			return len;
-		for (p = rd; p + 4 <= len; p += 4 + olen) {
-			olen = rd16(m + p + 2);
-			if (rd16(m + p) == DNS_OPT_PADDING || olen > len - p - 4)
+		if (qi->opt_end != len)
+			return len;	/* not the last record */
+		rd = qi->opt + DNS_OPT_HEADER;
+		rdlen = rd16(m + qi->opt + DNS_OPT_RDLEN);
+		for (p = rd; p + DNS_OPTION_HEADER <= len;
+		    p += DNS_OPTION_HEADER + olen) {
+			olen = rd16(m + p + DNS_OPTION_LEN);
+			if (rd16(m + p) == DNS_OPT_PADDING ||
+			    olen > len - p - DNS_OPTION_HEADER)
 				return len;	/* padded already, or bad */
 		}
 		if (p != len)
 			return len;	/* options do not fill the RDATA */
-		n = len + 4;
+		n = len + DNS_OPTION_HEADER;
 		pad = (DOTP_PAD_BLOCK - n % DOTP_PAD_BLOCK) % DOTP_PAD_BLOCK;
-		if (n + pad > cap || rdlen + 4 + pad > 0xffff)
+		if (n + pad > cap || rdlen + DNS_OPTION_HEADER + pad > 0xffff)
 			return len;
-		wr16(m + rd - 2, (uint16_t)(rdlen + 4 + pad));
-		*added_opt = 1;
+		wr16(m + qi->opt + DNS_OPT_RDLEN,
+		    (uint16_t)(rdlen + DNS_OPTION_HEADER + pad));
+		*how = PAD_OPTION;
 	}
-	wr16(m + n - 4, DNS_OPT_PADDING);
-	wr16(m + n - 2, (uint16_t)pad);
+	wr16(m + n - DNS_OPTION_HEADER, DNS_OPT_PADDING);
+	wr16(m + n - DNS_OPTION_HEADER + DNS_OPTION_LEN, (uint16_t)pad);
 	memset(m + n, 0, pad);
 	return n + pad;
 }
@@ -1035,27 +1319,15 @@ dns_skip_questions(const unsigned char *m, size_t len)
 static size_t
 dns_opt_locate(const unsigned char *m, size_t len, size_t *end)
 {
-	size_t	 pos, start;
-	unsigned n, k, ar;
+	struct dns_rrs r;
+	size_t	 pos;
 
-	if ((pos = dns_skip_questions(m, len)) == 0)
+	if ((pos = dns_skip_questions(m, len)) == 0 ||
+	    dns_walk_records(m, len, pos, &r) == 0 || r.opt == 0 ||
+	    r.opt_end != len)
 		return 0;
-	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT);
-	ar = rd16(m + DNS_OFF_ARCOUNT);
-	for (k = 0; k < n + ar; k++) {
-		start = pos;
-		pos = dns_skip_rr(m, len, pos, NULL);
-		if (pos == 0)
-			return 0;
-		if (k >= n && m[start] == 0 &&
-		    rd16(m + start + 1) == DNS_TYPE_OPT) {
-			if (k + 1 != n + ar || pos != len)
-				return 0;
-			*end = pos;
-			return start;
-		}
-	}
-	return 0;
+	*end = len;
+	return r.opt;
 }
 
 /* Removes the OPT record of a message (an answer to a query whose OPT
@@ -1079,20 +1351,22 @@ dns_strip_opt(unsigned char *m, size_t len)
 static size_t
 dns_strip_padding(unsigned char *m, size_t len)
 {
-	size_t	 end, opt = dns_opt_locate(m, len, &end), p, olen;
+	size_t	 end, opt = dns_opt_locate(m, len, &end), p, olen, cut;
 
 	if (opt == 0)
 		return len;
-	for (p = opt + 11; p + 4 <= end; p += 4 + olen) {
-		olen = rd16(m + p + 2);
-		if (olen > end - p - 4)
+	for (p = opt + DNS_OPT_HEADER; p + DNS_OPTION_HEADER <= end;
+	    p += DNS_OPTION_HEADER + olen) {
+		olen = rd16(m + p + DNS_OPTION_LEN);
+		if (olen > end - p - DNS_OPTION_HEADER)
 			return len;
-		if (rd16(m + p) == DNS_OPT_PADDING) {
-			memmove(m + p, m + p + 4 + olen, len - (p + 4 + olen));
-			wr16(m + opt + 9, (uint16_t)(rd16(m + opt + 9) -
-			    4 - olen));
-			return len - 4 - olen;
-		}
+		if (rd16(m + p) != DNS_OPT_PADDING)
+			continue;
+		cut = DNS_OPTION_HEADER + olen;
+		memmove(m + p, m + p + cut, len - (p + cut));
+		wr16(m + opt + DNS_OPT_RDLEN,
+		    (uint16_t)(rd16(m + opt + DNS_OPT_RDLEN) - cut));
+		return len - cut;
 	}
 	return len;
 }
@@ -1165,7 +1439,7 @@ dns_make_error(const unsigned char *q, size_t len, size_t qend,
 		memcpy(out + n, q + DNS_HEADER_LEN, qend - DNS_HEADER_LEN);
 		n = qend;
 		if (has_opt) {
-			static const unsigned char opt[11] = {
+			static const unsigned char opt[DNS_OPT_HEADER] = {
 				0, 0, DNS_TYPE_OPT,
 				DNS_EDNS_UDP_MAX >> 8, DNS_EDNS_UDP_MAX & 0xff,
 				0, 0, 0, 0, 0, 0
@@ -1188,7 +1462,8 @@ static size_t
 dns_truncate(const unsigned char *a, size_t alen, int keep_opt,
     unsigned char *out, size_t limit)
 {
-	size_t	 qend = DNS_HEADER_LEN, opt = 0, n;
+	struct dns_rrs r;
+	size_t	 qend = DNS_HEADER_LEN, n;
 
 	if (rd16(a + DNS_OFF_QDCOUNT) == 1) {
 		qend = dns_skip_name(a, alen, DNS_HEADER_LEN);
@@ -1206,19 +1481,15 @@ dns_truncate(const unsigned char *a, size_t alen, int keep_opt,
 	wr16(out + DNS_OFF_NSCOUNT, 0);
 	wr16(out + DNS_OFF_ARCOUNT, 0);
 	n = qend;
-	if (keep_opt && qend > DNS_HEADER_LEN)
-		opt = dns_find_opt(a, alen, qend);
-	if (opt) {
-		size_t t = dns_skip_name(a, alen, opt), end;
-
-		end = t + 10 + rd16(a + t + 8);
-		if (end - opt <= limit - n) {
-			memcpy(out + n, a + opt, end - opt);
-			n += end - opt;
-		} else if (t - opt + 10 <= limit - n) {
-			memcpy(out + n, a + opt, t - opt + 10);
-			wr16(out + n + (t - opt) + 8, 0);	/* no options */
-			n += t - opt + 10;
+	if (keep_opt && qend > DNS_HEADER_LEN &&
+	    dns_walk_records(a, alen, qend, &r) && r.opt) {
+		if (r.opt_end - r.opt <= limit - n) {
+			memcpy(out + n, a + r.opt, r.opt_end - r.opt);
+			n += r.opt_end - r.opt;
+		} else if (DNS_OPT_HEADER <= limit - n) {
+			memcpy(out + n, a + r.opt, DNS_OPT_HEADER);
+			wr16(out + n + DNS_OPT_RDLEN, 0);	/* no options */
+			n += DNS_OPT_HEADER;
 		}
 		if (n > qend)
 			wr16(out + DNS_OFF_ARCOUNT, 1);
@@ -1250,6 +1521,15 @@ frame_complete(const unsigned char *buf, size_t have, size_t min, size_t max)
 }
 
 /* ==== 5. Client output ==== */
+
+/*
+ * Sending to clients: UDP answers batched per loop pass (one
+ * sendmmsg()), TCP answers framed into a bounded per-client queue
+ * (DOTP_TCP_OUT_MAX, then the client is cut off), and the TCP client
+ * slot's life (close, idle). Owns udp_out and struct tcpclient's output.
+ * Called by query delivery (client_send), the loop (udp_flush) and TCP
+ * input.
+ */
 
 /* Control-message room for one IP_PKTINFO or IPV6_PKTINFO. */
 #define UDP_CTL_LEN	(CMSG_SPACE(sizeof(struct in6_pktinfo)) + \
@@ -1352,7 +1632,7 @@ udp_flush(void)
 				continue;
 			/* Full socket buffer: UDP may drop; the client
 			 * retries. Skip the one that failed. */
-			G.st.udp_send_fail++;
+			G.ctr[CTR_UDP_SEND_FAILED]++;
 			r = 1;
 		}
 		sent += r;
@@ -1369,7 +1649,7 @@ udp_queue(const struct client *cl, const unsigned char *msg, size_t len)
 	    udp_out.used || (udp_out.n > 0 && udp_out.li != cl->idx))
 		udp_flush();
 	if (len > sizeof udp_out.arena) {	/* can't happen: <= 4096 */
-		G.st.udp_send_fail++;
+		G.ctr[CTR_UDP_SEND_FAILED]++;
 		return;
 	}
 	udp_out.li = cl->idx;
@@ -1457,7 +1737,7 @@ tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
 	size_t	 need = 2 + len;
 
 	if (c->out_len + need > DOTP_TCP_OUT_MAX) {
-		log_msg(LOG_DEBUG, "tcp client not reading, closed");
+		log_msg(LVL_DEBUG, "tcp client not reading, closed");
 		tcp_close(c);
 		return;
 	}
@@ -1470,7 +1750,7 @@ tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
 		if (cap > DOTP_TCP_OUT_MAX)
 			cap = DOTP_TCP_OUT_MAX;
 		if ((np = realloc(c->out, cap)) == NULL) {
-			log_msg(LOG_WARN, "tcp client: out of memory");
+			log_msg(LVL_WARN, "tcp client: out of memory");
 			tcp_close(c);
 			return;
 		}
@@ -1509,6 +1789,9 @@ client_send(const struct client *cl, const unsigned char *msg, size_t len)
  * table keyed by the ID itself (IDs are random, so the low bits hash
  * well), at most half full; deletion shifts entries back, so no
  * tombstones build up.
+ * Owns G.q, G.idtab and the age list. Calls client output (answers,
+ * SERVFAIL). Called by client input (alloc), the connections (find,
+ * deliver) and the fate rules (unlink, SERVFAIL).
  */
 
 static void
@@ -1707,25 +1990,30 @@ q_free(int i)
 	G.qlive--;
 }
 
-/* Takes query i off whichever list its state puts it on: Q_LOOSE. */
+/* Takes query i off whichever list its state puts it on: Q_LOOSE. A
+ * connection left with nothing in flight owes no answers. */
 static void
 q_unlink(int i)
 {
 	struct query *q = &G.q[i];
+	struct conn *c = q->conn >= 0 ? &G.conn[q->conn] : NULL;
 
 	switch (q->state) {
 	case Q_QUEUED:
 		qlist_remove(&G.up[q->up].tx, i);
 		break;
 	case Q_SENT:
-		qlist_remove(&G.conn[q->conn].fl, i);
+		qlist_remove(&c->fl, i);
 		break;
 	case Q_LATE:
-		qlist_remove(&G.conn[q->conn].late, i);
+		qlist_remove(&c->late, i);
 		break;
 	default:
 		break;
 	}
+	if ((q->state == Q_SENT || q->state == Q_LATE) &&
+	    c->fl.n + c->late.n == 0)
+		c->owe_since = 0;
 	q->state = Q_LOOSE;
 }
 
@@ -1741,9 +2029,9 @@ q_deliver(int i, unsigned char *msg, size_t len)
 
 	wr16(msg + DNS_OFF_ID, q->client_id);
 	/* Undo what dotp added: the client gets what it asked for. */
-	if (q->padded == 2)
+	if (q->padded == PAD_ADDED_OPT)
 		len = dns_strip_opt(msg, len);
-	else if (q->padded == 1)
+	else if (q->padded == PAD_OPTION)
 		len = dns_strip_padding(msg, len);
 	if (q->cl.kind == CK_UDP && len > q->udp_limit) {
 		size_t n = dns_truncate(msg, len, q->has_opt, small,
@@ -1752,7 +2040,7 @@ q_deliver(int i, unsigned char *msg, size_t len)
 	} else {
 		client_send(&q->cl, msg, len);
 	}
-	G.st.answers++;
+	G.ctr[CTR_ANSWERS]++;
 	q_free(i);
 }
 
@@ -1769,7 +2057,7 @@ q_servfail(int i)
 	    DNS_RCODE_SERVFAIL, out, sizeof out);
 	if (n > 0)
 		client_send(&q->cl, out, n);
-	G.st.servfail++;
+	G.ctr[CTR_SERVFAIL]++;
 	q_free(i);
 }
 
@@ -1780,6 +2068,8 @@ q_servfail(int i)
  * `brssl ta`), or read from a PEM file at start with --ca-file.
  * The client profile is trimmed to what public DoT resolvers negotiate:
  * TLS 1.2, ECDHE with ECDSA or RSA, AES-GCM or ChaCha20-Poly1305.
+ * Owns the trust anchors. Calls BearSSL. Called by setup (anchors, one
+ * context per connection) and the connections (errors in words).
  */
 
 #ifndef DOTP_NO_EMBEDDED_TAS
@@ -1789,24 +2079,35 @@ q_servfail(int i)
 #pragma GCC diagnostic pop
 #endif
 
-/* Appends data to a growing buffer (start-up only; bounded by caller).
- * Returns 0, or -1 on out of memory. */
+/* A growing buffer (start-up only; its size is bounded by the caller).
+ * After a failed add it is poisoned: p is NULL and every later add
+ * fails, so a decoder callback that cannot return an error loses
+ * nothing silently. */
 struct bytes {
 	unsigned char *p;
 	size_t	 len, cap;
+	int	 failed;
 };
 
+/* Appends data to b. Returns 0, or -1 when out of memory (poisoned). */
 static int
 bytes_add(struct bytes *b, const void *data, size_t len)
 {
+	if (b->failed)
+		return -1;
 	if (len > b->cap - b->len) {
 		size_t cap = b->cap ? b->cap : 256;
 		unsigned char *np;
 
 		while (cap - b->len < len)
 			cap *= 2;
-		if ((np = realloc(b->p, cap)) == NULL)
+		if ((np = realloc(b->p, cap)) == NULL) {
+			free(b->p);
+			b->p = NULL;
+			b->len = b->cap = 0;
+			b->failed = 1;
 			return -1;
+		}
 		b->p = np;
 		b->cap = cap;
 	}
@@ -1815,17 +2116,11 @@ bytes_add(struct bytes *b, const void *data, size_t len)
 	return 0;
 }
 
+/* bytes_add as a BearSSL decoder callback; a failure poisons b. */
 static void
 bytes_append_cb(void *ctx, const void *data, size_t len)
 {
-	struct bytes *b = ctx;
-
-	if (bytes_add(b, data, len) < 0) {
-		free(b->p);
-		b->p = NULL;
-		b->len = b->cap = 0;
-		b->cap = (size_t)-1;	/* poisoned: later adds fail */
-	}
+	(void)bytes_add(ctx, data, len);
 }
 
 /* Turns one DER certificate into a trust anchor (CA flag set). Memory is
@@ -1835,7 +2130,7 @@ static int
 ta_from_der(const unsigned char *der, size_t len, br_x509_trust_anchor *ta)
 {
 	br_x509_decoder_context dc;
-	struct bytes dn = { NULL, 0, 0 };
+	struct bytes dn = { NULL, 0, 0, 0 };
 	br_x509_pkey *pk;
 	unsigned char *copy;
 
@@ -1882,7 +2177,7 @@ ta_load_pem(const char *path, br_x509_trust_anchor **out, const char **why)
 {
 	static br_x509_trust_anchor tas[DOTP_MAX_ANCHORS];
 	br_pem_decoder_context pc;
-	struct bytes file = { NULL, 0, 0 }, der = { NULL, 0, 0 };
+	struct bytes file = { NULL, 0, 0, 0 }, der = { NULL, 0, 0, 0 };
 	unsigned char chunk[4096];
 	int	 fd, n = 0, in_cert = 0, ret = -1;
 	ssize_t	 r;
@@ -2157,22 +2452,13 @@ tls_fields(int err, char *buf, size_t len)
 /* ==== 8. Upstreams: health, RTT, picking, learned limits ==== */
 
 /*
- * The state machine of struct conn (see its comment), driven from the
- * poll() loop, and the health of struct upstream. Nothing here blocks.
- * New work is only queued; connections are opened and fed in up_kick(),
- * once per loop pass, so failure paths never recurse into connects.
- *
- * Failures and what they mean:
- *   - connect, handshake or verification failure, or a connection that
- *     owes answers and sends none for an attempt timeout: the upstream is
- *     marked down (back-off) and its queries go to another upstream;
- *   - a close by the server after the handshake (close_notify, FIN, RST,
- *     a cut frame), or our idle close: normal; queries on it are sent
- *     again (q_retry: a healthy upstream not tried yet, else the same
- *     one, on a new connection), without using a try when the
- *     connection answered others (conn_end). What the close
- *     says about the server is learned (conn_learn): how many queries a
- *     connection may carry, how long it may sit idle.
+ * The policy side of struct upstream: its health (down, back-off), its
+ * RTT and attempt timeout, picking one for a query (--policy), queueing
+ * a query on it, and what it learns from how its server ends
+ * connections (conn_learn: queries per connection, idle time). Nothing
+ * here does I/O. Owns struct upstream's health and learned fields.
+ * Calls the query table. Called by the fate rules, the connections and
+ * client input (up_pick, up_enqueue).
  */
 
 static struct conn *
@@ -2358,8 +2644,8 @@ up_down(struct upstream *u, int64_t now, const char *why, const char *fields)
 		u->backoff_ms = DOTP_BACKOFF_MAX_MS;
 	u->retry_at = now + u->backoff_ms;
 	u->failed_at = now;
-	u->failures++;
-	log_msg(was_down ? LOG_DEBUG : LOG_ERR, "upstream down: %s; queries "
+	u->ctr[UCTR_FAILURES]++;
+	log_msg(was_down ? LVL_DEBUG : LVL_ERROR, "upstream down: %s; queries "
 	    "go to other upstreams until it answers again\tupstream=%s "
 	    "name=%s %s%sretry_in_ms=%d", why, u->label, u->name, fields,
 	    *fields ? " " : "", u->backoff_ms);
@@ -2390,7 +2676,7 @@ conn_learn(struct conn *c, int64_t now)
 			return;
 		u->cap = n;
 		u->learned_at = now;
-		log_msg(LOG_INFO, "upstream closes connections after %u "
+		log_msg(LVL_INFO, "upstream closes connections after %u "
 		    "answers; later connections carry at most that many "
 		    "queries\t" CONN_FMT " learned_conn_queries=%u", n,
 		    CONN_ARGS(c), n);
@@ -2406,7 +2692,7 @@ conn_learn(struct conn *c, int64_t now)
 	}
 	u->idle_ms = (int)(quiet < u->idle_seen ? quiet : u->idle_seen);
 	u->learned_at = now;
-	log_msg(LOG_INFO, "upstream closes idle connections after about %d "
+	log_msg(LVL_INFO, "upstream closes idle connections after about %d "
 	    "ms; dotp now closes its own idle ones after %d ms\t" CONN_FMT
 	    " learned_idle_ms=%d", u->idle_ms, up_idle_ms(u), CONN_ARGS(c),
 	    u->idle_ms);
@@ -2420,7 +2706,7 @@ up_unlearn(struct upstream *u, int64_t now)
 	if ((u->cap == 0 && u->idle_ms == 0) ||
 	    now - u->learned_at < DOTP_LEARN_TTL_MS)
 		return;
-	log_msg(LOG_DEBUG, "upstream limits forgotten, to be learned again\t"
+	log_msg(LVL_DEBUG, "upstream limits forgotten, to be learned again\t"
 	    "upstream=%s learned_conn_queries=%u learned_idle_ms=%d",
 	    u->label, u->cap, u->idle_ms);
 	u->cap = u->cap_seen = 0;
@@ -2428,6 +2714,56 @@ up_unlearn(struct upstream *u, int64_t now)
 }
 
 /* ==== 9. What happens to a query ==== */
+
+/*
+ * The rules for a query once it is sent, in one place. Each event below
+ * happens to a connection (or an upstream, or a query); the table says
+ * what becomes of the upstream and of the queries on it. "Re-sent"
+ * means q_retry: to a healthy upstream the query was not queued on yet,
+ * else (after a close) the same one on a new connection; every re-send
+ * is bounded by DOTP_MAX_TRIES and the query's deadline, past which the
+ * client gets SERVFAIL. A try is used by every injection into a TLS
+ * session, except that a re-send after a server recycled a connection
+ * that answered others gives the try back (at most DOTP_MAX_RECYCLES
+ * times per query).
+ *
+ *   event                         upstream        queries on it     try
+ *   ----------------------------  --------------  ----------------  ----
+ *   answer, same question         RTT sample (a   delivered; a      -
+ *     (conn_answer)               first try only) hedge twin stray
+ *   answer, other question        -               dropped, counted  -
+ *                                                 (mismatched); the
+ *                                                 query waits on
+ *   clean close (FIN)  } after    learn count or  re-sent           back
+ *   close_notify       } >= 1     idle time
+ *   RST                } answer   (conn_learn)
+ *   half frame, then the close    as its close    re-sent           back
+ *   any of these, no answer yet   as above        re-sent           used
+ *   frame < a DNS header          down            re-sent elsewhere used
+ *   stall: owes answers, none     down            re-sent elsewhere used
+ *     for an attempt timeout                      or, alone, same
+ *     (2x with no other healthy)                  upstream anew
+ *   attempt timeout of a query    -               hedged: also sent used
+ *     (conn_timers)                               to the next healthy
+ *                                                 untried upstream,
+ *                                                 first answer wins;
+ *                                                 nowhere: waits late
+ *   connect, handshake, verify    down, back-off  re-sent elsewhere used
+ *     failure or timeout, alert   (not down if    and its waiting
+ *     (conn_fail)                 another conn    ones move too; no
+ *                                 is ready: 1 s   upstream left:
+ *                                 alone instead)  SERVFAIL
+ *   no connection ready within    down            waiting ones move -
+ *     an attempt timeout                          on (nothing sent)
+ *     (up_tx_timer)
+ *   deadline, --timeout (expire)  -               SERVFAIL          -
+ *   dotp closes (idle, count      -               none in flight    -
+ *     spent, exit)                                (exit: SERVFAIL)
+ *
+ * Owns the moves of a query between upstreams. Calls the policy and the
+ * query table. Called by the connections (conn_end, conn_fail,
+ * conn_timers) and the loop (up_tx_timer through up_kick).
+ */
 
 /*
  * Query i (Q_LOOSE) lost its send. failed: the upstream that failed, or
@@ -2488,7 +2824,7 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 		 * server limiting connections per client): the upstream is
 		 * not down, but no more open beside the ready ones for a
 		 * while. Nothing was sent on this one. */
-		log_msg(u->alone_until ? LOG_DEBUG : LOG_WARN, "extra "
+		log_msg(u->alone_until ? LVL_DEBUG : LVL_WARN, "extra "
 		    "connection to the upstream failed: %s; using the open "
 		    "ones\t" CONN_FMT "%s%s", failed, CONN_ARGS(c),
 		    *fields ? " " : "", fields);
@@ -2523,7 +2859,7 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 		    q->tries > 0) {
 			q->tries--;
 			q->recycles++;
-			u->recycled++;
+			u->ctr[UCTR_RECYCLED]++;
 		}
 		q_retry(i, failed ? c->up : -1, stall, now);
 	}
@@ -2579,7 +2915,7 @@ conn_timers(struct conn *c, int64_t now)
 			qlist_push(&c->late, i);
 			continue;
 		}
-		log_msg(LOG_DEBUG, "upstream slow, query also sent to %s\t"
+		log_msg(LVL_DEBUG, "upstream slow, query also sent to %s\t"
 		    CONN_FMT, G.up[ui].label, CONN_ARGS(c));
 		q->pconn = q->conn;
 		q->pgen = q->gen;
@@ -2609,7 +2945,7 @@ up_tx_timer(int ui, int64_t now)
 		if (!u->down)
 			up_down(u, now, "no connection ready within the "
 			    "attempt timeout", "");
-		log_msg(LOG_DEBUG, "upstream not ready, query moved to %s\t"
+		log_msg(LVL_DEBUG, "upstream not ready, query moved to %s\t"
 		    "upstream=%s", G.up[to].label, u->label);
 		q_unlink(i);
 		up_enqueue(to, i, now);
@@ -2620,31 +2956,29 @@ up_tx_timer(int ui, int64_t now)
 /* ==== 10. Upstream connections ==== */
 
 /*
- * Opens connection k of upstream ui: socket, non-blocking connect, and
- * an engine reset with fresh entropy that offers the upstream's last
- * session. The ClientHello then waits in SENDREC.
- * Returns 0, or -1 if no socket could be had (EMFILE: not the
- * upstream's fault; the next try waits DOTP_FD_WAIT_MS).
+ * The state machine of struct conn (see its comment), driven from the
+ * poll() loop: open and attach, the handshake, the pump (a list of small
+ * steps, STYLE.md 1.3), answers, ends, and the timers of one formula
+ * (conn_due) for polling and for acting. Nothing here blocks. New work
+ * is only queued; connections are opened and fed in up_kick(), once per
+ * loop pass, so failure paths never recurse into connects. Owns struct
+ * conn. Calls TLS, the fate rules and the query table. Called by the
+ * loop (conn_pollset, conn_service, up_kick) and shutdown.
+ */
+
+/*
+ * Attaches descriptor fd, a stream socket being connected (or already
+ * connected) to upstream ui, to free connection c: a new generation, the
+ * connect limit, and an engine reset with fresh entropy that offers the
+ * upstream's last session, so that the ClientHello waits in SENDREC.
+ * Returns 0, or -1 when c failed (conn_fail: fd is closed).
  */
 static int
-conn_open(int ui, struct conn *c, int64_t now)
+conn_attach(struct conn *c, int ui, int fd, int64_t now)
 {
 	struct upstream *u = &G.up[ui];
 	unsigned char seed[32];
-	int	 fd;
 
-	fd = socket(u->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
-	    SOCK_CLOEXEC, 0);
-	if (fd < 0) {
-		if (!G.connect_burst)
-			log_msg(LOG_WARN, "no socket for the upstream: %s; "
-			    "retrying every %d ms\tupstream=%s",
-			    strerror(errno), DOTP_FD_WAIT_MS, u->label);
-		G.connect_burst = 1;
-		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
-		return -1;
-	}
-	G.connect_burst = 0;
 	c->up = ui;
 	c->fd = fd;
 	c->gen++;
@@ -2655,7 +2989,7 @@ conn_open(int ui, struct conn *c, int64_t now)
 	set_nodelay(fd);
 	if (fill_random(seed, sizeof seed) < 0) {
 		conn_fail(c, now, "", "getrandom failed: %s", strerror(errno));
-		return 0;
+		return -1;
 	}
 	br_ssl_engine_inject_entropy(&c->cc.eng, seed, sizeof seed);
 	if (u->have_sess) {
@@ -2666,14 +3000,44 @@ conn_open(int ui, struct conn *c, int64_t now)
 	if (!br_ssl_client_reset(&c->cc, u->name, u->have_sess)) {
 		conn_fail(c, now, "", "TLS reset failed (error %d)",
 		    br_ssl_engine_last_error(&c->cc.eng));
-		return 0;
+		return -1;
 	}
+	return 0;
+}
+
+/*
+ * Opens connection c to upstream ui: a non-blocking socket, attached
+ * (conn_attach), then connect(). Returns 0 (c may have failed at once:
+ * it is free again and ui is down), or -1 if no socket could be had
+ * (EMFILE: not the upstream's fault; the next try waits
+ * DOTP_FD_WAIT_MS).
+ */
+static int
+conn_open(int ui, struct conn *c, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	int	 fd;
+
+	fd = socket(u->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
+	    SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		if (!G.connect_burst)
+			log_errno(LVL_WARN, "no socket for the upstream; "
+			    "retrying every %d ms\tupstream=%s",
+			    DOTP_FD_WAIT_MS, u->label);
+		G.connect_burst = 1;
+		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
+		return -1;
+	}
+	G.connect_burst = 0;
+	if (conn_attach(c, ui, fd, now) < 0)
+		return 0;
 	if (connect(fd, &u->addr.sa, u->addrlen) < 0 &&
 	    errno != EINPROGRESS) {
 		conn_fail(c, now, "", "connect failed: %s", strerror(errno));
 		return 0;
 	}
-	log_msg(LOG_DEBUG, "upstream connecting%s\t" CONN_FMT,
+	log_msg(LVL_DEBUG, "upstream connecting%s\t" CONN_FMT,
 	    conn_inflight(c) || u->tx.n ? "" : " (probe)", CONN_ARGS(c));
 	return 0;
 }
@@ -2693,14 +3057,14 @@ conn_ready(struct conn *c, int64_t now)
 	    memcmp(u->sess.session_id, c->sid, c->sid_len) == 0;
 	u->have_sess = u->sess.session_id_len > 0;
 	if (resumed)
-		u->hs_resumed++;
+		u->ctr[UCTR_HANDSHAKES_RESUMED]++;
 	else
-		u->hs_full++;
-	log_msg(LOG_DEBUG, "upstream ready\t" CONN_FMT " suite=0x%04x "
+		u->ctr[UCTR_HANDSHAKES_FULL]++;
+	log_msg(LVL_DEBUG, "upstream ready\t" CONN_FMT " suite=0x%04x "
 	    "handshake=%s", CONN_ARGS(c), u->sess.cipher_suite,
 	    resumed ? "resumed" : "full");
 	if (u->down)
-		log_msg(LOG_INFO, "upstream is up again\tupstream=%s",
+		log_msg(LVL_INFO, "upstream is up again\tupstream=%s",
 		    u->label);
 	u->down = 0;
 	u->backoff_ms = 0;
@@ -2717,8 +3081,8 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 	struct query *q;
 
 	if (i < 0) {
-		G.st.stray++;
-		log_msg(LOG_DEBUG, "answer for an unknown ID dropped\t"
+		G.ctr[CTR_STRAY]++;
+		log_msg(LVL_DEBUG, "answer for an unknown ID dropped\t"
 		    CONN_FMT, CONN_ARGS(c));
 		return;
 	}
@@ -2727,20 +3091,20 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 	    q->gen == c->gen;
 	prev = q->pconn == ci && q->pgen == c->gen;
 	if (!cur && !prev) {
-		G.st.stray++;
-		log_msg(LOG_DEBUG, "answer for an ID not in flight on this "
+		G.ctr[CTR_STRAY]++;
+		log_msg(LVL_DEBUG, "answer for an ID not in flight on this "
 		    "connection dropped\t" CONN_FMT, CONN_ARGS(c));
 		return;
 	}
 	if (!dns_check_answer(msg, len, q->qbuf, q->qend)) {
-		G.st.mismatched++;
-		log_msg(LOG_DEBUG, "answer to another question dropped\t"
+		G.ctr[CTR_MISMATCHED]++;
+		log_msg(LVL_DEBUG, "answer to another question dropped\t"
 		    CONN_FMT " id=%u", CONN_ARGS(c), q->up_id);
 		return;
 	}
 	if (cur && q->tries == 1)	/* Karn: only unambiguous samples */
 		up_rtt_sample(&G.up[c->up], now - q->sent_at);
-	G.up[c->up].answered++;
+	G.up[c->up].ctr[UCTR_ANSWERED]++;
 	c->answered++;
 	c->last_answer = now;
 	q_unlink(i);
@@ -2788,14 +3152,15 @@ conn_inject(struct conn *c, int64_t now)
 		c->owe_since = now;
 	c->sent++;
 	c->last_active = now;
-	u->sent++;
+	u->ctr[UCTR_SENT]++;
 	return 1;
 }
 
-/* Moves the decrypted bytes into the frame assembler and dispatches
- * every complete frame. Returns 1 on progress, -1 on a bad frame. */
+/* Pump step: moves the decrypted bytes into the frame assembler and
+ * dispatches every complete frame. Returns 1 on progress, -1 when a bad
+ * frame ended c. */
 static int
-conn_recvapp(struct conn *c, int64_t now)
+conn_take_answers(struct conn *c, int64_t now)
 {
 	br_ssl_engine_context *eng = &c->cc.eng;
 	unsigned char *buf;
@@ -2816,8 +3181,11 @@ conn_recvapp(struct conn *c, int64_t now)
 		conn_answer(c, c->rx + off + 2, (size_t)fl - 2, now);
 		off += (size_t)fl;
 	}
-	if (fl < 0)
+	if (fl < 0) {
+		conn_fail(c, now, "", "server sent a frame shorter than a DNS "
+		    "header");
 		return -1;
+	}
 	if (off > 0) {
 		memmove(c->rx, c->rx + off, c->rx_have - off);
 		c->rx_have -= off;
@@ -2896,7 +3264,7 @@ conn_closed(struct conn *c, int64_t now)
 	int	 err = br_ssl_engine_last_error(&c->cc.eng);
 
 	if (err == BR_ERR_OK && c->state == C_READY) {
-		log_msg(LOG_DEBUG, "upstream closed the connection "
+		log_msg(LVL_DEBUG, "upstream closed the connection "
 		    "(close_notify)\t" CONN_FMT " answered=%u", CONN_ARGS(c),
 		    c->answered);
 		conn_end(c, NULL, "", now);
@@ -2919,7 +3287,7 @@ conn_lost(struct conn *c, int e, const char *what, int64_t now)
 	char	 f[80];
 
 	if (c->state == C_READY) {
-		log_msg(LOG_DEBUG, "upstream %s\t" CONN_FMT " answered=%u "
+		log_msg(LVL_DEBUG, "upstream %s\t" CONN_FMT " answered=%u "
 		    "error=\"%s\"", what, CONN_ARGS(c), c->answered,
 		    e ? strerror(e) : "EOF");
 		conn_end(c, NULL, "", now);
@@ -2964,7 +3332,7 @@ conn_take_records(struct conn *c)
 	return 1;
 }
 
-/* Pump step: sends out[]. Returns 1 on progress, 0 when there is
+/* Writes out[] with one send(). Returns 1 on progress, 0 when there is
  * nothing to send or the socket is full, -1 on an error (errno). */
 static int
 conn_write(struct conn *c)
@@ -2989,11 +3357,23 @@ conn_write(struct conn *c)
 	return 0;
 }
 
+/* Pump step: sends out[]. Returns 1 on progress, 0 when there is
+ * nothing to send or the socket is full, -1 when a failed send ended c. */
+static int
+conn_send(struct conn *c, int64_t now)
+{
+	int	 r = conn_write(c);
+
+	if (r < 0)
+		conn_lost(c, errno, "send failed", now);
+	return r;
+}
+
 /* Pump step: feeds RECVREC from the read-ahead buffer, refilled by one
  * recv() of many records when empty. Returns 1 on progress, 0 when the
- * socket is empty, -1 at EOF or on an error (errno; 0 at EOF). */
+ * socket is empty, -1 when EOF or an error ended c (conn_lost). */
 static int
-conn_read(struct conn *c, int64_t now)
+conn_feed(struct conn *c, int64_t now)
 {
 	unsigned char *buf;
 	size_t	 len;
@@ -3028,129 +3408,173 @@ conn_read(struct conn *c, int64_t now)
 		c->readable = 0;
 		return 0;
 	}
-	if (n == 0)
-		errno = 0;
+	conn_lost(c, n == 0 ? 0 : errno, "ended the connection", now);
 	return -1;
 }
 
 /*
- * Runs the engine until no step makes progress (STYLE.md 1.3): records
- * out of SENDREC first, then RECVAPP, RECVREC, then SENDAPP (one query,
- * one record, as many as fit), and last the send() of every record the
- * pass sealed. The state is read afresh every round. Stops when the
- * socket would block; on any error the connection ends.
+ * One step of the pump: the first of these that makes progress, in
+ * BearSSL's order (STYLE.md 1.3), with the engine state read afresh:
+ *   end of stream   CLOSED: a last send, then conn_closed (ends c);
+ *   send records    SENDREC: sealed records into out[];
+ *   take answers    RECVAPP: plaintext into rx[], frames dispatched;
+ *   feed the engine RECVREC: from the read-ahead buffer, or one recv();
+ *   inject a query  SENDAPP (ready): one query, one record;
+ *   send            out[] to the socket, one send() for the pass.
+ * Returns 1 on progress, 0 when nothing moved (the socket would
+ * block), -1 when c ended (each step ends it where the error arises).
  */
+static int
+conn_step(struct conn *c, int64_t now)
+{
+	unsigned st = br_ssl_engine_current_state(&c->cc.eng);
+	int	 r;
+
+	if (st & BR_SSL_CLOSED) {
+		(void)conn_write(c);	/* a last close_notify */
+		conn_closed(c, now);
+		return -1;
+	}
+	if (c->state == C_HANDSHAKE && (st & BR_SSL_SENDAPP))
+		conn_ready(c, now);
+	if ((st & BR_SSL_SENDREC) && conn_take_records(c))
+		return 1;
+	if ((st & BR_SSL_RECVAPP) && (r = conn_take_answers(c, now)) != 0)
+		return r;
+	if ((st & BR_SSL_RECVREC) && (r = conn_feed(c, now)) != 0)
+		return r;
+	if ((st & BR_SSL_SENDAPP) && c->state == C_READY &&
+	    conn_inject(c, now))
+		return 1;
+	return conn_send(c, now);
+}
+
+/* Runs the engine of c until a step makes no progress or c ends. */
 static void
 conn_pump(struct conn *c, int64_t now)
 {
-	unsigned st;
-	int	 r;
-
-	while (c->fd >= 0 && c->state != C_CONNECTING) {
-		st = br_ssl_engine_current_state(&c->cc.eng);
-		if (st & BR_SSL_CLOSED) {
-			(void)conn_write(c);	/* a last close_notify */
-			conn_closed(c, now);
-			return;
-		}
-		if (c->state == C_HANDSHAKE && (st & BR_SSL_SENDAPP))
-			conn_ready(c, now);
-		if ((st & BR_SSL_SENDREC) && conn_take_records(c))
-			continue;
-		if (st & BR_SSL_RECVAPP) {
-			if ((r = conn_recvapp(c, now)) < 0) {
-				conn_fail(c, now, "", "server sent a frame "
-				    "shorter than a DNS header");
-				return;
-			}
-			if (r > 0)
-				continue;
-		}
-		if (st & BR_SSL_RECVREC) {
-			if ((r = conn_read(c, now)) < 0) {
-				conn_lost(c, errno, "ended the connection",
-				    now);
-				return;
-			}
-			if (r > 0)
-				continue;
-		}
-		if ((st & BR_SSL_SENDAPP) && c->state == C_READY &&
-		    conn_inject(c, now))
-			continue;
-		if ((r = conn_write(c)) < 0) {
-			conn_lost(c, errno, "send failed", now);
-			return;
-		}
-		if (r == 0)
-			break;
-	}
+	while (c->fd >= 0 && c->state != C_CONNECTING &&
+	    conn_step(c, now) > 0)
+		;
 }
 
-/* Called before poll(): interest and deadline for c. */
-static void
-conn_pollset(struct conn *c, struct pollfd *pfd, int64_t *deadline)
+/*
+ * The one formula for connection c's next deadline: conn_pollset sleeps
+ * until it, conn_kick acts when it has passed. *what says which:
+ *   CT_OPEN    connecting or in the handshake: its limit;
+ *   CT_FORGET  ready, nothing in flight, its learned count spent: when
+ *              the count is forgotten (DOTP_CAP_FORGET_MS), if sooner
+ *              than the idle close;
+ *   CT_IDLE    ready, nothing in flight: the idle close (up_idle_ms);
+ *   CT_FLIGHT  queries in flight: the stall limit (owes answers and got
+ *              none for an attempt timeout, twice that when no other
+ *              upstream is healthy), or sooner the attempt timeout of
+ *              the oldest query (a hedge); conn_timers tells which.
+ * Returns INT64_MAX for a free connection.
+ */
+static int64_t
+conn_due(const struct conn *c, enum conn_timer *what)
 {
-	struct upstream *u = &G.up[c->up];
-	int64_t	 t;
-	unsigned st;
+	const struct upstream *u = &G.up[c->up];
+	int64_t	 t, h;
+	int	 at;
 
-	pfd->fd = c->fd;
-	pfd->events = 0;
-	pfd->revents = 0;
+	*what = CT_NONE;
 	if (c->state == C_FREE)
-		return;
-	if (c->state == C_CONNECTING) {
-		pfd->events = POLLOUT;
-	} else {
-		st = br_ssl_engine_current_state(&c->cc.eng);
-		if ((st & BR_SSL_SENDREC) || c->out_off < c->out_len)
-			pfd->events |= POLLOUT;
-		if (st & BR_SSL_RECVREC)
-			pfd->events |= POLLIN;
+		return INT64_MAX;
+	if (c->state != C_READY) {
+		*what = CT_OPEN;
+		return c->deadline;
 	}
-	if (c->state != C_READY)
-		t = c->deadline;
-	else if (conn_inflight(c) == 0) {
+	if (conn_inflight(c) == 0) {
+		*what = CT_IDLE;
 		t = c->last_active + up_idle_ms(u);
-		if (!conn_has_cap(c) && c->last_active + DOTP_CAP_FORGET_MS < t)
+		if (!conn_has_cap(c) && c->last_active + DOTP_CAP_FORGET_MS <= t) {
+			*what = CT_FORGET;
 			t = c->last_active + DOTP_CAP_FORGET_MS;
-	} else {
-		t = c->owe_since + up_attempt_ms(u) *
-		    (up_other_healthy(c->up) ? 1 : 2);
-		if (c->fl.head >= 0 && G.q[c->fl.head].sent_at +
-		    up_attempt_ms(u) < t)
-			t = G.q[c->fl.head].sent_at + up_attempt_ms(u);
+		}
+		return t;
 	}
-	if (t < *deadline)
-		*deadline = t;
+	*what = CT_FLIGHT;
+	at = up_attempt_ms(u);
+	t = c->owe_since + (int64_t)at * (up_other_healthy(c->up) ? 1 : 2);
+	if (c->fl.head >= 0 && (h = G.q[c->fl.head].sent_at + at) < t)
+		t = h;
+	return t;
 }
 
-/* Called after poll() for c's descriptor. */
-static void
-conn_service(struct conn *c, short revents, int64_t now)
+/* The poll interest of open connection c: POLLOUT while connecting;
+ * then what the engine wants (STYLE.md 1.4), and POLLOUT while sealed
+ * records wait in out[]. */
+static short
+conn_events(const struct conn *c)
 {
+	unsigned st;
+	short	 ev = 0;
+
+	if (c->state == C_CONNECTING)
+		return POLLOUT;
+	st = br_ssl_engine_current_state(&c->cc.eng);
+	if ((st & BR_SSL_SENDREC) || c->out_off < c->out_len)
+		ev |= POLLOUT;
+	if (st & BR_SSL_RECVREC)
+		ev |= POLLIN;
+	return ev;
+}
+
+/* Before poll(): every open connection, with its deadline. */
+static void
+conn_pollset(UNUSED int64_t now, int64_t *deadline)
+{
+	enum conn_timer what;
+	int	 i;
+
+	for (i = 0; i < G.nconn; i++) {
+		const struct conn *c = &G.conn[i];
+
+		if (c->fd < 0)
+			continue;
+		loop_add(FK_CONN, i, c->fd, conn_events(c));
+		dl_min(deadline, conn_due(c, &what));
+	}
+}
+
+/* The connect of c finished (POLLOUT): on to the handshake, or fail it.
+ * Returns 0, or -1 when c failed. */
+static int
+conn_connected(struct conn *c, int64_t now)
+{
+	int	 err = 0;
+	socklen_t sl = sizeof err;
+
+	if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
+		err = errno;
+	if (err != 0) {
+		conn_fail(c, now, "", "connect failed: %s%s", strerror(err),
+		    err == ECONNREFUSED ? " (nothing listens there: wrong "
+		    "address or port?)" : "");
+		return -1;
+	}
+	c->state = C_HANDSHAKE;
+	c->deadline = now + G.cfg.handshake_ms;
+	return 0;
+}
+
+/* After poll(), for connection ci's descriptor fd. */
+static void
+conn_service(int ci, int fd, short revents, int64_t now)
+{
+	struct conn *c = &G.conn[ci];
+
+	if (c->fd != fd)
+		return;		/* ended since the poll set was built */
 	if (revents & (POLLERR | POLLHUP))
 		revents |= POLLIN | POLLOUT;	/* let recv/send tell */
 	if (revents & POLLIN)
 		c->readable = 1;
-	if (c->state == C_CONNECTING) {
-		int	 err = 0;
-		socklen_t sl = sizeof err;
-
-		if (!(revents & POLLOUT))
-			return;
-		if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
-			err = errno;
-		if (err != 0) {
-			conn_fail(c, now, "", "connect failed: %s%s",
-			    strerror(err), err == ECONNREFUSED ? " (nothing "
-			    "listens there: wrong address or port?)" : "");
-			return;
-		}
-		c->state = C_HANDSHAKE;
-		c->deadline = now + G.cfg.handshake_ms;
-	}
+	if (c->state == C_CONNECTING &&
+	    (!(revents & POLLOUT) || conn_connected(c, now) < 0))
+		return;
 	conn_pump(c, now);
 }
 
@@ -3158,7 +3582,7 @@ conn_service(struct conn *c, short revents, int64_t now)
 static void
 conn_close(struct conn *c, const char *why, int64_t now)
 {
-	log_msg(LOG_DEBUG, "closing upstream connection: %s\t" CONN_FMT
+	log_msg(LVL_DEBUG, "closing upstream connection: %s\t" CONN_FMT
 	    " sent=%u answered=%u", why, CONN_ARGS(c), c->sent, c->answered);
 	c->closing = 1;
 	br_ssl_engine_close(&c->cc.eng);
@@ -3167,76 +3591,113 @@ conn_close(struct conn *c, const char *why, int64_t now)
 		conn_end(c, NULL, "", now);
 }
 
+/* A spent learned count stayed open past DOTP_CAP_FORGET_MS: the server
+ * was not closing at that count, so it is forgotten. */
+static void
+conn_forget_cap(struct conn *c)
+{
+	struct upstream *u = &G.up[c->up];
+
+	log_msg(LVL_INFO, "upstream kept a connection open past %u queries; "
+	    "that count is forgotten\t" CONN_FMT " learned_conn_queries=0",
+	    u->cap, CONN_ARGS(c));
+	u->cap = 0;
+}
+
 /*
- * Once per loop pass, for a connection that is not free: expire its
- * connect or handshake; close it when idle; a ready one that used up
- * its upstream's learned count and owes nothing is closed when queries
- * wait for its slot, and when the server leaves it open past
- * DOTP_CAP_FORGET_MS the count is forgotten (the server was not closing
- * at it); run its timers and feed it. Returns the queries it can still
- * take (0 when it is gone).
+ * Once per loop pass, for a connection that is not free: a ready one
+ * that used up its upstream's learned count and owes nothing is closed
+ * when queries wait for its slot; then whatever conn_due says has come
+ * is done (fail an open that took too long, forget a count, close when
+ * idle, stall and hedge timers); then it is fed. Returns the queries it
+ * can still take (0 when it is gone).
  */
 static unsigned
 conn_kick(struct conn *c, int64_t now)
 {
 	struct upstream *u = &G.up[c->up];
+	enum conn_timer what;
 
-	if (c->state == C_CONNECTING || c->state == C_HANDSHAKE) {
-		if (now >= c->deadline) {
+	if (c->state == C_READY && conn_inflight(c) == 0 &&
+	    !conn_has_cap(c) && u->tx.n > 0) {
+		conn_close(c, "it carried the learned count", now);
+		return 0;
+	}
+	while (conn_due(c, &what) <= now) {
+		if (what == CT_OPEN) {
 			conn_fail(c, now, "", "%s", c->state == C_CONNECTING ?
 			    "connect timed out" : "TLS handshake timed out: "
 			    "is it a DoT server?");
 			return 0;
 		}
-		return conn_room(c);
-	}
-	if (c->state != C_READY)
-		return 0;
-	if (conn_inflight(c) == 0 && !conn_has_cap(c)) {
-		if (u->tx.n > 0) {
-			conn_close(c, "it carried the learned count", now);
+		if (what == CT_FORGET) {
+			conn_forget_cap(c);
+			continue;	/* the idle close may be due too */
+		}
+		if (what == CT_IDLE && u->tx.n == 0) {
+			conn_close(c, "idle", now);
 			return 0;
 		}
-		if (now - c->last_active >= DOTP_CAP_FORGET_MS) {
-			log_msg(LOG_INFO, "upstream kept a connection open "
-			    "past %u queries; that count is forgotten\t"
-			    CONN_FMT " learned_conn_queries=0", u->cap,
-			    CONN_ARGS(c));
-			u->cap = 0;
-		}
+		if (what == CT_FLIGHT)
+			conn_timers(c, now);
+		break;
 	}
-	if (conn_inflight(c) == 0 && u->tx.n == 0 &&
-	    now - c->last_active >= up_idle_ms(u)) {
-		conn_close(c, "idle", now);
-		return 0;
-	}
-	conn_timers(c, now);
+	if (c->state == C_CONNECTING || c->state == C_HANDSHAKE)
+		return conn_room(c);
 	if (c->state == C_READY && u->tx.n > 0)
 		conn_pump(c, now);
 	return c->state == C_READY ? conn_room(c) : 0;
 }
 
+/* Opens connections of upstream ui for the queries that its open ones
+ * (open, of which opening are not ready; room for more queries) cannot
+ * take: as many at once as they need when ui is healthy and completed
+ * a handshake before (a burst spreads over --max-conns when the server
+ * takes few queries per connection), else one handshake at a time; and
+ * a probe of a down one after its back-off. */
+static void
+up_open(int ui, int open, int opening, unsigned room, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	int	 k, parallel;
+
+	parallel = !u->down && u->ctr[UCTR_HANDSHAKES_FULL] +
+	    u->ctr[UCTR_HANDSHAKES_RESUMED] > 0 && now >= u->alone_until;
+	for (k = 0; k < G.cfg.max_conns; k++) {
+		struct conn *c = conn_of(ui, k);
+
+		if (c->state != C_FREE)
+			continue;
+		if (u->tx.n > room && (parallel || opening == 0) &&
+		    (now >= u->alone_until || open == 0)) {
+			/* queries wait: all full or none ready */
+		} else if (!(u->down && open == 0 && opening == 0 &&
+		    !G.draining && now >= u->retry_at)) {
+			return;	/* nor is a probe due */
+		}
+		if (conn_open(ui, c, now) < 0 || c->state == C_FREE)
+			return;	/* no socket, or failed at once: down */
+		opening++;
+		open++;
+		room += conn_room(c);
+	}
+}
+
 /*
- * Once per loop pass: kick every connection (conn_kick), then open
- * connections for the queries that the open ones cannot take. An
- * upstream that is healthy and has completed a handshake before opens
- * as many at once as the waiting queries need (a burst spreads over
- * --max-conns when the server takes few queries per connection);
- * otherwise one handshake at a time, and a down one is probed after its
- * back-off.
+ * Once per loop pass, for every upstream: kick its connections
+ * (conn_kick), move queries that wait in vain (up_tx_timer), forget old
+ * learned limits, and open connections for what waits (up_open).
  */
 static void
 up_kick(int64_t now)
 {
-	int64_t	 t;
 	int	 ui, k;
 
 	G.kick = 0;
 	G.tx_timer = INT64_MAX;
 	for (ui = 0; ui < G.nup; ui++) {
-		struct upstream *u = &G.up[ui];
 		unsigned room = 0;
-		int	 open = 0, opening = 0, parallel;
+		int	 open = 0, opening = 0;
 
 		for (k = 0; k < G.cfg.max_conns; k++) {
 			struct conn *c = conn_of(ui, k);
@@ -3250,37 +3711,27 @@ up_kick(int64_t now)
 			if (c->state != C_FREE)
 				open++;
 		}
-		if ((t = up_tx_timer(ui, now)) < G.tx_timer)
-			G.tx_timer = t;
+		dl_min(&G.tx_timer, up_tx_timer(ui, now));
 		if (now < G.fd_wait_until)
 			continue;
-		up_unlearn(u, now);
-		parallel = !u->down && u->hs_full + u->hs_resumed > 0 &&
-		    now >= u->alone_until;
-		for (k = 0; k < G.cfg.max_conns; k++) {
-			struct conn *c = conn_of(ui, k);
-
-			if (c->state != C_FREE)
-				continue;
-			if (u->tx.n > room && (parallel || opening == 0) &&
-			    (now >= u->alone_until || open == 0)) {
-				/* queries wait: all full or none ready */
-			} else if (!(u->down && open == 0 && opening == 0 &&
-			    !G.draining && now >= u->retry_at)) {
-				break;	/* nor is a probe due */
-			}
-			if (conn_open(ui, c, now) < 0)
-				break;
-			if (c->state == C_FREE)
-				break;	/* failed at once: down now */
-			opening++;
-			open++;
-			room += conn_room(c);
-		}
+		up_unlearn(&G.up[ui], now);
+		up_open(ui, open, opening, room, now);
 	}
 }
 
 /* ==== 11. Client input ==== */
+
+/*
+ * What clients send: the ACL, one query checked and queued
+ * (client_query), UDP reads (recvmmsg), TCP accept and frame reads, and
+ * the _pollset/_service pairs of UDP listeners, TCP listeners and TCP
+ * clients. A TCP client sends 2-byte-length framed queries, any number,
+ * and gets answers in the order they arrive from upstream; one that
+ * shuts its side is kept until its answers are written. Owns
+ * struct listener's reading and struct tcpclient's input. Calls DNS
+ * wire, the query table, the policy (up_pick, up_enqueue) and client
+ * output. Called by the loop.
+ */
 
 /* Is a client at sa allowed (--allow, or the private default)? */
 static int
@@ -3303,9 +3754,10 @@ log_malformed(int64_t now)
 	    DOTP_MALFORMED_LOG_MS)
 		return;
 	G.malformed_logged = now;
-	log_msg(LOG_WARN, "malformed input from clients (not DNS, or queries "
+	log_msg(LVL_WARN, "malformed input from clients (not DNS, or queries "
 	    "dotp does not forward)\tdropped=%lu formerr=%lu notimp=%lu",
-	    G.st.dropped, G.st.formerr, G.st.notimp);
+	    G.ctr[CTR_DROPPED], G.ctr[CTR_FORMERR],
+	    G.ctr[CTR_NOTIMP]);
 }
 
 /* Answers a client outside --allow: REFUSED, with the question if the
@@ -3318,7 +3770,7 @@ client_refuse(const unsigned char *m, size_t len, const struct client *cl)
 	size_t	 n;
 	int	 r = dns_check_query(m, len, &qi);
 
-	G.st.refused++;
+	G.ctr[CTR_REFUSED]++;
 	if (r == QC_DROP)
 		return;
 	n = dns_make_error(m, len, r == QC_OK ? qi.qend : 0, 0,
@@ -3341,15 +3793,15 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	size_t	 n;
 	int	 r, i;
 
-	G.st.queries++;
+	G.ctr[CTR_QUERIES]++;
 	r = dns_check_query(m, len, &qi);
 	if (r != QC_OK) {
 		if (r == QC_DROP)
-			G.st.dropped++;
+			G.ctr[CTR_DROPPED]++;
 		else if (r == DNS_RCODE_NOTIMP)
-			G.st.notimp++;
+			G.ctr[CTR_NOTIMP]++;
 		else
-			G.st.formerr++;
+			G.ctr[CTR_FORMERR]++;
 		log_malformed(now);
 		if (r == QC_DROP)
 			return;
@@ -3360,15 +3812,15 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 		return;
 	}
 	if ((i = q_alloc()) < 0) {
-		if (G.st.full++ == 0)
-			log_msg(LOG_WARN, "query table full: new queries get "
+		if (G.ctr[CTR_TABLE_FULL]++ == 0)
+			log_msg(LVL_WARN, "query table full: new queries get "
 			    "SERVFAIL (raise --max-queries)\tmax_queries=%d",
 			    G.nq);
 		n = dns_make_error(m, len, qi.qend, qi.has_opt,
 		    DNS_RCODE_SERVFAIL, out, sizeof out);
 		if (n > 0)
 			client_send(cl, out, n);
-		G.st.servfail++;
+		G.ctr[CTR_SERVFAIL]++;
 		return;
 	}
 	q = &G.q[i];
@@ -3379,9 +3831,9 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	q->udp_limit = dns_udp_limit(&qi, (uint16_t)G.cfg.udp_size);
 	q->client_id = rd16(m);
 	wr16(q->qbuf + DNS_OFF_ID, q->up_id);
-	q->padded = 0;
-	if (G.cfg.pad) {
-		int	 how;
+	q->padded = PAD_NONE;
+	if (!G.cfg.no_pad) {
+		enum pad_how how;
 
 		q->qlen = (uint16_t)dns_pad_query(q->qbuf, len, sizeof q->qbuf,
 		    &qi, &how);
@@ -3428,7 +3880,7 @@ udp_dst(struct msghdr *mh, struct client *cl)
  * Linux, one recvmsg() a datagram elsewhere.
  */
 static void
-udp_service(int li, int64_t now)
+udp_read(int li, int64_t now)
 {
 	static struct mmsghdr mm[DOTP_UDP_BATCH];
 	static struct iovec iov[DOTP_UDP_BATCH];
@@ -3469,8 +3921,7 @@ udp_service(int li, int64_t now)
 #endif
 	if (n < 0) {
 		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-			log_msg(LOG_DEBUG, "udp recv failed\terror=\"%s\"",
-			    strerror(errno));
+			log_errno(LVL_DEBUG, "udp recv failed");
 		return;
 	}
 	for (i = 0; i < n; i++) {
@@ -3488,13 +3939,23 @@ udp_service(int li, int64_t now)
 	}
 }
 
-/*
- * A TCP client sends 2-byte-length framed queries, any number, and gets
- * answers in the order they arrive from upstream. Output that cannot be
- * written at once is queued, up to DOTP_TCP_OUT_MAX; past that the
- * client is cut off. A client that shuts its side is kept until its
- * answers are written.
- */
+/* Before poll(): the UDP listeners, unless draining (then their sockets
+ * only carry answers). */
+static void
+udp_pollset(UNUSED int64_t now, UNUSED int64_t *deadline)
+{
+	int	 i;
+
+	for (i = 0; i < G.nlisten && !G.draining; i++)
+		loop_add(FK_UDP, i, G.lst[i].udp, POLLIN);
+}
+
+/* After poll(), for UDP listener li. */
+static void
+udp_service(int li, UNUSED int fd, UNUSED short revents, int64_t now)
+{
+	udp_read(li, now);
+}
 
 /*
  * Out of descriptors, a pending connection would wake poll() for ever:
@@ -3508,9 +3969,8 @@ tcp_shed(int lfd)
 	int	 fd;
 
 	if (!G.accept_burst)
-		log_msg(LOG_WARN, "out of file descriptors: closing new TCP "
-		    "clients until some are free\terror=\"%s\"",
-		    strerror(errno));
+		log_errno(LVL_WARN, "out of file descriptors: closing new TCP "
+		    "clients until some are free");
 	G.accept_burst = 1;
 	if (G.spare_fd < 0)
 		return -1;
@@ -3534,11 +3994,31 @@ tcp_allowed(int fd)
 	return acl_allows((struct sockaddr *)&ss);
 }
 
-/* Accepts what waits on TCP listener li. */
+/* Adopts connected, non-blocking socket fd as a TCP client. Returns its
+ * slot, or -1 when --max-tcp clients are connected (fd is left open). */
+static int
+tcp_attach(int fd, int64_t now)
+{
+	int	 j;
+
+	if (G.ntcp == G.cfg.max_tcp)
+		return -1;
+	j = G.ntcp_free > 0 ? G.tcp_free[--G.ntcp_free] : G.tcp_high++;
+	set_nodelay(fd);
+	G.tcp[j].fd = fd;
+	G.tcp[j].rx = G.tcprx + (size_t)j * (2 + DOTP_QUERY_MAX);
+	G.tcp[j].rx_have = 0;
+	G.tcp[j].idle_since = now;
+	G.tcp[j].live_pos = G.ntcp;
+	G.tcp_live[G.ntcp++] = j;
+	return j;
+}
+
+/* Accepts what waits on TCP listener li, DOTP_UDP_BATCH at most. */
 static void
 tcp_accept(int li, int64_t now)
 {
-	int	 fd, k, j;
+	int	 fd, k;
 
 	for (k = 0; k < DOTP_UDP_BATCH; k++) {
 		fd = accept4(G.lst[li].tcp, NULL, NULL,
@@ -3550,20 +4030,30 @@ tcp_accept(int li, int64_t now)
 			return;
 		}
 		G.accept_burst = 0;
-		if (G.ntcp == G.cfg.max_tcp || !tcp_allowed(fd)) {
-			G.st.tcp_refused++;
+		if (!tcp_allowed(fd) || tcp_attach(fd, now) < 0) {
+			G.ctr[CTR_TCP_REFUSED]++;
 			close(fd);
-			continue;
 		}
-		j = G.ntcp_free > 0 ? G.tcp_free[--G.ntcp_free] : G.tcp_high++;
-		set_nodelay(fd);
-		G.tcp[j].fd = fd;
-		G.tcp[j].rx = G.tcprx + (size_t)j * (2 + DOTP_QUERY_MAX);
-		G.tcp[j].rx_have = 0;
-		G.tcp[j].idle_since = now;
-		G.tcp[j].live_pos = G.ntcp;
-		G.tcp_live[G.ntcp++] = j;
 	}
+}
+
+/* Before poll(): the TCP listeners (closed once draining). */
+static void
+accept_pollset(UNUSED int64_t now, UNUSED int64_t *deadline)
+{
+	int	 i;
+
+	for (i = 0; i < G.nlisten; i++)
+		if (G.lst[i].tcp >= 0)
+			loop_add(FK_ACCEPT, i, G.lst[i].tcp, POLLIN);
+}
+
+/* After poll(), for TCP listener li. */
+static void
+accept_service(int li, int fd, UNUSED short revents, int64_t now)
+{
+	if (G.lst[li].tcp == fd)
+		tcp_accept(li, now);
 }
 
 /* Reads frames from client j and hands each query on. */
@@ -3606,7 +4096,7 @@ tcp_read(int j, int64_t now)
 				return;	/* closed while answering */
 		}
 		if (fl < 0) {
-			G.st.dropped++;
+			G.ctr[CTR_DROPPED]++;
 			log_malformed(now);
 			tcp_close(c);
 			return;
@@ -3616,7 +4106,65 @@ tcp_read(int j, int64_t now)
 	}
 }
 
+/*
+ * Before poll(): the TCP clients. A dormant one (nothing outstanding,
+ * idle DOTP_TCP_DORMANT_MS) is left out except on a sweep, every
+ * DOTP_SWEEP_MS or when the last poll() timed out, so that a thousand
+ * idle clients do not weigh on every poll() of a busy loop.
+ */
+static void
+tcp_pollset(int64_t now, int64_t *deadline)
+{
+	int	 all = G.poll_all || now >= G.sweep_at, j;
+
+	if (all)
+		G.sweep_at = now + DOTP_SWEEP_MS;
+	else if (G.ntcp > 0)
+		dl_min(deadline, G.sweep_at);
+	if (G.ntcp > 0)
+		dl_min(deadline, G.tcp_scan_at);
+	for (j = 0; j < G.ntcp; j++) {
+		const struct tcpclient *c = &G.tcp[G.tcp_live[j]];
+		short	 ev = 0;
+
+		if (!all && c->pending == 0 && c->out_len == 0 &&
+		    now - c->idle_since >= DOTP_TCP_DORMANT_MS)
+			continue;
+		if (!c->eof && !G.draining && c->pending < DOTP_TCP_PIPELINE)
+			ev |= POLLIN;
+		if (c->out_len > 0)
+			ev |= POLLOUT;
+		loop_add(FK_TCP, G.tcp_live[j], c->fd, ev);
+	}
+}
+
+/* After poll(), for TCP client j: write what waits, then read. */
+static void
+tcp_service(int j, int fd, short revents, int64_t now)
+{
+	struct tcpclient *c = &G.tcp[j];
+
+	if (c->fd != fd)
+		return;		/* closed since the poll set was built */
+	if ((revents & (POLLOUT | POLLERR | POLLHUP)) && tcp_flush(c) < 0) {
+		tcp_close(c);
+		return;
+	}
+	if ((revents & (POLLIN | POLLERR | POLLHUP)) && !G.draining)
+		tcp_read(j, now);
+}
+
 /* ==== 12. Event loop ==== */
+
+/*
+ * One poll() loop, table-driven: each pass rebuilds the poll set from
+ * the _pollset functions of fd_kinds[], sleeps until the nearest
+ * deadline (loop_deadline and the _pollset functions fold them), calls
+ * the _service function of each descriptor with events, then expires
+ * queries and TCP clients, feeds the upstreams and sends the pass's UDP
+ * answers. Signals start a drain. Owns the poll set and the drain.
+ * Calls every _pollset/_service pair. Called by main.
+ */
 
 /* SIGTERM, SIGINT: the first starts the drain (the loop sees the flag
  * when poll() returns EINTR); a second one ends the process at once. */
@@ -3676,7 +4224,7 @@ drain_start(int64_t now)
 	G.drain_until = now + G.cfg.drain_ms;
 	for (i = 0; i < G.nlisten; i++)
 		fd_close(&G.lst[i].tcp);
-	log_msg(LOG_INFO, "signal, draining\tsignal=%d queries=%u drain_ms=%d",
+	log_msg(LVL_INFO, "signal, draining\tsignal=%d queries=%u drain_ms=%d",
 	    (int)got_signal, G.qlive, G.cfg.drain_ms);
 }
 
@@ -3698,17 +4246,94 @@ drain_done(int64_t now)
 }
 
 /*
- * The loop: build the pollfd array afresh, sleep until the nearest
- * deadline, service upstream connections first (answers free slots),
- * then clients, then listeners; then expire; then feed upstreams, so the
- * queries of one pass leave in one send(). Returns after a drain.
+ * The descriptor kinds of the poll set (enum fd_kind): a new kind of
+ * descriptor is a value there and a row here.
  */
+static const struct fd_ops {
+	void	(*pollset)(int64_t now, int64_t *deadline);
+	void	(*service)(int idx, int fd, short revents, int64_t now);
+} fd_kinds[FK_N] = {
+	[FK_CONN] = { conn_pollset, conn_service },
+	[FK_TCP] = { tcp_pollset, tcp_service },
+	[FK_UDP] = { udp_pollset, udp_service },
+	[FK_ACCEPT] = { accept_pollset, accept_service },
+};
+
+/* The deadlines that belong to no descriptor, folded: the longest
+ * sleep, the drain, the oldest query, queries waiting for a connection,
+ * the forced ACKs (*few: some are owed before sleeping), connects after
+ * EMFILE. Descriptors add theirs in their _pollset. */
+static int64_t
+loop_deadline(int64_t now, int64_t max_sleep, int *few)
+{
+	int64_t	 d = now + max_sleep;
+
+	if (G.draining)
+		dl_min(&d, G.drain_until);
+	if (G.age.head >= 0)
+		dl_min(&d, G.q[G.age.head].deadline);
+	dl_min(&d, G.tx_timer);
+	dl_min(&d, conn_acks(now, 0, few));
+	if (G.fd_wait_until > now)
+		dl_min(&d, G.fd_wait_until);
+	return d;
+}
+
+/* poll() for at most timeout ms. About to sleep owing a few ACKs, a
+ * look without sleeping comes first, and they are sent if nothing
+ * came. Returns what poll() returned. */
+static int
+loop_poll(int64_t now, int timeout, int few)
+{
+	nfds_t	 n = (nfds_t)G.npfd;
+	int	 r = 0;
+
+	if (timeout > 0 && few && (r = poll(G.pfd, n, 0)) == 0)
+		(void)conn_acks(now, 1, &few);
+	if (r == 0)
+		r = poll(G.pfd, n, timeout);
+	G.poll_all = r == 0;	/* quiet: next time, sleep on all */
+	if (r < 0 && errno != EINTR)
+		log_errno(LVL_WARN, "poll failed");
+	return r;
+}
+
+/*
+ * One pass of the loop, sleeping at most max_sleep ms: build the poll
+ * set, sleep until the nearest deadline, service each descriptor that
+ * has events by its kind (fd_kinds), then expire, then feed upstreams
+ * (so the queries of one pass leave in one send()), then send the UDP
+ * answers of the pass.
+ */
+static void
+loop_pass(int64_t max_sleep)
+{
+	int64_t	 now = now_ms(), deadline;
+	int	 i, k, few, timeout;
+
+	deadline = loop_deadline(now, max_sleep, &few);
+	G.npfd = 0;
+	for (k = 0; k < FK_N; k++)
+		fd_kinds[k].pollset(now, &deadline);
+	timeout = G.kick || deadline <= now ? 0 :
+	    (int)(deadline - now + 1);	/* +1: never wake early */
+	if (loop_poll(now, timeout, few) < 0)
+		return;
+	now = now_ms();
+	for (i = 0; i < G.npfd; i++)
+		if (G.pfd[i].revents)
+			fd_kinds[G.pkind[i]].service(G.pidx[i], G.pfd[i].fd,
+			    G.pfd[i].revents, now);
+	expire(now);
+	up_kick(now);
+	udp_flush();
+}
+
+/* The loop: passes until a signal's drain is done. */
 static void
 loop_run(void)
 {
-	struct pollfd *pfd = G.pfd;
-	int64_t	 now, deadline, t;
-	int	 n, i, j, r, timeout, ntcp, all, few;
+	int64_t	 now;
 
 	for (;;) {
 		now = now_ms();
@@ -3716,180 +4341,24 @@ loop_run(void)
 			drain_start(now);
 		if (G.draining && drain_done(now))
 			return;
-		deadline = now + DOTP_MAX_SLEEP_MS;
-		if (G.draining && G.drain_until < deadline)
-			deadline = G.drain_until;
-		n = 0;
-		for (i = 0; i < G.nconn; i++)
-			conn_pollset(&G.conn[i], &pfd[n++], &deadline);
-		all = G.poll_all || now >= G.sweep_at;
-		if (all)
-			G.sweep_at = now + DOTP_SWEEP_MS;
-		else if (G.ntcp > 0 && G.sweep_at < deadline)
-			deadline = G.sweep_at;
-		ntcp = 0;	/* the clients polled this pass, in order */
-		for (j = 0; j < G.ntcp; j++) {
-			struct tcpclient *c = &G.tcp[G.tcp_live[j]];
-
-			if (!all && c->pending == 0 && c->out_len == 0 &&
-			    now - c->idle_since >= DOTP_TCP_DORMANT_MS)
-				continue;	/* dormant: next sweep */
-			G.pfd_tcp[ntcp++] = G.tcp_live[j];
-			pfd[n].fd = c->fd;
-			pfd[n].events = 0;
-			pfd[n].revents = 0;
-			if (!c->eof && !G.draining &&
-			    c->pending < DOTP_TCP_PIPELINE)
-				pfd[n].events |= POLLIN;
-			if (c->out_len > 0)
-				pfd[n].events |= POLLOUT;
-			n++;
-		}
-		if (G.ntcp > 0 && G.tcp_scan_at < deadline)
-			deadline = G.tcp_scan_at;
-		for (i = 0; i < G.nlisten; i++) {
-			pfd[n].fd = G.draining ? -1 : G.lst[i].udp;
-			pfd[n].events = POLLIN;
-			pfd[n++].revents = 0;
-			pfd[n].fd = G.lst[i].tcp;	/* -1 once draining */
-			pfd[n].events = POLLIN;
-			pfd[n++].revents = 0;
-		}
-		if (G.age.head >= 0 && G.q[G.age.head].deadline < deadline)
-			deadline = G.q[G.age.head].deadline;
-		if (G.tx_timer < deadline)
-			deadline = G.tx_timer;
-		if ((t = conn_acks(now, 0, &few)) < deadline)
-			deadline = t;
-		if (G.fd_wait_until > now && G.fd_wait_until < deadline)
-			deadline = G.fd_wait_until;	/* connects resume */
-		timeout = G.kick ? 0 : deadline <= now ? 0 :
-		    (int)(deadline - now + 1);	/* +1: never wake early */
-		r = 0;
-		if (timeout > 0 && few) {
-			/* About to sleep owing ACKs: the last look first. */
-			if ((r = poll(pfd, (nfds_t)n, 0)) == 0)
-				(void)conn_acks(now, 1, &few);
-		}
-		if (r == 0)
-			r = poll(pfd, (nfds_t)n, timeout);
-		G.poll_all = r == 0;	/* quiet: next time, sleep on all */
-		if (r < 0) {
-			if (errno != EINTR)
-				log_msg(LOG_WARN, "poll failed\terror=\"%s\"",
-				    strerror(errno));
-			continue;
-		}
-		now = now_ms();
-		n = 0;
-		for (i = 0; i < G.nconn; i++, n++)
-			if (pfd[n].revents && pfd[n].fd >= 0 &&
-			    pfd[n].fd == G.conn[i].fd)
-				conn_service(&G.conn[i], pfd[n].revents, now);
-		for (j = 0; j < ntcp; j++, n++) {
-			struct tcpclient *c = &G.tcp[G.pfd_tcp[j]];
-			short	 rev = pfd[n].revents;
-
-			/* Closed (or closed and reused) since the poll set
-			 * was built: its descriptor is not this one. */
-			if (c->fd != pfd[n].fd || rev == 0)
-				continue;
-			if (rev & (POLLOUT | POLLERR | POLLHUP)) {
-				if (tcp_flush(c) < 0) {
-					tcp_close(c);
-					continue;
-				}
-			}
-			if ((rev & (POLLIN | POLLERR | POLLHUP)) && !G.draining)
-				tcp_read(G.pfd_tcp[j], now);
-		}
-		for (i = 0; i < G.nlisten; i++, n += 2) {
-			if (pfd[n].revents && !G.draining)
-				udp_service(i, now);
-			if (pfd[n + 1].revents && !G.draining)
-				tcp_accept(i, now);
-		}
-		expire(now);
-		up_kick(now);
-		udp_flush();
+		loop_pass(DOTP_MAX_SLEEP_MS);
 	}
 }
 
 /* ==== 13. Options ==== */
 
-static void
-usage(FILE *f)
-{
-	fprintf(f,
-"usage: dotp [-l ADDR[:PORT]]... [-u HOST[:PORT]#NAME]... [--ca-file PEM]\n"
-"            [--timeout MS] [--policy first|round-robin] [options] [-v] [-q]\n"
-"            [-h|--help] [-V|--version]\n"
-"\n"
-"  -l, --listen ADDR[:PORT]  serve DNS on UDP and TCP there (repeatable;\n"
-"                            IPv6 as [::1]:53); default 127.0.0.1:53 [::1]:53\n"
-"  -u, --upstream HOST[:PORT]#NAME\n"
-"                            DoT resolver: IP literal, port (853), and the\n"
-"                            name its certificate must carry (repeatable);\n"
-"                            default 1.1.1.1#cloudflare-dns.com and\n"
-"                            1.0.0.1#cloudflare-dns.com\n"
-"      --ca-file PEM         trust these CAs instead of the embedded roots\n"
-"      --policy P            first (first healthy upstream, default) or\n"
-"                            round-robin (over the healthy ones)\n"
-"      --timeout MS          answer SERVFAIL after MS milliseconds (%d)\n"
-"      --attempt-timeout MS  re-send to the next upstream after MS without\n"
-"                            an answer (0: from the upstream's RTT, %d..%d)\n"
-"      --connect-timeout MS  TCP connect limit (%d)\n"
-"      --handshake-timeout MS TLS handshake limit (%d)\n"
-"      --idle-timeout MS     close an upstream connection idle that long (%d;\n"
-"                            less for a server seen to close sooner)\n"
-"      --conn-queries N      queries in flight per connection before another\n"
-"                            one opens (%d)\n"
-"      --max-conns N         connections per upstream (%d)\n"
-"      --max-queries N       queries waiting at once; over it, SERVFAIL (%d)\n"
-"      --drain MS            on SIGTERM, time given to queries in flight (%d)\n"
-"      --udp-size N          largest UDP answer, for EDNS clients (%d)\n"
-"      --udp-rcvbuf BYTES    UDP receive buffer asked for, for bursts (%d)\n"
-"      --no-pad              do not pad queries to 128-byte blocks (RFC 8467)\n"
-"      --allow CIDR          clients allowed (repeatable); default loopback\n"
-"                            and private ranges; others get REFUSED\n"
-"      --tcp-idle-timeout MS close idle TCP clients after MS (%d)\n"
-"      --max-tcp N           TCP clients at once; over it, closed (%d)\n"
-"  -v, --verbose             debug logs\n"
-"  -q, --quiet               errors only\n"
-"  -h, --help                this text\n"
-"  -V, --version             print the version\n"
-"\n"
-"Every option also reads from the environment: DOTP_LISTEN, DOTP_UPSTREAM\n"
-"(lists split by commas or spaces), DOTP_CA_FILE, DOTP_POLICY,\n"
-"DOTP_TIMEOUT, DOTP_ATTEMPT_TIMEOUT, DOTP_CONNECT_TIMEOUT,\n"
-"DOTP_HANDSHAKE_TIMEOUT, DOTP_IDLE_TIMEOUT, DOTP_CONN_QUERIES,\n"
-"DOTP_MAX_CONNS, DOTP_MAX_QUERIES, DOTP_DRAIN, DOTP_UDP_SIZE,\n"
-"DOTP_UDP_RCVBUF, "
-"DOTP_NO_PAD=1, DOTP_ALLOW, DOTP_TCP_IDLE_TIMEOUT, DOTP_MAX_TCP,\n"
-"DOTP_VERBOSE=1, DOTP_QUIET=1. Flags win.\n",
-	    DOTP_TIMEOUT_MS, DOTP_ATTEMPT_MIN_MS, DOTP_ATTEMPT_MAX_MS,
-	    DOTP_CONNECT_MS, DOTP_HANDSHAKE_MS, DOTP_IDLE_MS,
-	    DOTP_CONN_QUERIES, DOTP_MAX_CONNS, DOTP_MAX_QUERIES,
-	    DOTP_DRAIN_MS, DNS_EDNS_UDP_MAX, DOTP_UDP_RCVBUF,
-	    DOTP_TCP_IDLE_MS, DOTP_MAX_TCP);
-}
-
-/* Prints one line about a bad value and exits 2. */
-static void
-cfg_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
-static void
-cfg_die(const char *fmt, ...)
-{
-	va_list	 ap;
-
-	fputs("dotp: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputs("\n", stderr);
-	exit(2);
-}
+/*
+ * Every option is one row of opts[]: short and long name, environment
+ * variable, argument, the function that sets it, range and default, and
+ * the help text. The table drives getopt_long(), the environment
+ * fallback (a flag wins over its variable), the defaults and --help;
+ * the README's table of options is checked against it (tests/unit.c).
+ * A new option is a field in struct config, a row here, and, for a new
+ * kind of value, an opt_ function. Values are checked here, once: a bad
+ * one ends dotp with one line naming the flag or variable (fatal, 2).
+ * Owns: struct config. Calls: the parsers below, parse_cidr. Called by:
+ * main, before anything else.
+ */
 
 /* Parses a decimal integer in [min, max]. Returns 0, or -1. */
 static int
@@ -3993,32 +4462,90 @@ valid_cert_name(const char *s)
 	return 1;
 }
 
-/* Adds one -l value (from flag or env: what tells the user where). */
+struct optdef;
+/* Sets option o from value v; what names the flag or variable. */
+typedef void opt_set_fn(struct config *, const struct optdef *,
+    const char *v, const char *what);
+
+/* How an option reads its environment variable. */
+enum opt_kind {
+	OPT_VALUE,	/* the value as is */
+	OPT_LIST,	/* items split by commas and spaces; repeatable flag */
+	OPT_SWITCH,	/* a boolean: 1, yes, true; 0, no, false, empty */
+	OPT_ACTION	/* -h, -V: no variable */
+};
+
+struct optdef {
+	char	 chr;		/* short option, or 0 */
+	uint8_t	 kind;		/* enum opt_kind */
+	const char *name;	/* long option */
+	const char *env;	/* environment variable, or NULL */
+	const char *arg;	/* the value's name in --help; NULL: none */
+	const char *unit;	/* numbers: what the value counts, for errors */
+	opt_set_fn *set;
+	long	 min, max;	/* numbers: the accepted range */
+	long	 def;		/* numbers: the default */
+	size_t	 off;		/* offsetof(struct config, the field) */
+	const char *dflt;	/* others: the default, as flag values */
+	const char *help;
+};
+
+/* The int field of cfg that option o sets. */
+static int *
+opt_int(struct config *cfg, const struct optdef *o)
+{
+	return (int *)(void *)((char *)cfg + o->off);
+}
+
+/* A number in [min, max]. */
 static void
-cfg_listen(struct config *cfg, const char *v, const char *what)
+opt_num(struct config *cfg, const struct optdef *o, const char *v,
+    const char *what)
+{
+	long	 t;
+
+	if (parse_int(v, o->min, o->max, &t) < 0)
+		fatal(2, "bad %s value '%s': expected %s %ld..%ld", what, v,
+		    o->unit, o->min, o->max);
+	*opt_int(cfg, o) = (int)t;
+}
+
+/* A switch that is on. */
+static void
+opt_on(struct config *cfg, const struct optdef *o, UNUSED const char *v,
+    UNUSED const char *what)
+{
+	*opt_int(cfg, o) = 1;
+}
+
+/* One -l value. */
+static void
+opt_listen(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
 {
 	if (cfg->nlisten == DOTP_MAX_LISTEN)
-		cfg_die("too many %s addresses (at most %d)", what,
+		fatal(2, "too many %s addresses (at most %d)", what,
 		    DOTP_MAX_LISTEN);
 	if (parse_addr(v, 53, &cfg->listen[cfg->nlisten]) < 0)
-		cfg_die("bad %s value '%s': expected ADDR[:PORT], e.g. "
+		fatal(2, "bad %s value '%s': expected ADDR[:PORT], e.g. "
 		    "127.0.0.1:53 or [::1]:53", what, v);
 	cfg->nlisten++;
 }
 
-/* Adds one -u value. */
+/* One -u value. */
 static void
-cfg_upstream(struct config *cfg, const char *v, const char *what)
+opt_upstream(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
 {
 	char	 addr[80];
 	const char *hash = strchr(v, '#');
 	size_t	 al;
 
 	if (cfg->nup == DOTP_MAX_UPSTREAMS)
-		cfg_die("too many %s values (at most %d)", what,
+		fatal(2, "too many %s values (at most %d)", what,
 		    DOTP_MAX_UPSTREAMS);
 	if (hash == NULL)
-		cfg_die("bad %s value '%s': the certificate name is missing; "
+		fatal(2, "bad %s value '%s': the certificate name is missing; "
 		    "expected HOST[:PORT]#NAME, e.g. 1.1.1.1:853#"
 		    "cloudflare-dns.com", what, v);
 	al = (size_t)(hash - v);
@@ -4027,279 +4554,334 @@ cfg_upstream(struct config *cfg, const char *v, const char *what)
 	memcpy(addr, v, al);
 	addr[al] = '\0';
 	if (parse_addr(addr, 853, &cfg->up[cfg->nup]) < 0)
-		cfg_die("bad %s value '%s': expected HOST[:PORT]#NAME with HOST "
+		fatal(2, "bad %s value '%s': expected HOST[:PORT]#NAME with HOST "
 		    "an IPv4 or [IPv6] address", what, v);
 	if (!valid_cert_name(hash + 1))
-		cfg_die("bad %s value '%s': '%s' is not a DNS name to check "
+		fatal(2, "bad %s value '%s': '%s' is not a DNS name to check "
 		    "the certificate against", what, v, hash + 1);
 	str_copy(cfg->up_name[cfg->nup], sizeof cfg->up_name[0], hash + 1);
 	cfg->nup++;
 }
 
-/* Splits an env list on commas and spaces, calling add for each item. */
+/* One --allow prefix. */
 static void
-cfg_env_list(struct config *cfg, const char *env,
-    void (*add)(struct config *, const char *, const char *))
+opt_allow(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
 {
-	const char *s = getenv(env);
-	char	 item[512];
-	size_t	 n;
+	struct cidr *c = &cfg->allow[cfg->nallow];
 
-	if (s == NULL)
-		return;
-	while (*s) {
-		n = strcspn(s, ", \t");
-		if (n > 0) {
-			if (n >= sizeof item)
-				cfg_die("bad %s value: item too long", env);
-			memcpy(item, s, n);
-			item[n] = '\0';
-			add(cfg, item, env);
-		}
-		s += n;
-		s += strspn(s, ", \t");
-	}
-}
-
-/*
- * The numeric options: flag, environment variable, range, default, and
- * where the value goes. getopt_long() returns 'N' + index for them.
- */
-#define OPT_NUM	256	/* getopt_long value of numopts[0] */
-struct numopt {
-	const char *flag, *env, *unit;
-	long	 min, max;
-	int	 def;
-	size_t	 off;		/* offsetof(struct config, field) */
-};
-
-static const struct numopt numopts[] = {
-	{ "timeout", "DOTP_TIMEOUT", "milliseconds", 1, 600000,
-	    DOTP_TIMEOUT_MS, offsetof(struct config, timeout_ms) },
-	{ "attempt-timeout", "DOTP_ATTEMPT_TIMEOUT", "milliseconds (0: auto)",
-	    0, 600000, 0, offsetof(struct config, attempt_ms) },
-	{ "connect-timeout", "DOTP_CONNECT_TIMEOUT", "milliseconds", 1, 600000,
-	    DOTP_CONNECT_MS, offsetof(struct config, connect_ms) },
-	{ "handshake-timeout", "DOTP_HANDSHAKE_TIMEOUT", "milliseconds", 1,
-	    600000, DOTP_HANDSHAKE_MS, offsetof(struct config, handshake_ms) },
-	{ "idle-timeout", "DOTP_IDLE_TIMEOUT", "milliseconds", 1, 86400000,
-	    DOTP_IDLE_MS, offsetof(struct config, idle_ms) },
-	{ "drain", "DOTP_DRAIN", "milliseconds", 0, 600000, DOTP_DRAIN_MS,
-	    offsetof(struct config, drain_ms) },
-	{ "conn-queries", "DOTP_CONN_QUERIES", "a count", 1, 65535,
-	    DOTP_CONN_QUERIES, offsetof(struct config, conn_queries) },
-	{ "max-conns", "DOTP_MAX_CONNS", "a count", 1, DOTP_MAX_CONNS_CAP,
-	    DOTP_MAX_CONNS, offsetof(struct config, max_conns) },
-	{ "max-queries", "DOTP_MAX_QUERIES", "a count", 1,
-	    DOTP_MAX_QUERIES_CAP, DOTP_MAX_QUERIES,
-	    offsetof(struct config, max_queries) },
-	{ "udp-size", "DOTP_UDP_SIZE", "bytes", DNS_UDP_MIN,
-	    DOTP_UDP_SIZE_MAX, DNS_EDNS_UDP_MAX,
-	    offsetof(struct config, udp_size) },
-	{ "udp-rcvbuf", "DOTP_UDP_RCVBUF", "bytes", 4096, DOTP_UDP_RCVBUF_MAX,
-	    DOTP_UDP_RCVBUF, offsetof(struct config, udp_rcvbuf) },
-	{ "tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", "milliseconds", 1,
-	    86400000, DOTP_TCP_IDLE_MS, offsetof(struct config, tcp_idle_ms) },
-	{ "max-tcp", "DOTP_MAX_TCP", "a count", 1, DOTP_MAX_TCP_CAP,
-	    DOTP_MAX_TCP, offsetof(struct config, max_tcp) },
-};
-#define NUMOPTS	(int)(sizeof numopts / sizeof numopts[0])
-#define NFLAGOPTS	10	/* the other long options of cfg_parse() */
-
-/* Sets numeric option k from v (what names the flag or env variable). */
-static void
-cfg_num(struct config *cfg, int k, const char *v, const char *what)
-{
-	const struct numopt *o = &numopts[k];
-	long	 t;
-
-	if (parse_int(v, o->min, o->max, &t) < 0)
-		cfg_die("bad %s value '%s': expected %s %ld..%ld", what, v,
-		    o->unit, o->min, o->max);
-	*(int *)(void *)((char *)cfg + o->off) = (int)t;
-}
-
-/* Adds one --allow prefix. */
-static void
-cfg_allow(struct config *cfg, const char *v, const char *what)
-{
 	if (cfg->nallow == DOTP_MAX_ALLOW)
-		cfg_die("too many %s values (at most %d)", what,
+		fatal(2, "too many %s values (at most %d)", what,
 		    DOTP_MAX_ALLOW);
-	if (parse_cidr(v, &cfg->allow[cfg->nallow]) < 0)
-		cfg_die("bad %s value '%s': expected an address prefix like "
+	if (parse_cidr(v, c) < 0)
+		fatal(2, "bad %s value '%s': expected an address prefix like "
 		    "10.0.0.0/8 or fd00::/8", what, v);
 	/* v4-mapped clients are matched as IPv4: such a prefix would
 	 * silently match nothing. */
-	if (cfg->allow[cfg->nallow].family == AF_INET6 &&
-	    cfg->allow[cfg->nallow].bits >= 96 &&
-	    memcmp(cfg->allow[cfg->nallow].addr,
-	    "\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0)
-		cfg_die("bad %s value '%s': write v4-mapped prefixes as IPv4 "
+	if (c->family == AF_INET6 && c->bits >= 96 &&
+	    memcmp(c->addr, "\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0)
+		fatal(2, "bad %s value '%s': write v4-mapped prefixes as IPv4 "
 		    "(e.g. 10.0.0.0/8)", what, v);
 	cfg->nallow++;
 }
 
+/* --ca-file. */
 static void
-cfg_policy(struct config *cfg, const char *v, const char *what)
+opt_ca_file(struct config *cfg, UNUSED const struct optdef *o,
+    const char *v, UNUSED const char *what)
+{
+	if (*v != '\0')
+		cfg->ca_file = v;
+}
+
+/* --policy. */
+static void
+opt_policy(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
 {
 	if (strcmp(v, "first") == 0)
 		cfg->policy = POLICY_FIRST;
 	else if (strcmp(v, "round-robin") == 0)
 		cfg->policy = POLICY_RR;
 	else
-		cfg_die("bad %s value '%s': expected first or round-robin",
+		fatal(2, "bad %s value '%s': expected first or round-robin",
 		    what, v);
 }
 
-/* A boolean env switch: "1"/"yes"/"true" on, "0"/"no"/"false"/"" off. */
-static int
-cfg_env_bool(const char *env)
-{
-	const char *s = getenv(env);
+/* --help reads opts[], whose -h row calls it: the one cycle here. */
+static void	usage(void);
 
-	if (s == NULL || !strcmp(s, "") || !strcmp(s, "0") ||
-	    !strcmp(s, "no") || !strcmp(s, "false"))
+/* -h. */
+static void
+opt_help(UNUSED struct config *cfg, UNUSED const struct optdef *o,
+    UNUSED const char *v, UNUSED const char *what)
+{
+	usage();
+	exit(0);
+}
+
+/* -V. */
+static void
+opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
+    UNUSED const char *v, UNUSED const char *what)
+{
+	printf("dotp %s (BearSSL 0.6, %s trust anchors)\n", DOTP_VERSION,
+#ifndef DOTP_NO_EMBEDDED_TAS
+	    "embedded Mozilla"
+#else
+	    "no embedded"
+#endif
+	    );
+	exit(0);
+}
+
+#define CFG(f)	offsetof(struct config, f)
+#define MS	"MS", "milliseconds"
+#define COUNT	"N", "a count"
+#define BYTES	"BYTES", "bytes"
+/* A row of a number, a switch, or another value (see struct optdef). */
+#define NUM(name, env, arg_unit, min, max, def, f, help) \
+	{ 0, OPT_VALUE, name, env, arg_unit, opt_num, min, max, def, \
+	    CFG(f), NULL, help }
+#define SWITCH(chr, name, env, f, help) \
+	{ chr, OPT_SWITCH, name, env, NULL, NULL, opt_on, 0, 0, 0, CFG(f), \
+	    NULL, help }
+#define VALUE(chr, kind, name, env, arg, set, dflt, help) \
+	{ chr, kind, name, env, arg, NULL, set, 0, 0, 0, 0, dflt, help }
+
+/* The private ranges: the default --allow. */
+#define DOTP_ALLOW_DEFAULT "127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 " \
+	"192.168.0.0/16 169.254.0.0/16 fc00::/7 fe80::/10"
+
+static const struct optdef opts[] = {
+	VALUE('l', OPT_LIST, "listen", "DOTP_LISTEN", "ADDR[:PORT]",
+	    opt_listen, "127.0.0.1:53 [::1]:53",
+	    "serve DNS on UDP and TCP there (repeatable; IPv6 as [::1]:53)"),
+	VALUE('u', OPT_LIST, "upstream", "DOTP_UPSTREAM", "HOST[:PORT]#NAME",
+	    opt_upstream, "1.1.1.1#cloudflare-dns.com "
+	    "1.0.0.1#cloudflare-dns.com",
+	    "DoT resolver: IP literal, port (853), and the name its "
+	    "certificate must carry (repeatable)"),
+	VALUE(0, OPT_VALUE, "ca-file", "DOTP_CA_FILE", "PEM", opt_ca_file,
+	    NULL, "trust these CAs instead of the embedded Mozilla roots"),
+	NUM("timeout", "DOTP_TIMEOUT", MS, 1, 600000, DOTP_TIMEOUT_MS,
+	    timeout_ms, "answer SERVFAIL to a query unanswered that long"),
+	VALUE(0, OPT_VALUE, "policy", "DOTP_POLICY", "first|round-robin",
+	    opt_policy, "first", "first healthy upstream in -u order, or "
+	    "round-robin over the healthy ones"),
+	NUM("attempt-timeout", "DOTP_ATTEMPT_TIMEOUT", MS, 0, 600000, 0,
+	    attempt_ms, "also send to the next upstream after that long "
+	    "(0: from the upstream's RTT)"),
+	NUM("connect-timeout", "DOTP_CONNECT_TIMEOUT", MS, 1, 600000,
+	    DOTP_CONNECT_MS, connect_ms, "TCP connect limit"),
+	NUM("handshake-timeout", "DOTP_HANDSHAKE_TIMEOUT", MS, 1, 600000,
+	    DOTP_HANDSHAKE_MS, handshake_ms, "TLS handshake limit"),
+	NUM("idle-timeout", "DOTP_IDLE_TIMEOUT", MS, 1, 86400000,
+	    DOTP_IDLE_MS, idle_ms, "close an upstream connection idle that "
+	    "long (less for a server seen to close sooner)"),
+	NUM("conn-queries", "DOTP_CONN_QUERIES", COUNT, 1, 65535,
+	    DOTP_CONN_QUERIES, conn_queries, "queries in flight on one "
+	    "connection before another one opens"),
+	NUM("max-conns", "DOTP_MAX_CONNS", COUNT, 1, DOTP_MAX_CONNS_CAP,
+	    DOTP_MAX_CONNS, max_conns, "connections per upstream"),
+	NUM("max-queries", "DOTP_MAX_QUERIES", COUNT, 1,
+	    DOTP_MAX_QUERIES_CAP, DOTP_MAX_QUERIES, max_queries,
+	    "queries waiting at once; over it, SERVFAIL"),
+	NUM("drain", "DOTP_DRAIN", MS, 0, 600000, DOTP_DRAIN_MS, drain_ms,
+	    "on SIGTERM, time given to queries in flight"),
+	NUM("udp-size", "DOTP_UDP_SIZE", BYTES, DNS_UDP_MIN,
+	    DOTP_UDP_SIZE_MAX, DNS_EDNS_UDP_MAX, udp_size,
+	    "largest UDP answer to an EDNS client"),
+	NUM("udp-rcvbuf", "DOTP_UDP_RCVBUF", BYTES, 4096,
+	    DOTP_UDP_RCVBUF_MAX, DOTP_UDP_RCVBUF, udp_rcvbuf,
+	    "UDP receive buffer asked for, for bursts"),
+	SWITCH(0, "no-pad", "DOTP_NO_PAD", no_pad,
+	    "do not pad queries to 128-byte blocks (RFC 8467)"),
+	VALUE(0, OPT_LIST, "allow", "DOTP_ALLOW", "CIDR", opt_allow,
+	    DOTP_ALLOW_DEFAULT, "clients allowed (repeatable); others get "
+	    "REFUSED"),
+	NUM("tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", MS, 1, 86400000,
+	    DOTP_TCP_IDLE_MS, tcp_idle_ms, "close a TCP client idle that long"),
+	NUM("max-tcp", "DOTP_MAX_TCP", COUNT, 1, DOTP_MAX_TCP_CAP,
+	    DOTP_MAX_TCP, max_tcp, "TCP clients at once; over it, closed"),
+	SWITCH('v', "verbose", "DOTP_VERBOSE", verbose, "debug logs"),
+	SWITCH('q', "quiet", "DOTP_QUIET", quiet, "errors only"),
+	VALUE('h', OPT_ACTION, "help", NULL, NULL, opt_help, NULL,
+	    "this text"),
+	VALUE('V', OPT_ACTION, "version", NULL, NULL, opt_version, NULL,
+	    "print the version"),
+};
+#define NOPTS	(int)(sizeof opts / sizeof opts[0])
+/* getopt_long() returns OPT_VAL + k for row k. */
+#define OPT_VAL	256
+
+/* --help, from opts[]. */
+static void
+usage(void)
+{
+	const struct optdef *o;
+	char	 flag[64];
+
+	printf("usage: dotp [-l ADDR[:PORT]]... [-u HOST[:PORT]#NAME]... "
+	    "[options]\n\n");
+	for (o = opts; o < opts + NOPTS; o++) {
+		snprintf(flag, sizeof flag, "%c%c%s--%s%s%s", o->chr ? '-' : ' ',
+		    o->chr ? o->chr : ' ', o->chr ? ", " : "  ", o->name,
+		    o->arg ? " " : "", o->arg ? o->arg : "");
+		printf("  %-33s%s\n      %s\n", flag, o->env ? o->env : "",
+		    o->help);
+		if (o->set == opt_num)
+			printf("      default: %ld\n", o->def);
+		else if (o->dflt != NULL)
+			printf("      default: %s\n", o->dflt);
+	}
+	printf("\nEvery option also reads from the environment variable "
+	    "beside it; lists are split\nby commas or spaces, switches take "
+	    "1 or 0. A flag wins over its variable.\n");
+}
+
+/* Applies option o's environment variable, if set. Returns the number
+ * of values it set. */
+static int
+opt_env(struct config *cfg, const struct optdef *o)
+{
+	const char *s = o->env ? getenv(o->env) : NULL;
+	char	 item[512];
+	size_t	 n;
+	int	 set = 0;
+
+	if (s == NULL || (*s == '\0' && o->kind != OPT_SWITCH))
 		return 0;
-	if (!strcmp(s, "1") || !strcmp(s, "yes") || !strcmp(s, "true"))
+	if (o->kind == OPT_SWITCH) {
+		if (strcmp(s, "") && strcmp(s, "0") && strcmp(s, "no") &&
+		    strcmp(s, "false") && strcmp(s, "1") && strcmp(s, "yes") &&
+		    strcmp(s, "true"))
+			fatal(2, "bad %s value '%s': expected 1 or 0", o->env,
+			    s);
+		if (!strcmp(s, "1") || !strcmp(s, "yes") || !strcmp(s, "true"))
+			o->set(cfg, o, s, o->env);
 		return 1;
-	cfg_die("bad %s value '%s': expected 1 or 0", env, s);
+	}
+	if (o->kind != OPT_LIST) {
+		o->set(cfg, o, s, o->env);
+		return 1;
+	}
+	for (; *s; s += strspn(s, ", \t")) {
+		if ((n = strcspn(s, ", \t")) >= sizeof item)
+			fatal(2, "bad %s value: item too long", o->env);
+		memcpy(item, s, n);
+		item[n] = '\0';
+		if (n > 0) {
+			o->set(cfg, o, item, o->env);
+			set++;
+		}
+		s += n;
+	}
+	return set;
+}
+
+/* Applies option o's default: a number, or a list of flag values. */
+static void
+opt_default(struct config *cfg, const struct optdef *o)
+{
+	char	 list[256], *item, *save = NULL;
+
+	if (o->set == opt_num) {
+		*opt_int(cfg, o) = (int)o->def;
+		return;
+	}
+	if (o->dflt == NULL)
+		return;
+	str_copy(list, sizeof list, o->dflt);
+	for (item = strtok_r(list, " ", &save); item != NULL;
+	    item = strtok_r(NULL, " ", &save))
+		o->set(cfg, o, item, "default");
+}
+
+/* Builds getopt_long()'s tables from opts[]. */
+static void
+opt_getopt_tables(struct option *lo, char *shorts)
+{
+	int	 k, n = 0;
+
+	shorts[n++] = ':';
+	for (k = 0; k < NOPTS; k++) {
+		lo[k].name = opts[k].name;
+		lo[k].has_arg = opts[k].arg ? required_argument : no_argument;
+		lo[k].flag = NULL;
+		lo[k].val = OPT_VAL + k;
+		if (opts[k].chr) {
+			shorts[n++] = opts[k].chr;
+			if (opts[k].arg)
+				shorts[n++] = ':';
+		}
+	}
+	memset(&lo[NOPTS], 0, sizeof lo[NOPTS]);
+	shorts[n] = '\0';
+}
+
+/* The row of getopt_long()'s answer c, or -1. */
+static int
+opt_row(int c)
+{
+	int	 k;
+
+	if (c >= OPT_VAL && c < OPT_VAL + NOPTS)
+		return c - OPT_VAL;
+	for (k = 0; k < NOPTS; k++)
+		if (c != 0 && opts[k].chr == c)
+			return k;
+	return -1;
 }
 
 /*
- * Parses flags, then fills what they left unset from the environment,
- * then from the defaults. Exits 2 on a bad value, 0 after -h or -V.
+ * Parses the flags, then fills what they left unset from the
+ * environment, then from the defaults. Exits 2 on a bad value, 0 after
+ * -h or -V.
  */
 static void
 cfg_parse(struct config *cfg, int argc, char *argv[])
 {
-	static struct option longopts[] = {
-		{ "listen",	required_argument, NULL, 'l' },
-		{ "upstream",	required_argument, NULL, 'u' },
-		{ "ca-file",	required_argument, NULL, 'C' },
-		{ "policy",	required_argument, NULL, 'P' },
-		{ "allow",	required_argument, NULL, 'A' },
-		{ "no-pad",	no_argument,	   NULL, 'N' },
-		{ "verbose",	no_argument,	   NULL, 'v' },
-		{ "quiet",	no_argument,	   NULL, 'q' },
-		{ "help",	no_argument,	   NULL, 'h' },
-		{ "version",	no_argument,	   NULL, 'V' },
-		[NFLAGOPTS + NUMOPTS] = { NULL, 0, NULL, 0 }
-	};
-	static const char *private[] = {	/* the default --allow */
-		"127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
-		"192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10"
-	};
-	int	 c, k, verbose = -1, quiet = -1, have_policy = 0, nopad = -1;
-	int	 given[NUMOPTS];
-	char	 flag[40];
+	struct option lo[NOPTS + 1];
+	char	 shorts[2 * NOPTS + 2], flag[40];
+	int	 c, k, given[NOPTS];
 
-	for (k = 0; k < NUMOPTS; k++) {
-		longopts[NFLAGOPTS + k].name = numopts[k].flag;
-		longopts[NFLAGOPTS + k].has_arg = required_argument;
-		longopts[NFLAGOPTS + k].val = OPT_NUM + k;
-	}
 	memset(cfg, 0, sizeof *cfg);
 	memset(given, 0, sizeof given);
-	for (k = 0; k < NUMOPTS; k++)
-		*(int *)(void *)((char *)cfg + numopts[k].off) = numopts[k].def;
+	opt_getopt_tables(lo, shorts);
+	for (k = 0; k < NOPTS; k++)
+		if (opts[k].set == opt_num)
+			opt_default(cfg, &opts[k]);
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, ":l:u:vqhV", longopts,
-	    NULL)) != -1) {
-		if (c >= OPT_NUM && c < OPT_NUM + NUMOPTS) {
-			k = c - OPT_NUM;
-			snprintf(flag, sizeof flag, "--%s", numopts[k].flag);
-			cfg_num(cfg, k, optarg, flag);
-			given[k] = 1;
-			continue;
-		}
-		switch (c) {
-		case 'l':
-			cfg_listen(cfg, optarg, "--listen");
-			break;
-		case 'u':
-			cfg_upstream(cfg, optarg, "--upstream");
-			break;
-		case 'C':
-			cfg->ca_file = optarg;
-			break;
-		case 'P':
-			cfg_policy(cfg, optarg, "--policy");
-			have_policy = 1;
-			break;
-		case 'A':
-			cfg_allow(cfg, optarg, "--allow");
-			break;
-		case 'N':
-			nopad = 1;
-			break;
-		case 'v':
-			verbose = 1;
-			break;
-		case 'q':
-			quiet = 1;
-			break;
-		case 'h':
-			usage(stdout);
-			exit(0);
-		case 'V':
-			printf("dotp %s (BearSSL 0.6, %s trust anchors)\n",
-			    DOTP_VERSION,
-#ifndef DOTP_NO_EMBEDDED_TAS
-			    "embedded Mozilla"
-#else
-			    "no embedded"
-#endif
-			    );
-			exit(0);
-		case ':':
-			cfg_die("option '%s' needs a value; see dotp --help",
+	while ((c = getopt_long(argc, argv, shorts, lo, NULL)) != -1) {
+		if (c == ':')
+			fatal(2, "option '%s' needs a value; see dotp --help",
 			    argv[optind - 1]);
-		default:
-			cfg_die("unknown option '%s'; see dotp --help",
+		if ((k = opt_row(c)) < 0)
+			fatal(2, "unknown option '%s'; see dotp --help",
 			    argv[optind - 1]);
-		}
+		snprintf(flag, sizeof flag, "--%s", opts[k].name);
+		opts[k].set(cfg, &opts[k], optarg, flag);
+		given[k] = 1;
 	}
 	if (optind < argc)
-		cfg_die("unexpected argument '%s'; see dotp --help",
+		fatal(2, "unexpected argument '%s'; see dotp --help",
 		    argv[optind]);
-	if (cfg->nlisten == 0)
-		cfg_env_list(cfg, "DOTP_LISTEN", cfg_listen);
-	if (cfg->nup == 0)
-		cfg_env_list(cfg, "DOTP_UPSTREAM", cfg_upstream);
-	if (cfg->ca_file == NULL && getenv("DOTP_CA_FILE") &&
-	    *getenv("DOTP_CA_FILE"))
-		cfg->ca_file = getenv("DOTP_CA_FILE");
-	if (!have_policy && getenv("DOTP_POLICY"))
-		cfg_policy(cfg, getenv("DOTP_POLICY"), "DOTP_POLICY");
-	if (cfg->nallow == 0)
-		cfg_env_list(cfg, "DOTP_ALLOW", cfg_allow);
-	if (cfg->nallow == 0)
-		for (k = 0; k < (int)(sizeof private / sizeof private[0]); k++)
-			cfg_allow(cfg, private[k], "default allow");
-	if (nopad < 0)
-		nopad = cfg_env_bool("DOTP_NO_PAD");
-	cfg->pad = !nopad;
-	for (k = 0; k < NUMOPTS; k++)
-		if (!given[k] && getenv(numopts[k].env))
-			cfg_num(cfg, k, getenv(numopts[k].env), numopts[k].env);
-	if (verbose < 0)
-		verbose = cfg_env_bool("DOTP_VERBOSE");
-	if (quiet < 0)
-		quiet = cfg_env_bool("DOTP_QUIET");
-	cfg->verbosity = verbose > 0 ? LOG_DEBUG : quiet > 0 ? LOG_ERR :
-	    LOG_INFO;
-	if (cfg->nlisten == 0) {
-		cfg_listen(cfg, "127.0.0.1:53", "default listen");
-		cfg_listen(cfg, "[::1]:53", "default listen");
-	}
-	if (cfg->nup == 0) {
-		cfg_upstream(cfg, "1.1.1.1#cloudflare-dns.com", "default");
-		cfg_upstream(cfg, "1.0.0.1#cloudflare-dns.com", "default");
-	}
+	for (k = 0; k < NOPTS; k++)
+		if (!given[k] && opt_env(cfg, &opts[k]) == 0 &&
+		    opts[k].set != opt_num)
+			opt_default(cfg, &opts[k]);
+	cfg->verbosity = cfg->verbose ? LVL_DEBUG : cfg->quiet ? LVL_ERROR :
+	    LVL_INFO;
 }
 
 /* ==== 14. Setup, shutdown and main ==== */
+
+/*
+ * Start-up (trust anchors, tables, listeners; errors through fatal()),
+ * the start line, the clean end after a drain with the exit lines of
+ * the counter tables, and main. Calls everything above.
+ */
 
 /*
  * Asks for --udp-rcvbuf bytes of receive buffer on UDP socket fd: the
@@ -4320,7 +4902,7 @@ udp_rcvbuf(int fd, const char *where)
 		(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &want, sizeof want);
 	if (getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &got, &sl) == 0 &&
 	    got / 2 < want)
-		log_msg(LOG_INFO, "UDP receive buffer smaller than asked: a "
+		log_msg(LVL_INFO, "UDP receive buffer smaller than asked: a "
 		    "burst may overflow it (raise net.core.rmem_max, or run "
 		    "with CAP_NET_ADMIN)\tlisten=%s asked=%d got=%d", where,
 		    want, got / 2);
@@ -4413,56 +4995,59 @@ fd_limit_raise(int want)
 	rl.rlim_cur = rl.rlim_max != RLIM_INFINITY &&
 	    rl.rlim_max < (rlim_t)want ? rl.rlim_max : (rlim_t)want;
 	if (setrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur < (rlim_t)want)
-		log_msg(LOG_WARN, "descriptor limit is below what --max-tcp "
+		log_msg(LVL_WARN, "descriptor limit is below what --max-tcp "
 		    "needs\tlimit=%lu want=%d", (unsigned long)rl.rlim_cur,
 		    want);
 }
 
-/* Sets up everything from the config; exits on a start-up error. */
+/* The trust anchors: --ca-file, or the embedded roots. */
 static void
-setup(void)
+setup_anchors(void)
 {
-	struct config *cfg = &G.cfg;
-	const char *what, *why = NULL;
 	br_x509_trust_anchor *tas;
-	int	 i, n;
+	const char *why = NULL;
+	int	 n;
 
-	if (cfg->ca_file) {
-		if ((n = ta_load_pem(cfg->ca_file, &tas, &why)) < 0) {
-			fprintf(stderr, "dotp: cannot use --ca-file '%s': %s\n",
-			    cfg->ca_file, why);
-			exit(2);
-		}
-		G.tas = tas;
-		G.ntas = (size_t)n;
-	} else {
+	if (G.cfg.ca_file == NULL) {
 #ifndef DOTP_NO_EMBEDDED_TAS
 		G.tas = dotp_embedded_tas;
 		G.ntas = DOTP_EMBEDDED_TAS_NUM;
+		return;
 #else
-		fprintf(stderr, "dotp: built without embedded trust anchors; "
-		    "use --ca-file\n");
-		exit(2);
+		fatal(2, "built without embedded trust anchors; use --ca-file");
 #endif
 	}
+	if ((n = ta_load_pem(G.cfg.ca_file, &tas, &why)) < 0)
+		fatal(2, "cannot use --ca-file '%s': %s", G.cfg.ca_file, why);
+	G.tas = tas;
+	G.ntas = (size_t)n;
+}
+
+/* The tables, sized once from the options: queries, connections (each
+ * with its TLS context), TCP client slots, the poll set; and the
+ * upstreams. Exits when out of memory. */
+static void
+setup_tables(void)
+{
+	struct config *cfg = &G.cfg;
+	size_t	 npfd;
+	int	 i;
+
 	G.nconn = cfg->nup * cfg->max_conns;
+	npfd = (size_t)(G.nconn + cfg->max_tcp + 2 * cfg->nlisten);
 	G.conn = calloc((size_t)G.nconn, sizeof *G.conn);
 	G.tcp = calloc((size_t)cfg->max_tcp, sizeof *G.tcp);
 	G.tcprx = calloc((size_t)cfg->max_tcp, 2 + DOTP_QUERY_MAX);
 	G.tcp_live = calloc((size_t)cfg->max_tcp, sizeof *G.tcp_live);
 	G.tcp_free = calloc((size_t)cfg->max_tcp, sizeof *G.tcp_free);
-	G.pfd_tcp = calloc((size_t)cfg->max_tcp, sizeof *G.pfd_tcp);
-	G.pfd = calloc((size_t)(G.nconn + cfg->max_tcp + 2 * cfg->nlisten),
-	    sizeof *G.pfd);
+	G.pfd = calloc(npfd, sizeof *G.pfd);
+	G.pkind = calloc(npfd, sizeof *G.pkind);
+	G.pidx = calloc(npfd, sizeof *G.pidx);
 	if (q_init(cfg->max_queries) < 0 || G.conn == NULL || G.tcp == NULL ||
 	    G.tcprx == NULL || G.tcp_live == NULL || G.tcp_free == NULL ||
-	    G.pfd_tcp == NULL || G.pfd == NULL) {
-		fprintf(stderr, "dotp: out of memory for %d queries, %d "
-		    "connections and %d TCP clients\n", cfg->max_queries,
-		    G.nconn, cfg->max_tcp);
-		exit(1);
-	}
-	fd_limit_raise(G.nconn + cfg->max_tcp + 2 * cfg->nlisten + 16);
+	    G.pfd == NULL || G.pkind == NULL || G.pidx == NULL)
+		fatal(1, "out of memory for %d queries, %d connections and %d "
+		    "TCP clients", cfg->max_queries, G.nconn, cfg->max_tcp);
 	for (i = 0; i < cfg->nup; i++) {
 		struct upstream *u = &G.up[i];
 
@@ -4481,44 +5066,72 @@ setup(void)
 		c->fl = (struct qlist)QLIST_ZERO;
 		c->late = (struct qlist)QLIST_ZERO;
 		tls_setup(c);
-		if (br_ssl_engine_last_error(&c->cc.eng) != BR_ERR_OK) {
-			fprintf(stderr, "dotp: TLS setup failed (error %d)\n",
+		if (br_ssl_engine_last_error(&c->cc.eng) != BR_ERR_OK)
+			fatal(1, "TLS setup failed\ttls_error=%d",
 			    br_ssl_engine_last_error(&c->cc.eng));
-			exit(1);
-		}
 	}
-	/* Held in reserve for accept() under EMFILE (tcp_shed). */
-	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	for (i = 0; i < cfg->nlisten; i++) {
-		const struct sockaddr_text *a = &cfg->listen[i];
+}
+
+/* The engine without its listeners: trust anchors and tables. The
+ * engine test (tests/engine.c) starts here. */
+static void
+setup_core(void)
+{
+	setup_anchors();
+	setup_tables();
+}
+
+/* Why a listen address could not be opened, in the user's words. */
+static const char *
+listen_hint(int err)
+{
+	if (err == EACCES)
+		return " (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+		    "or listen on a high port, e.g. -l 127.0.0.1:5353)";
+	if (err == EADDRINUSE)
+		return " (another DNS server is running there; stop it or "
+		    "choose another -l address)";
+	return "";
+}
+
+/* The listeners; an IPv6 address is skipped on a machine without IPv6
+ * when there are others. Exits when one cannot be opened. */
+static void
+setup_listeners(void)
+{
+	const char *what;
+	int	 i;
+
+	for (i = 0; i < G.cfg.nlisten; i++) {
+		const struct sockaddr_text *a = &G.cfg.listen[i];
 
 		if (listen_open(a, &G.lst[G.nlisten], &what) == 0) {
 			G.nlisten++;
 			continue;
 		}
-		/* A machine without IPv6 still serves its IPv4 addresses. */
 		if (a->u.sa.sa_family == AF_INET6 && (errno == EAFNOSUPPORT ||
-		    errno == EADDRNOTAVAIL) && cfg->nlisten > 1) {
-			log_msg(LOG_WARN, "IPv6 is not available here, "
-			    "skipping that listen address\tlisten=%s "
-			    "error=\"%s\"", a->text, strerror(errno));
+		    errno == EADDRNOTAVAIL) && G.cfg.nlisten > 1) {
+			log_errno(LVL_WARN, "IPv6 is not available here, "
+			    "skipping that listen address\tlisten=%s",
+			    a->text);
 			continue;
 		}
-		fprintf(stderr, "dotp: cannot %s %s: %s%s\n",
-		    strcmp(what, "bind") == 0 ? "bind" : what, a->text,
-		    strerror(errno), errno == EACCES ?
-		    " (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
-		    "or listen on a high port, e.g. -l 127.0.0.1:5353)" :
-		    errno == EADDRINUSE ? " (another DNS server is running "
-		    "there; stop it or choose another -l address)" : "");
-		if (strcmp(what, "bind") != 0)
-			fprintf(stderr, "dotp: cannot bind %s\n", a->text);
-		exit(1);
+		fatal(1, "cannot %s %s: %s%s", what, a->text, strerror(errno),
+		    listen_hint(errno));
 	}
-	if (G.nlisten == 0) {
-		fprintf(stderr, "dotp: cannot bind any listen address\n");
-		exit(1);
-	}
+	if (G.nlisten == 0)
+		fatal(1, "cannot open any listen address");
+}
+
+/* Sets up everything from the options; exits on a start-up error. */
+static void
+setup(void)
+{
+	setup_core();
+	fd_limit_raise(G.nconn + G.cfg.max_tcp + 2 * G.cfg.nlisten + 16);
+	/* Held in reserve for accept() under EMFILE (tcp_shed). */
+	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	setup_listeners();
 }
 
 /* The start line: what runs, where, trusting what. */
@@ -4536,10 +5149,44 @@ log_start(void)
 	for (i = 0; i < G.nup; i++)
 		b += (size_t)snprintf(us + b, sizeof us - b, "%s%s#%s",
 		    i ? "," : "", G.up[i].label, G.up[i].name);
-	log_msg(LOG_INFO, "dotp listening\tversion=%s listen=%s upstreams=%s "
+	log_msg(LVL_INFO, "dotp listening\tversion=%s listen=%s upstreams=%s "
 	    "anchors=%zu source=%s timeout_ms=%d", DOTP_VERSION, ls, us,
 	    G.ntas, G.cfg.ca_file ? G.cfg.ca_file : "embedded",
 	    G.cfg.timeout_ms);
+}
+
+/* The exit lines: one per upstream with its stats, then the process's
+ * counters with the sums of the upstreams' STAT_TOTAL ones. */
+static void
+stats_log(void)
+{
+	char	 line[400];
+	unsigned long sum[UCTR_N];
+	size_t	 at;
+	int	 i, k;
+
+	memset(sum, 0, sizeof sum);
+	for (i = 0; i < G.nup; i++) {
+		at = 0;
+		line[0] = '\0';
+		for (k = 0; k < UCTR_N; k++) {
+			sum[k] += up_stat(&G.up[i], k);
+			stat_append(line, sizeof line, &at, up_stat_defs[k].name,
+			    up_stat(&G.up[i], k));
+		}
+		log_msg(LVL_INFO, "upstream summary\tupstream=%s%s",
+		    G.up[i].label, line);
+	}
+	at = 0;
+	line[0] = '\0';
+	for (k = 0; k < CTR_N; k++)
+		stat_append(line, sizeof line, &at, stat_defs[k].name,
+		    G.ctr[k]);
+	for (k = 0; k < UCTR_N; k++)
+		if (up_stat_defs[k].kind == STAT_TOTAL)
+			stat_append(line, sizeof line, &at,
+			    up_stat_defs[k].name, sum[k]);
+	log_msg(LVL_INFO, "dotp exiting\t%s", line + 1);
 }
 
 /* Ends cleanly after the drain: SERVFAIL to what is still waiting,
@@ -4548,7 +5195,6 @@ static void
 shutdown_all(void)
 {
 	int64_t	 now = now_ms();
-	unsigned long full = 0, resumed = 0, recycled = 0;
 	int	 i;
 
 	while ((i = G.age.head) >= 0) {
@@ -4573,27 +5219,7 @@ shutdown_all(void)
 		fd_close(&G.lst[i].udp);
 		fd_close(&G.lst[i].tcp);
 	}
-	for (i = 0; i < G.nup; i++) {
-		const struct upstream *u = &G.up[i];
-
-		full += u->hs_full;
-		resumed += u->hs_resumed;
-		recycled += u->recycled;
-		log_msg(LOG_INFO, "upstream summary\tupstream=%s sent=%lu "
-		    "answered=%lu failures=%lu recycled=%lu "
-		    "handshakes_full=%lu handshakes_resumed=%lu "
-		    "learned_conn_queries=%u learned_idle_ms=%d", u->label,
-		    u->sent, u->answered, u->failures, u->recycled,
-		    u->hs_full, u->hs_resumed, u->cap, u->idle_ms);
-	}
-	log_msg(LOG_INFO, "dotp exiting\tqueries=%lu answers=%lu "
-	    "servfail=%lu dropped=%lu formerr=%lu notimp=%lu refused=%lu "
-	    "stray=%lu mismatched=%lu recycled=%lu handshakes_full=%lu "
-	    "handshakes_resumed=%lu table_full=%lu tcp_refused=%lu "
-	    "udp_send_failed=%lu", G.st.queries, G.st.answers,
-	    G.st.servfail, G.st.dropped, G.st.formerr, G.st.notimp,
-	    G.st.refused, G.st.stray, G.st.mismatched, recycled, full,
-	    resumed, G.st.full, G.st.tcp_refused, G.st.udp_send_fail);
+	stats_log();
 }
 
 #ifndef DOTP_NO_MAIN

@@ -300,13 +300,15 @@ test_truncate(void)
 {
 	unsigned char q[300], a[4000], out[1300];
 	struct qinfo qi;
+	struct dns_rrs rr;
 	size_t	 n, an, t;
 
 	n = mkquery(q, 9, "big.example.test", 1, 1, 4096);
 	dns_check_query(q, n, &qi);
 	an = mkbig(a, 100, 1, q, qi.qend);
 	ok(an > 1232, "big answer %zu", an);
-	ok(dns_find_opt(a, an, qi.qend) == an - 19, "find opt");
+	ok(dns_walk_records(a, an, qi.qend, &rr) == an && rr.opt == an - 19 &&
+	    rr.nopt == 1 && !rr.opt_bad, "find opt");
 	t = dns_truncate(guard(a, an), an, 1, out, 512);
 	ok(t <= 512, "fits %zu", t);
 	ok(rd16(out + 2) & DNS_FLAG_TC, "TC set");
@@ -453,7 +455,7 @@ test_cfg_parse(void)
 	    "flag listen wins over env");
 	ok(cfg.nup == 1 && !strcmp(cfg.up[0].text, "[::1]:8853") &&
 	    !strcmp(cfg.up_name[0], "dot.test"), "flag upstream");
-	ok(cfg.timeout_ms == 1500 && cfg.verbosity == LOG_ERR, "timeout, -q");
+	ok(cfg.timeout_ms == 1500 && cfg.verbosity == LVL_ERROR, "timeout, -q");
 	optind = 1;
 	cfg_parse(&cfg, 1, argv0);
 	ok(cfg.nup == 2 && !strcmp(cfg.up[1].text, "127.0.0.3:54") &&
@@ -507,25 +509,25 @@ test_padding(void)
 	unsigned char q[DOTP_QUERY_MAX + DOTP_PAD_ROOM], a[2000];
 	struct qinfo qi;
 	size_t	 n, m, k, alen;
-	int	 how;
+	enum pad_how how;
 
 	/* Without OPT: one is added, the length is a multiple of 128, and
 	 * the result is still a valid query with the same question. */
 	n = mkquery(q, 1, "www.example.test", 1, 0, 0);
 	dns_check_query(q, n, &qi);
 	m = dns_pad_query(q, n, sizeof q, &qi, &how);
-	ok(m % DOTP_PAD_BLOCK == 0 && m > n && how == 2, "added OPT %zu", m);
+	ok(m % DOTP_PAD_BLOCK == 0 && m > n && how == PAD_ADDED_OPT, "added OPT %zu", m);
 	ok(dns_check_query(q, m, &qi) == QC_OK && qi.has_opt, "still valid");
 	ok(rd16(q + 10) == 1 && rd16(q + qi.opt + 11) == DNS_OPT_PADDING,
 	    "padding option");
 	/* Padded already: not again. */
 	k = dns_pad_query(q, m, sizeof q, &qi, &how);
-	ok(k == m && how == 0, "not padded twice");
+	ok(k == m && how == PAD_NONE, "not padded twice");
 	/* The client's OPT: padding appended, payload size kept. */
 	n = mkquery(q, 1, "www.example.test", 28, 1, 4096);
 	dns_check_query(q, n, &qi);
 	m = dns_pad_query(q, n, sizeof q, &qi, &how);
-	ok(m % DOTP_PAD_BLOCK == 0 && how == 1, "client OPT padded %zu", m);
+	ok(m % DOTP_PAD_BLOCK == 0 && how == PAD_OPTION, "client OPT padded %zu", m);
 	ok(dns_check_query(q, m, &qi) == QC_OK && qi.udp_size == 4096,
 	    "payload size kept");
 	/* Every length pads to the next block, never past the buffer. */
@@ -653,7 +655,7 @@ test_learn(void)
 	struct upstream *u = &G.up[0];
 	int	 saved = log_verbosity;
 
-	log_verbosity = LOG_ERR;	/* the info lines are for users */
+	log_verbosity = LVL_ERROR;	/* the info lines are for users */
 	memset(cs, 0, sizeof cs);
 	memset(u, 0, sizeof *u);
 	G.conn = cs;
@@ -765,6 +767,99 @@ test_acks(void)
 	G.nconn = 0;
 }
 
+/* One cell of a markdown table row: the text between the k-th and the
+ * next '|' (k from 1), into buf. Returns 0, or -1 if there is none. */
+static int
+md_cell(const char *row, int k, char *buf, size_t len)
+{
+	const char *p = row, *q;
+	size_t	 n;
+
+	while (k-- > 0)
+		if ((p = strchr(p, '|')) == NULL)
+			return -1;
+		else
+			p++;
+	if ((q = strchr(p, '|')) == NULL)
+		return -1;
+	n = (size_t)(q - p) < len - 1 ? (size_t)(q - p) : len - 1;
+	memcpy(buf, p, n);
+	buf[n] = '\0';
+	return 0;
+}
+
+/* The README's table of options says what opts[] says: every row an
+ * option and every option a row, with its short flag, its variable and
+ * its default (numbers, and every item of a list's default). */
+static void
+test_readme_options(void)
+{
+	FILE	*f = fopen(getenv("DOTP_README") ? getenv("DOTP_README") :
+	    "README.md", "r");
+	char	 line[2048], flags[512], env[256], def[1024], want[300];
+	char	 seen[NOPTS];
+	int	 rows = 0, k;
+
+	ok(f != NULL, "README.md readable (run from the repository root)");
+	if (f == NULL)
+		return;
+	memset(seen, 0, sizeof seen);
+	while (fgets(line, sizeof line, f) != NULL) {
+		const char *dd;
+		char	 name[64];
+		size_t	 n;
+
+		if (strncmp(line, "| `-", 4) != 0 ||
+		    md_cell(line, 1, flags, sizeof flags) < 0 ||
+		    md_cell(line, 2, env, sizeof env) < 0 ||
+		    md_cell(line, 3, def, sizeof def) < 0)
+			continue;
+		rows++;
+		if ((dd = strstr(flags, "`--")) == NULL) {
+			ok(0, "README row without a long option: %s", flags);
+			continue;
+		}
+		dd += 3;
+		n = strspn(dd, "abcdefghijklmnopqrstuvwxyz-");
+		snprintf(name, sizeof name, "%.*s", (int)n, dd);
+		for (k = 0; k < NOPTS && strcmp(opts[k].name, name); k++)
+			;
+		ok(k < NOPTS, "README option --%s is not in opts[]", name);
+		if (k == NOPTS)
+			continue;
+		seen[k]++;
+		if (opts[k].chr) {
+			snprintf(want, sizeof want, "`-%c`", opts[k].chr);
+			ok(strstr(flags, want) != NULL, "README: --%s shows %s",
+			    name, want);
+		}
+		ok(opts[k].env == NULL ? strstr(env, "DOTP_") == NULL :
+		    strstr(env, opts[k].env) != NULL,
+		    "README: --%s has variable %s", name,
+		    opts[k].env ? opts[k].env : "(none)");
+		if (opts[k].set == opt_num) {
+			snprintf(want, sizeof want, "`%ld`", opts[k].def);
+			ok(strstr(def, want) != NULL, "README: --%s default %s",
+			    name, want);
+		} else if (opts[k].dflt != NULL) {
+			char	 items[256], *it, *save = NULL;
+
+			snprintf(items, sizeof items, "%s", opts[k].dflt);
+			for (it = strtok_r(items, " ", &save); it != NULL;
+			    it = strtok_r(NULL, " ", &save)) {
+				snprintf(want, sizeof want, "`%s`", it);
+				ok(strstr(def, want) != NULL, "README: --%s "
+				    "default has %s", name, want);
+			}
+		}
+	}
+	fclose(f);
+	for (k = 0; k < NOPTS; k++)
+		ok(seen[k] == 1, "opts[] --%s has %d README rows, want 1",
+		    opts[k].name, seen[k]);
+	ok(rows == NOPTS, "README rows %d, options %d", rows, NOPTS);
+}
+
 int
 main(void)
 {
@@ -782,6 +877,7 @@ main(void)
 	test_padding();
 	test_cidr();
 	test_acks();
+	test_readme_options();
 	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
 	return t_fail != 0;
 }

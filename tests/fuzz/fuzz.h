@@ -60,7 +60,7 @@ static size_t
 fz_walk(const unsigned char *m, size_t len, unsigned *nopt, size_t *opt)
 {
 	size_t	 pos = DNS_HEADER_LEN, o;
-	unsigned n;
+	unsigned n, type;
 
 	*nopt = 0;
 	*opt = 0;
@@ -69,11 +69,11 @@ fz_walk(const unsigned char *m, size_t len, unsigned *nopt, size_t *opt)
 	n = (unsigned)rd16(m + DNS_OFF_ANCOUNT) + rd16(m + DNS_OFF_NSCOUNT) +
 	    rd16(m + DNS_OFF_ARCOUNT);
 	while (n-- > 0) {
-		o = 0;
-		pos = dns_skip_rr(m, len, pos, &o);
+		o = pos;
+		pos = dns_skip_rr(m, len, pos, &type);
 		if (pos == 0)
 			return 0;
-		if (o) {
+		if (type == DNS_TYPE_OPT) {
 			(*nopt)++;
 			*opt = o;
 		}

@@ -3,7 +3,7 @@
  * L, then L bytes of query (cut to what there is), then the answer.
  * A query that dns_check_query() refuses is replaced by a fixed valid
  * one, so that every input still exercises the answer side:
- * dns_check_answer(), dns_find_opt(), dns_strip_opt() and
+ * dns_check_answer(), dns_walk_records(), dns_strip_opt() and
  * dns_strip_padding() (on any input), and for an answer that matches,
  * what q_deliver() does: strip what dotp added to the query (nothing,
  * the padding, or the OPT), then dns_truncate() at 512, 1232, 4096 and
@@ -155,8 +155,12 @@ check_truncate(const unsigned char *a, size_t alen, int keep_opt,
 	/* The answer's OPT is kept when asked (it always fits 512). */
 	aqend = qd ? dns_skip_name(a, alen, DNS_HEADER_LEN) + 4 :
 	    DNS_HEADER_LEN;
-	if (keep_opt && qd && dns_find_opt(a, alen, aqend))
-		CHECK(ar == 1);
+	if (keep_opt && qd) {
+		struct dns_rrs r;
+
+		if (dns_walk_records(a, alen, aqend, &r) && r.opt)
+			CHECK(ar == 1);
+	}
 	/* The client still gets an answer to its question. */
 	CHECK(dns_check_answer(out, n, q, qi->qend) == 1);
 	free(out);
@@ -222,10 +226,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			aqend = t && alen - t >= 4 ? t + 4 : 0;
 		}
 		if (aqend) {
-			opt = dns_find_opt(a, alen, aqend);
+			struct dns_rrs r;
+
+			opt = dns_walk_records(a, alen, aqend, &r) ? r.opt : 0;
 			end = fz_walk(a, alen, &nopt, &lastopt);
-			CHECK(opt == (end ? lastopt : 0));
-			CHECK(opt == 0 || (opt >= aqend && opt + 11 <= alen));
+			CHECK((r.end != 0) == (end != 0));
+			CHECK(end == 0 || r.nopt == nopt);
+			/* The root's OPT in the additional section, if any. */
+			CHECK(opt == 0 || (opt >= aqend && opt + 11 <= alen &&
+			    a[opt] == 0 && rd16(a + opt + 1) == DNS_TYPE_OPT));
+			CHECK(opt == 0 || opt == lastopt || r.nopt > 1);
 		}
 	}
 

@@ -78,7 +78,8 @@ check_pad(const unsigned char *m, size_t len, const struct qinfo *qi,
 	unsigned char *buf = fz_alloc(cap), *again;
 	size_t	 n, n2, base, opt, h, pad, i, optend = 0;
 	unsigned nopt;
-	int	 added = -1, added2 = -1, paddable;
+	enum pad_how added = PAD_NONE, added2 = PAD_NONE;
+	int	 paddable;
 	struct qinfo q2;
 
 	memcpy(buf, m, len);
@@ -95,7 +96,7 @@ check_pad(const unsigned char *m, size_t len, const struct qinfo *qi,
 	}
 	if (n == len) {
 		/* Unchanged: not paddable, or no room for it. */
-		CHECK(added == 0);
+		CHECK(added == PAD_NONE);
 		CHECK(memcmp(buf, m, len) == 0);
 		CHECK(!paddable || cap < DOTP_QUERY_MAX + DOTP_PAD_ROOM);
 		free(buf);
@@ -104,8 +105,7 @@ check_pad(const unsigned char *m, size_t len, const struct qinfo *qi,
 	/* Padded: it had to be paddable (well-formed OPT options too). */
 	CHECK(paddable);
 	CHECK(n % DOTP_PAD_BLOCK == 0);
-	/* 1: the client's OPT was padded, 2: dotp added one. */
-	CHECK(added == (qi->has_opt ? 1 : 2));
+	CHECK(added == (qi->has_opt ? PAD_OPTION : PAD_ADDED_OPT));
 	/* Header (ARCOUNT + added), question and the records before the
 	 * OPT are as they were. */
 	CHECK(memcmp(buf, m, DNS_OFF_ARCOUNT) == 0);
@@ -147,6 +147,7 @@ check_pad(const unsigned char *m, size_t len, const struct qinfo *qi,
 	q2.end = n;
 	q2.has_opt = 1;
 	q2.opt = opt;
+	q2.opt_end = n;
 	q2.udp_size = rd16(buf + opt + 3);
 	if (n <= DOTP_QUERY_MAX) {
 		CHECK(dns_check_query(buf, n, &q2) == QC_OK);
