@@ -2,8 +2,9 @@
 #
 #   make            ./dotp: static, stripped, musl + BearSSL, Mozilla roots
 #   make run        run it on 127.0.0.1:5353 and [::1]:5353 (no root needed)
-#   make test       unit tests, fuzz corpus replay and integration tests
-#                   (installs what it needs with apt-get when run as root)
+#   make check      unit and engine tests: seconds, no root, no network
+#   make test       everything: check, integration (also under ASan), fuzz,
+#                   image, newcomer (installs what it needs with apt-get)
 #   make image      the FROM scratch container image (buildah or docker)
 #   make fuzz       libFuzzer harnesses, FUZZ_TIME seconds each
 #   make bench      dotp against stubby, unbound, kresd and dnsdist (about 12 min;
@@ -95,6 +96,20 @@ $(BUILD)/unit: tests/unit.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \
 	  -o $@ tests/unit.c $(BR)/libbearssl.a
 
+# The upstream engine's state machine against an in-process BearSSL
+# server over unix sockets (tests/engine.c, certificates in tests/engine).
+$(BUILD)/engine: tests/engine.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \
+	  -o $@ tests/engine.c $(BR)/libbearssl.a
+
+# Seconds, no root, no network, no apt: the unit tests and the engine
+# test. No leak report: the tests exit without freeing what they set up.
+check: dotp $(BUILD)/unit $(BUILD)/engine
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ASAN_OPTIONS=detect_leaks=0 ./$(BUILD)/unit
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ASAN_OPTIONS=detect_leaks=0 ./$(BUILD)/engine
+
 # dotp built with ASan + UBSan, for the integration suite.
 $(BUILD)/dotp-san: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) $(SAN) -I$(BR)/inc -I$(BUILD) -o $@ dotp.c \
@@ -104,7 +119,7 @@ $(BUILD)/dotp-san: dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 test-deps:
 	sh bearssl/deps.sh $(BUILD_PKGS) $(TEST_PKGS)
 
-test: test-deps dotp $(BUILD)/unit $(BUILD)/dotp-san
+test: test-deps dotp $(BUILD)/unit $(BUILD)/engine $(BUILD)/dotp-san
 	sh tests/run-all.sh
 
 image: dotp
@@ -136,10 +151,11 @@ bench-publish:
 
 clean:
 	rm -f dotp
-	rm -rf $(BUILD)/unit $(BUILD)/dotp-san $(BUILD)/ta.h $(BUILD)/fuzz
+	rm -rf $(BUILD)/unit $(BUILD)/engine $(BUILD)/dotp-san $(BUILD)/ta.h \
+	  $(BUILD)/fuzz
 
 distclean:
 	rm -rf dotp $(BUILD)
 
-.PHONY: all run test test-deps image fuzz bench bench-deps bench-publish \
-	clean distclean
+.PHONY: all run test test-deps check image fuzz bench bench-deps \
+	bench-publish clean distclean

@@ -2645,9 +2645,11 @@ up_down(struct upstream *u, int64_t now, const char *why, const char *fields)
 	u->retry_at = now + u->backoff_ms;
 	u->failed_at = now;
 	u->ctr[UCTR_FAILURES]++;
-	log_msg(was_down ? LVL_DEBUG : LVL_ERROR, "upstream down: %s; queries "
-	    "go to other upstreams until it answers again\tupstream=%s "
-	    "name=%s %s%sretry_in_ms=%d", why, u->label, u->name, fields,
+	log_msg(was_down ? LVL_DEBUG : LVL_ERROR, "upstream down: %s; %s\t"
+	    "upstream=%s name=%s %s%sretry_in_ms=%d", why, up_other_healthy(
+	    (int)(u - G.up)) ? "queries go to other upstreams until it "
+	    "answers again" : "no other upstream is healthy: queries wait "
+	    "for it, or get SERVFAIL", u->label, u->name, fields,
 	    *fields ? " " : "", u->backoff_ms);
 	u->down = 1;
 }
@@ -2909,12 +2911,13 @@ conn_timers(struct conn *c, int64_t now)
 		struct query *q = &G.q[i];
 
 		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->tried, 0) : -1;
-		q_unlink(i);
-		if (ui < 0) {
+		if (ui < 0) {	/* nowhere else: it waits on, still owed */
+			qlist_remove(&c->fl, i);
 			q->state = Q_LATE;
 			qlist_push(&c->late, i);
 			continue;
 		}
+		q_unlink(i);
 		log_msg(LVL_DEBUG, "upstream slow, query also sent to %s\t"
 		    CONN_FMT, G.up[ui].label, CONN_ARGS(c));
 		q->pconn = q->conn;
