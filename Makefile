@@ -57,8 +57,16 @@ all: dotp
 $(BR)/libbearssl.a: bearssl/build.sh bearssl/deps.sh
 	sh bearssl/build.sh $(BR) $(BEARSSL_SRC)
 
-$(BUILD)/ta.h: ca-bundle/mozilla-roots.pem ca-bundle/mkta.sh $(BR)/libbearssl.a
+# The roots as brssl ta writes them (a table of pointers), then packed
+# into a blob and an index without pointers (ca-bundle/tapack.c): in a
+# static PIE every pointer costs a relocation, 10 KB of the binary.
+$(BUILD)/ta-raw.h: ca-bundle/mozilla-roots.pem ca-bundle/mkta.sh $(BR)/libbearssl.a
 	sh ca-bundle/mkta.sh $(BR)/brssl ca-bundle/mozilla-roots.pem $@
+
+$(BUILD)/ta.h: $(BUILD)/ta-raw.h ca-bundle/tapack.c
+	$(HOSTCC) -I$(BR)/inc -include $(BUILD)/ta-raw.h -o $(BUILD)/tapack \
+	  ca-bundle/tapack.c
+	./$(BUILD)/tapack > $@.tmp && mv $@.tmp $@
 
 # Debian's musl-gcc links dynamically even when asked for -static-pie
 # (its specs always name a dynamic linker), and such a binary cannot run
@@ -152,6 +160,7 @@ bench-publish:
 clean:
 	rm -f dotp
 	rm -rf $(BUILD)/unit $(BUILD)/engine $(BUILD)/dotp-san $(BUILD)/ta.h \
+	  $(BUILD)/ta-raw.h $(BUILD)/tapack \
 	  $(BUILD)/fuzz
 
 distclean:

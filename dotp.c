@@ -11,8 +11,13 @@
  *
  *   client (UDP datagram or TCP frame)
  *     -> dns_check_query()            validate once, at the boundary
- *     -> client_query()               copy into a query slot, draw a
- *                                     random upstream ID, start deadline
+ *     -> client_cached()              a fresh answer in the cache is
+ *                                     replayed (cache_hit); a query
+ *                                     whose key is already upstream
+ *                                     waits for it (coalesced)
+ *     -> q_start(), q_lead()          copy into a query slot, draw a
+ *                                     random upstream ID, start deadline,
+ *                                     leave a pending marker in the cache
  *     -> up_pick(), up_enqueue()      the upstream's tx list (policy:
  *                                     first healthy, or round-robin)
  *     -> conn_inject() (SENDAPP)      queued frames go to a ready
@@ -23,8 +28,10 @@
  *     -> conn_take_answers() (RECVAPP) frames reassembled, q_find(ID)
  *     -> conn_answer()                sent on this connection, same
  *                                     question (dns_check_answer)
- *     -> q_deliver()                  client ID restored, truncated for
- *                                     UDP if needed, sent; slot freed
+ *     -> q_deliver()                  kept in the cache; to the client
+ *                                     and its followers, each with its
+ *                                     ID and question case, truncated
+ *                                     for UDP if needed; slots freed
  *
  * OBJECTS AND OWNERSHIP
  *
@@ -42,6 +49,9 @@
  *   struct tcpclient one per accepted TCP client; owns its socket, its
  *                    input assembler and a bounded output buffer.
  *   struct listener  one per -l; a UDP socket and a TCP listening socket.
+ *   struct cache     the answer cache: one block of --cache-size bytes,
+ *                    an index and a ring of entries (answers, and
+ *                    pending markers naming the query that is upstream).
  *
  * INVARIANTS
  *
@@ -67,30 +77,32 @@
  * SECTIONS (each opens with what it owns, calls and is called by;
  * each uses only the ones above it)
  *
- *    1 Includes and tunables      8 Upstreams: health, RTT, picking,
+ *    1 Includes and tunables      9 Upstreams: health, RTT, picking,
  *    2 Types and the global state   learned limits
- *    3 Utilities                  9 What happens to a query (the table)
- *    4 DNS wire format           10 Upstream connections
- *    5 Client output             11 Client input
- *    6 Query table               12 Event loop
- *    7 TLS                       13 Options
- *                                14 Setup, shutdown and main
+ *    3 Utilities                 10 What happens to a query (the table)
+ *    4 DNS wire format           11 Upstream connections
+ *    5 Client output             12 Client input
+ *    6 Answer cache              13 Event loop
+ *    7 Query table               14 Options
+ *    8 TLS                       15 Setup, shutdown and main
  *
  * WHERE TO CHANGE WHAT
  *
  *   a new option          a field in struct config and a row of opts[]
- *                         (13); the README's table (a test compares)
+ *                         (14); the README's table (a test compares)
  *   a new counter         a row of DOTP_STATS or DOTP_UP_STATS (2), and
  *                         G.ctr[CTR_X]++ where it happens; the exit line
  *                         and later the metrics follow the table
  *   a new descriptor      a value of enum fd_kind (2), a _pollset and a
- *     kind                _service function, a row of fd_kinds[] (12)
- *   a new rule for a      the table of section 9 and the function there
+ *     kind                _service function, a row of fd_kinds[] (13)
+ *   a new rule for a      the table of section 10 and the function there
  *     query (re-send,     that applies it (q_retry, conn_end,
  *     hedge, SERVFAIL)    conn_timers, up_tx_timer)
- *   a connection timer    conn_due (10): polling and acting both use it
+ *   a connection timer    conn_due (11): polling and acting both use it
  *   a limit               a named constant with its reason (1)
  *   a DNS wire rule       section 4; the fuzz harnesses (tests/fuzz)
+ *   what is cached, for   cache_lifetime (6); the key: cache_key (6);
+ *     how long            replay: cache_replay (6)
  *
  * BUILD AND TEST: `make` (static musl + BearSSL), `make check` (unit
  * and engine tests, seconds), `make test` (everything).
@@ -106,6 +118,7 @@
 #define _GNU_SOURCE	/* accept4, SOCK_NONBLOCK, getrandom, MSG_NOSIGNAL */
 
 #include <sys/types.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -276,6 +289,37 @@
 #define DOTP_CA_FILE_MAX	(4 * 1024 * 1024)
 #define DOTP_MAX_ANCHORS	1024
 
+/* Answer cache (--cache-size): 4 MiB by default, unbound's msg-cache
+ * size; a sidecar's working set (its own services, a database, some
+ * telemetry endpoints) is a few hundred names, and 4 MiB holds about
+ * ten thousand typical answers. The block is mapped at start and costs
+ * no RSS until answers fill it. */
+#define DOTP_CACHE_SIZE		(4 * 1024 * 1024)
+#define DOTP_CACHE_SIZE_MIN	(64 * 1024)
+#define DOTP_CACHE_SIZE_MAX	(1024 * 1024 * 1024)
+/* One index bucket per this many bytes of budget: an answer takes 100
+ * to 500 bytes, so chains stay one or two entries long. */
+#define DOTP_CACHE_BUCKET_BYTES	256
+/* Larger answers are not kept (a DNSKEY set or a big TXT fits). */
+#define DOTP_CACHE_ANSWER_MAX	8192
+/* Lifetimes in seconds: --cache-max-ttl (a day, as unbound), the cap
+ * of NXDOMAIN and NODATA (--cache-neg-ttl: an hour, RFC 2308 5's "one
+ * to three hours" at its low end), and the hold of an upstream's
+ * SERVFAIL or REFUSED (RFC 9520 3.2: at least 1 s; longer would keep a
+ * transient failure in front of clients). */
+#define DOTP_CACHE_MAX_TTL	86400
+#define DOTP_CACHE_NEG_TTL	3600
+#define DOTP_CACHE_FAIL_HOLD_S	1
+/* Prefetch: a hit in the last tenth of an entry's lifetime, when that is
+ * at least this long, refreshes it once in the background. */
+#define DOTP_PREFETCH_MIN_TTL	5
+/* Serve-stale (RFC 8767): the client-response timer, and the TTL of a
+ * stale answer (its section 4 suggests 30 s). */
+#define DOTP_STALE_WAIT_MS	1800
+#define DOTP_STALE_TTL		30
+/* Evictions are logged (-v) at most this often. */
+#define DOTP_EVICT_LOG_MS	10000
+
 /* DNS wire format. */
 #define DNS_HEADER_LEN		12
 #define DNS_OFF_ID		0
@@ -288,11 +332,14 @@
 #define DNS_FLAG_TC		0x0200
 #define DNS_FLAG_RD		0x0100
 #define DNS_FLAG_RA		0x0080
+#define DNS_FLAG_CD		0x0010
 #define DNS_OPCODE(f)		(((f) >> 11) & 0xf)
 #define DNS_RCODE_FORMERR	1
 #define DNS_RCODE_SERVFAIL	2
 #define DNS_RCODE_NOTIMP	4
 #define DNS_TYPE_OPT		41
+#define DNS_TYPE_SOA		6
+#define DNS_RCODE_NXDOMAIN	3
 #define DNS_NAME_MAX		255
 #define DNS_RCODE_REFUSED	5
 #define DNS_OPT_PADDING		12	/* EDNS(0) option code, RFC 7830 */
@@ -300,16 +347,22 @@
  * then RDATA. */
 #define DNS_RR_TYPE		0
 #define DNS_RR_CLASS		2
+#define DNS_RR_TTL		4
 #define DNS_RR_RDLEN		8
 #define DNS_RR_FIXED		10
 /* An OPT record (RFC 6891) is owned by the root, a 1-byte name; its
  * CLASS is the UDP payload size; its RDATA, options, starts at 11. */
 #define DNS_OPT_UDPSIZE		(1 + DNS_RR_CLASS)
 #define DNS_OPT_RDLEN		(1 + DNS_RR_RDLEN)
+/* Its TTL is the extended RCODE, the version and 16 bits of flags, of
+ * which the first is DO (RFC 3225). */
+#define DNS_OPT_FLAGS		(1 + DNS_RR_TTL + 2)
+#define DNS_OPT_FLAG_DO		0x80
 #define DNS_OPT_HEADER		(1 + DNS_RR_FIXED)
 /* An EDNS option: CODE, LENGTH, then its data. */
 #define DNS_OPTION_LEN		2
 #define DNS_OPTION_HEADER	4
+#define DNS_OPT_ECS		8	/* EDNS Client Subnet, RFC 7871 */
 #define DNS_UDP_MIN		512	/* RFC 1035 limit without EDNS(0) */
 #define DNS_EDNS_UDP_MAX	1232	/* DNS Flag Day 2020: no fragments */
 /* --udp-size range: 4096 is the largest size resolvers commonly offer. */
@@ -337,7 +390,7 @@ enum log_level { LVL_ERROR, LVL_WARN, LVL_INFO, LVL_DEBUG };
  * The kinds of descriptor in the poll set. Each has a _pollset function,
  * which appends its objects' descriptors (loop_add) and lowers the
  * deadline, and a _service function, called after poll() with an
- * object's index: their table is fd_kinds[] (section 12). Enum order is
+ * object's index: their table is fd_kinds[] (section 13). Enum order is
  * service order: upstream answers free query slots before clients bring
  * new queries, and listeners come last.
  */
@@ -376,7 +429,7 @@ enum pad_how { PAD_NONE, PAD_OPTION, PAD_ADDED_OPT };
  * TCP: an index into G.tcp and the generation of that slot; a client
  * that went away (generation moved on) silently loses its answers.
  */
-enum client_kind { CK_UDP, CK_TCP };
+enum client_kind { CK_UDP, CK_TCP, CK_NONE };	/* NONE: a refresh */
 struct client {
 	uint8_t	 kind;		/* enum client_kind */
 	uint16_t idx;		/* listener index (UDP) or tcp slot (TCP) */
@@ -396,18 +449,38 @@ struct client {
 	} dst;
 };
 
+/* A doubly linked list of query slots, by index; -1 ends it. A slot has
+ * one pair of links for each kind of list it can be on at once. */
+struct qlist {
+	int	 head, tail;
+	unsigned n;
+};
+#define QLIST_ZERO	{ -1, -1, 0 }
+enum qlink_kind {
+	QL_MAIN,	/* tx, fl, late, fol; or the free list (next) */
+	QL_AGE,		/* the age list: every live slot, deadline order */
+	QL_STALE,	/* the stale list: slots with q->stale, same order */
+	QL_N
+};
+struct qlink {
+	int	 prev, next;
+};
+
 /*
  * struct query: one client question waiting for its answer.
  * Owns: a copy of the client's query, whose ID bytes hold the upstream
  * ID while the slot lives (the client's ID is kept in client_id).
  * Invariants: a live slot is on the age list and, by state, on exactly
  * one list: Q_QUEUED on its upstream's tx, Q_SENT on its connection's fl,
- * Q_LATE on its connection's late list (Q_LOOSE only inside a function
- * that is moving it). Its up_id is in the ID table. An answer is taken
+ * Q_LATE on its connection's late list, Q_FOLLOW on the fol list of the
+ * query with the same cache key that went upstream (its leader, whose
+ * pending marker in the cache names it; Q_LOOSE only inside a function
+ * that is moving it). A leader's followers are answered, or fail, with
+ * it; their deadlines are later than its. Its up_id is in the ID table. An answer is taken
  * from (conn, gen) of the current send or from (pconn, pgen), an earlier
  * send that was hedged to another upstream and may still answer first.
  */
-enum qstate { Q_FREE, Q_LOOSE, Q_QUEUED, Q_SENT, Q_LATE };
+enum qstate { Q_FREE, Q_LOOSE, Q_QUEUED, Q_SENT, Q_LATE, Q_FOLLOW };
 struct query {
 	uint8_t	 state;		/* enum qstate */
 	uint8_t	 tries;		/* times injected into a TLS session */
@@ -424,21 +497,19 @@ struct query {
 	uint32_t gen;		/* its generation */
 	int	 pconn;		/* connection of a hedged earlier send, or -1 */
 	uint32_t pgen;		/* its generation */
-	int	 prev, next;	/* tx, fl or late list; free list */
-	int	 aprev, anext;	/* age list (deadline order) */
+	struct qlink lk[QL_N];	/* its links (enum qlink_kind) */
 	int64_t	 sent_at;	/* when the current send was injected */
 	int64_t	 deadline;	/* SERVFAIL at this time */
 	struct client cl;
 	uint8_t	 padded;	/* enum pad_how: undone in the answer */
+	uint8_t	 ck;		/* its cache key's flag byte | CK_ON; 0:
+				   it bypasses the cache */
+	uint8_t	 lead;		/* it has a pending marker in the cache */
+	uint8_t	 stale;		/* a stale answer may be served for it */
+	int	 leader;	/* Q_FOLLOW: the query it waits for */
+	struct qlist fol;	/* its followers (their QL_MAIN links) */
 	unsigned char qbuf[DOTP_QUERY_MAX + DOTP_PAD_ROOM];
 };
-
-/* A doubly linked list of query slots, by index; -1 ends it. */
-struct qlist {
-	int	 head, tail;
-	unsigned n;
-};
-#define QLIST_ZERO	{ -1, -1, 0 }
 
 /*
  * struct conn: one TCP + TLS connection to an upstream.
@@ -532,7 +603,23 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 	X(CTR_TCP_REFUSED, "tcp_refused", STAT_COUNTER, \
 	    "TCP clients closed at accept: over --max-tcp or outside --allow") \
 	X(CTR_UDP_SEND_FAILED, "udp_send_failed", STAT_COUNTER, \
-	    "UDP answers the kernel did not send (socket buffer full)")
+	    "UDP answers the kernel did not send (socket buffer full)") \
+	X(CTR_CACHE_HITS, "cache_hits", STAT_COUNTER, \
+	    "queries answered from the cache") \
+	X(CTR_CACHE_MISSES, "cache_misses", STAT_COUNTER, \
+	    "cacheable queries without a fresh answer in the cache") \
+	X(CTR_CACHE_COALESCED, "cache_coalesced", STAT_COUNTER, \
+	    "queries that waited for the same query already upstream") \
+	X(CTR_CACHE_PREFETCHES, "cache_prefetches", STAT_COUNTER, \
+	    "background refreshes of popular answers about to expire") \
+	X(CTR_CACHE_STALE, "cache_stale", STAT_COUNTER, \
+	    "stale answers served (--serve-stale)") \
+	X(CTR_CACHE_EVICTIONS, "cache_evictions", STAT_COUNTER, \
+	    "unexpired answers dropped to make room") \
+	X(CTR_CACHE_ENTRIES, "cache_entries", STAT_GAUGE, \
+	    "answers in the cache") \
+	X(CTR_CACHE_BYTES, "cache_bytes", STAT_GAUGE, \
+	    "bytes the cache's answers take")
 
 /* X(ID, name, kind, help): one upstream. */
 #define DOTP_UP_STATS(X) \
@@ -656,8 +743,30 @@ struct config {
 	int	 udp_size, tcp_idle_ms, max_tcp, udp_rcvbuf;
 	int	 no_pad;	/* --no-pad: do not pad queries (RFC 8467) */
 	int	 verbose, quiet;	/* -v, -q: make verbosity */
+	int	 no_cache, cache_size, cache_min_ttl, cache_max_ttl;
+	int	 cache_neg_ttl, serve_stale;
 	struct cidr allow[DOTP_MAX_ALLOW];
 	int	 nallow;
+};
+
+/*
+ * struct cache: the answer cache (section 6). One mapped block: bucket
+ * heads (offset + 1 of the newest entry of each chain; 0: none), then
+ * the ring. Invariants: live entries sit in [head, tail) when not
+ * wrapped, else in [head, wrap_at) and [0, tail); every live entry is
+ * on the chain of its hash; used counts the ring bytes between head and
+ * tail, dead entries included.
+ */
+struct cache {
+	uint32_t *bucket;
+	uint32_t mask;		/* buckets - 1 */
+	uint32_t seed;		/* hash basis, from getrandom() */
+	unsigned char *ring;	/* NULL: --no-cache */
+	uint32_t cap, head, tail, wrap_at, used;
+	int	 wrapped;
+	unsigned long entries, bytes;	/* live answers, their bytes */
+	unsigned long evict_logged;	/* evictions at the last -v line */
+	int64_t	 evict_log_at;
 };
 
 /* The whole process state (kilo's E). */
@@ -705,6 +814,8 @@ struct dotp {
 	int	 accept_burst;	/* EMFILE on accept() logged, until one works */
 	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
 	unsigned long ctr[CTR_N];	/* the counters of stat_defs */
+	struct cache cache;
+	struct qlist stale;	/* queries with q->stale, arrival order */
 	int64_t	 malformed_logged;	/* last "malformed input" line */
 	int64_t	 tcp_scan_at;	/* next look for idle TCP clients to close */
 	int64_t	 sweep_at;	/* next poll() of dormant TCP clients */
@@ -746,7 +857,7 @@ static void
 log_v(enum log_level lvl, int err, const char *fmt, va_list ap)
 {
 	static const char *names[] = { "error", "warn", "info", "debug" };
-	char	 text[512], line[640], *tab;
+	char	 text[768], line[896], *tab;
 	size_t	 at = 0;
 	int	 saved = errno;
 
@@ -935,6 +1046,20 @@ up_stat(const struct upstream *u, int k)
 		return (unsigned long)u->idle_ms;
 	default:
 		return u->ctr[k];
+	}
+}
+
+/* The value of process stat k: its counter, or a gauge's level. */
+static unsigned long
+stat_value(int k)
+{
+	switch (k) {
+	case CTR_CACHE_ENTRIES:
+		return G.cache.entries;
+	case CTR_CACHE_BYTES:
+		return G.cache.bytes;
+	default:
+		return G.ctr[k];
 	}
 }
 
@@ -1770,6 +1895,8 @@ tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
 static void
 client_send(const struct client *cl, const unsigned char *msg, size_t len)
 {
+	if (cl->kind == CK_NONE)
+		return;		/* a refresh: nobody waits */
 	if (cl->kind == CK_UDP) {
 		udp_queue(cl, msg, len);
 		return;
@@ -1778,7 +1905,556 @@ client_send(const struct client *cl, const unsigned char *msg, size_t len)
 		tcp_send(&G.tcp[cl->idx], msg, len);
 }
 
-/* ==== 6. Query table ==== */
+/*
+ * Sends answer msg (dotp's own copy: it is patched) to client cl, who
+ * asked query m (question ending at qend) with ID id: its ID and the
+ * exact case of its question name (clients that randomise case check
+ * it), then, over UDP, truncated to its limit (keep_opt: it sent OPT).
+ */
+static void
+client_answer(const struct client *cl, const unsigned char *m, size_t qend,
+    uint16_t id, uint16_t limit, int keep_opt, unsigned char *msg,
+    size_t len)
+{
+	unsigned char small[DOTP_UDP_SIZE_MAX];
+	size_t	 n;
+
+	wr16(msg + DNS_OFF_ID, id);
+	if (rd16(msg + DNS_OFF_QDCOUNT) == 1)	/* checked: same length */
+		memcpy(msg + DNS_HEADER_LEN, m + DNS_HEADER_LEN,
+		    qend - DNS_HEADER_LEN);
+	if (cl->kind != CK_UDP || len <= limit) {
+		client_send(cl, msg, len);
+		return;
+	}
+	n = dns_truncate(msg, len, keep_opt, small,
+	    limit < sizeof small ? limit : sizeof small);
+	client_send(cl, small, n);
+}
+
+/* ==== 6. Answer cache ==== */
+
+/*
+ * Answers kept for replay, in one block of --cache-size bytes mapped at
+ * start (pages are touched only when used): a bucket index, then a ring
+ * of entries, each a header, its key and the upstream's answer. New
+ * entries go at the tail; room is made at the head, the oldest. An
+ * entry hit since it was written gets one second chance there: it is
+ * copied to the tail instead of dropped (CLOCK over a ring: a scan of
+ * unique names cannot push out what clients keep asking for, with no
+ * per-entry list to maintain and no fragmentation). Lookup is a bucket
+ * and a short chain: O(1).
+ * The key is the question (name without case, type, class) and the bits
+ * of the query that change an answer: RD, CD, DO, EDNS or not.
+ * Besides answers the ring holds pending markers: a key on its way
+ * upstream, and the query slot that carries it (coalescing).
+ * Owns G.cache. Calls DNS wire. Called by the query table (insert,
+ * pending) and client input (lookup, replay).
+ */
+
+/* The key of a query: lowercased question, then the flag byte. */
+struct ckey {
+	size_t	 len;
+	uint32_t hash;
+	unsigned char b[DNS_NAME_MAX + 4 + 1];
+};
+
+/* Flag-byte bits of a key; CK_ON marks a query that uses the cache. */
+#define CK_ON		0x80
+#define CK_RD		0x01
+#define CK_CD		0x02
+#define CK_DO		0x04
+#define CK_EDNS		0x08
+
+/* struct centry flags. */
+#define CE_LIVE		0x01	/* on its bucket's chain */
+#define CE_REF		0x02	/* hit since it was written */
+#define CE_PREFETCHED	0x04	/* a refresh was started */
+
+/*
+ * One entry in the ring, followed by its key and its answer (alen 0: a
+ * pending marker). Sizes are multiples of 8, so headers stay aligned.
+ * A dead entry (not CE_LIVE) only waits for the head to pass it.
+ */
+struct centry {
+	uint32_t next;		/* next on the chain: offset + 1; 0 ends it */
+	uint32_t hash;
+	uint32_t size;		/* bytes in the ring, header included */
+	uint32_t ttl;		/* seconds it is fresh */
+	int64_t	 stored;	/* when it was written (ms) */
+	int32_t	 lead;		/* pending marker: the query slot upstream */
+	uint16_t alen;		/* answer bytes; 0: a pending marker */
+	uint8_t	 klen;
+	uint8_t	 flags;		/* CE_* */
+};
+
+/* Rounds n up to a multiple of 8. */
+static size_t
+align8(size_t n)
+{
+	return (n + 7) & ~(size_t)7;
+}
+
+static uint32_t
+rd32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	    (uint32_t)p[2] << 8 | p[3];
+}
+
+static void
+wr32(unsigned char *p, uint32_t v)
+{
+	wr16(p, (uint16_t)(v >> 16));
+	wr16(p + 2, (uint16_t)v);
+}
+
+static struct centry *
+ce_at(uint32_t off)
+{
+	return (struct centry *)(void *)(G.cache.ring + off);
+}
+
+static unsigned char *
+ce_key(struct centry *e)
+{
+	return (unsigned char *)(e + 1);
+}
+
+static unsigned char *
+ce_answer(struct centry *e)
+{
+	return ce_key(e) + e->klen;
+}
+
+/* Maps the cache: buckets (one per DOTP_CACHE_BUCKET_BYTES of budget)
+ * and the ring. Returns 0, or -1 (errno) when the system refuses. */
+static int
+cache_init(size_t budget)
+{
+	struct cache *c = &G.cache;
+	size_t	 nb = 1, idx;
+	void	*p;
+
+	while (nb * 2 * DOTP_CACHE_BUCKET_BYTES <= budget)
+		nb *= 2;
+	idx = align8(nb * sizeof *c->bucket);
+	p = mmap(NULL, budget, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return -1;
+	c->bucket = p;
+	c->mask = (uint32_t)nb - 1;
+	c->ring = (unsigned char *)p + idx;
+	c->cap = budget - idx;
+	c->wrap_at = c->cap;
+	if (fill_random(&c->seed, sizeof c->seed) < 0)
+		return -1;
+	return 0;
+}
+
+/* The key of a query m whose question ends at qend, with flag byte f:
+ * the question with the name lowercased, then f. */
+static void
+cache_key_of(const unsigned char *m, size_t qend, unsigned f,
+    struct ckey *k)
+{
+	uint32_t h = G.cache.seed;
+	size_t	 i;
+
+	k->len = qend - DNS_HEADER_LEN + 1;
+	for (i = 0; i + 1 < k->len; i++)
+		k->b[i] = (unsigned char)dns_lower(m[DNS_HEADER_LEN + i]);
+	k->b[i] = (unsigned char)f;
+	/* FNV-1a from a random basis, then a finalizer (murmur3's): the
+	 * chains cannot be aimed at without the seed. */
+	for (i = 0; i < k->len; i++)
+		h = (h ^ k->b[i]) * 16777619u;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	k->hash = h;
+}
+
+/*
+ * The key of query m (checked; question ending at qend; its OPT from
+ * opt to optend, opt 0: none). Returns its flag byte | CK_ON, or -1 when
+ * the query must bypass the cache: it carries an EDNS Client Subnet
+ * option (its answer is for that subnet only).
+ */
+static int
+cache_key(const unsigned char *m, size_t qend, size_t opt, size_t optend,
+    struct ckey *k)
+{
+	uint16_t flags = rd16(m + DNS_OFF_FLAGS);
+	size_t	 p, olen;
+	unsigned f = CK_ON;
+
+	if (flags & DNS_FLAG_RD)
+		f |= CK_RD;
+	if (flags & DNS_FLAG_CD)
+		f |= CK_CD;
+	if (opt != 0) {
+		f |= CK_EDNS;
+		if (m[opt + DNS_OPT_FLAGS] & DNS_OPT_FLAG_DO)
+			f |= CK_DO;
+		for (p = opt + DNS_OPT_HEADER; p + DNS_OPTION_HEADER <= optend;
+		    p += DNS_OPTION_HEADER + olen) {
+			olen = rd16(m + p + DNS_OPTION_LEN);
+			if (rd16(m + p) == DNS_OPT_ECS)
+				return -1;
+		}
+	}
+	cache_key_of(m, qend, f, k);
+	return f;
+}
+
+/* Takes entry e off its bucket's chain: it is dead. */
+static void
+cache_unlink(struct centry *e)
+{
+	struct cache *c = &G.cache;
+	uint32_t *pp = &c->bucket[e->hash & c->mask];
+	uint32_t off = (uint32_t)((unsigned char *)e - c->ring);
+
+	while (*pp != 0 && *pp != off + 1)
+		pp = &ce_at(*pp - 1)->next;
+	if (*pp != 0)
+		*pp = e->next;
+	e->flags &= (uint8_t)~CE_LIVE;
+	if (e->alen > 0) {
+		c->entries--;
+		c->bytes -= e->size;
+	}
+}
+
+/* Puts entry e (at its place in the ring) at the head of its chain. */
+static void
+cache_link(struct centry *e)
+{
+	struct cache *c = &G.cache;
+	uint32_t *b = &c->bucket[e->hash & c->mask];
+
+	e->next = *b;
+	*b = (uint32_t)((unsigned char *)e - c->ring) + 1;
+	e->flags |= CE_LIVE;
+	if (e->alen > 0) {
+		c->entries++;
+		c->bytes += e->size;
+	}
+}
+
+/* The live entry for key k: an answer (pending = 0) or a pending marker
+ * (pending = 1), or NULL. */
+static struct centry *
+cache_lookup(const struct ckey *k, int pending)
+{
+	struct cache *c = &G.cache;
+	uint32_t o;
+
+	if (c->ring == NULL)
+		return NULL;
+	for (o = c->bucket[k->hash & c->mask]; o != 0; o = ce_at(o - 1)->next) {
+		struct centry *e = ce_at(o - 1);
+
+		if (e->hash == k->hash && e->klen == k->len &&
+		    (e->alen == 0) == pending &&
+		    memcmp(ce_key(e), k->b, k->len) == 0)
+			return e;
+	}
+	return NULL;
+}
+
+/* Is entry e fresh at now; or usable stale (--serve-stale)? */
+static int
+ce_fresh(const struct centry *e, int64_t now)
+{
+	return now < e->stored + (int64_t)e->ttl * 1000;
+}
+
+static int
+ce_stale_ok(const struct centry *e, int64_t now)
+{
+	return now < e->stored + ((int64_t)e->ttl + G.cfg.serve_stale) * 1000;
+}
+
+/*
+ * Frees the entry at the head of the ring: a dead one is passed over; a
+ * live one hit since written and still usable is copied to the tail
+ * when there is room there (its second chance), else dropped.
+ */
+static void
+cache_reclaim(int64_t now)
+{
+	struct cache *c = &G.cache;
+	struct centry *e = ce_at(c->head), *n;
+	uint32_t size = e->size;
+
+	if (e->flags & CE_LIVE) {
+		cache_unlink(e);
+		if (e->alen > 0 && (e->flags & CE_REF) && ce_stale_ok(e, now) &&
+		    c->wrapped) {
+			/* The free bytes [tail, head) and e are one run: e
+			 * slides down to the tail (the runs may overlap). */
+			n = ce_at(c->tail);
+			memmove(n, e, size);
+			n->flags &= (uint8_t)~CE_REF;
+			cache_link(n);
+			c->tail += size;
+			c->used += size;
+		} else if (e->alen > 0 && ce_stale_ok(e, now)) {
+			G.ctr[CTR_CACHE_EVICTIONS]++;
+		}
+	}
+	c->head += size;
+	c->used -= size;
+	if (c->head == c->wrap_at) {
+		c->head = 0;
+		c->wrapped = 0;
+		c->wrap_at = c->cap;
+	}
+	if (c->used == 0) {
+		c->head = c->tail = 0;
+		c->wrapped = 0;
+		c->wrap_at = c->cap;
+	}
+}
+
+/* Makes size contiguous bytes free at the tail (size <= cap / 4).
+ * Returns the offset. */
+static uint32_t
+cache_room(uint32_t size, int64_t now)
+{
+	struct cache *c = &G.cache;
+	uint32_t off;
+
+	for (;;) {
+		if (!c->wrapped) {
+			if (c->cap - c->tail >= size)
+				break;
+			/* The end [tail, cap) stays unused this lap. */
+			c->wrap_at = c->tail;
+			c->wrapped = 1;
+			c->tail = 0;
+			if (c->head == c->wrap_at) {	/* it was empty */
+				c->head = 0;
+				c->wrapped = 0;
+				c->wrap_at = c->cap;
+			}
+			continue;
+		}
+		if (c->head - c->tail >= size)
+			break;
+		cache_reclaim(now);
+	}
+	off = c->tail;
+	c->tail += size;
+	c->used += size;
+	return off;
+}
+
+/* Logs (-v) how many answers were evicted since the last such line, at
+ * most once per DOTP_EVICT_LOG_MS: never a line per query. */
+static void
+cache_log_evictions(int64_t now)
+{
+	struct cache *c = &G.cache;
+	unsigned long n = G.ctr[CTR_CACHE_EVICTIONS];
+
+	if (n == c->evict_logged || now - c->evict_log_at < DOTP_EVICT_LOG_MS)
+		return;
+	log_msg(LVL_DEBUG, "cache full: answers evicted to make room (raise "
+	    "--cache-size if they are asked again)	evicted=%lu entries=%lu "
+	    "bytes=%lu", n - c->evict_logged, c->entries, c->bytes);
+	c->evict_logged = n;
+	c->evict_log_at = now;
+}
+
+/* Writes an entry for key k: answer a (alen bytes; 0 for a pending
+ * marker of query slot lead) fresh for ttl seconds. An entry of the same
+ * kind for k is replaced; an answer also ends k's pending marker. */
+static void
+cache_put(const struct ckey *k, const unsigned char *a, size_t alen,
+    uint32_t ttl, int lead, int64_t now)
+{
+	struct centry *e;
+	uint32_t size = (uint32_t)align8(sizeof *e + k->len + alen);
+
+	if (G.cache.ring == NULL || size > G.cache.cap / 4)
+		return;
+	if ((e = cache_lookup(k, alen == 0)) != NULL)
+		cache_unlink(e);
+	if (alen > 0 && (e = cache_lookup(k, 1)) != NULL)
+		cache_unlink(e);
+	e = ce_at(cache_room(size, now));
+	cache_log_evictions(now);
+	memset(e, 0, sizeof *e);
+	e->hash = k->hash;
+	e->size = size;
+	e->ttl = ttl;
+	e->stored = now;
+	e->lead = lead;
+	e->alen = (uint16_t)alen;
+	e->klen = (uint8_t)k->len;
+	memcpy(ce_key(e), k->b, k->len);
+	if (alen > 0)
+		memcpy(ce_answer(e), a, alen);
+	cache_link(e);
+}
+
+/* Do a and b (same length len) hold the same name at pos, read through
+ * their compression pointers? Both were checked by dns_skip_name(). */
+static int
+dns_name_same(const unsigned char *a, const unsigned char *b, size_t len,
+    size_t pos)
+{
+	size_t	 pa = pos, pb = pos;
+	unsigned hops;
+
+	for (hops = 0; hops < DNS_NAME_MAX; hops++) {
+		if (pa >= len || pb >= len || a[pa] != b[pb])
+			return 0;
+		if ((a[pa] & 0xc0) == 0xc0) {
+			if (pa + 1 >= len || pb + 1 >= len)
+				return 0;
+			pa = (size_t)(a[pa] & 0x3f) << 8 | a[pa + 1];
+			pb = (size_t)(b[pb] & 0x3f) << 8 | b[pb + 1];
+			continue;
+		}
+		if (a[pa] == 0)
+			return 1;
+		if (a[pa] > len - pa - 1 || b[pb] > len - pb - 1 ||
+		    memcmp(a + pa + 1, b + pb + 1, a[pa]) != 0)
+			return 0;
+		pa += 1 + a[pa];
+		pb += 1 + b[pb];
+	}
+	return 0;
+}
+
+/*
+ * Can the TTLs of answer a (alen bytes, records from qend, parsed) be
+ * rewritten without changing anything else? Not when a name reads bytes
+ * of a TTL field through its compression pointers (an upstream's bogus
+ * compression): that name would read differently. A copy with every TTL
+ * inverted must hold the same records and the same owner names.
+ */
+static int
+dns_ttls_apart(const unsigned char *a, size_t alen, size_t qend)
+{
+	static unsigned char t[DOTP_CACHE_ANSWER_MAX];
+	unsigned n, i, type;
+	size_t	 pos, rr, k;
+
+	if (alen > sizeof t)
+		return 0;
+	memcpy(t, a, alen);
+	n = (unsigned)rd16(a + DNS_OFF_ANCOUNT) + rd16(a + DNS_OFF_NSCOUNT) +
+	    rd16(a + DNS_OFF_ARCOUNT);
+	for (i = 0, pos = qend; i < n; i++) {
+		rr = dns_skip_name(a, alen, pos);
+		if ((pos = dns_skip_rr(a, alen, pos, &type)) == 0)
+			return 0;
+		for (k = 0; k < 4 && type != DNS_TYPE_OPT; k++)
+			t[rr + DNS_RR_TTL + k] ^= 0xff;
+	}
+	for (i = 0, pos = qend; i < n; i++) {
+		rr = dns_skip_name(t, alen, pos);
+		if (rr != dns_skip_name(a, alen, pos) ||
+		    !dns_name_same(a, t, alen, pos) ||
+		    memcmp(a + rr, t + rr, DNS_RR_TTL) != 0 ||
+		    (pos = dns_skip_rr(a, alen, pos, &type)) == 0)
+			return 0;
+	}
+	return 1;
+}
+
+/*
+ * How long upstream answer a (alen bytes, checked: one question ending
+ * at qend) may be kept, in seconds, by the rules of RFC 1035, 2181 and
+ * 2308 and the --cache-* options; 0: not at all (TC; a record that does
+ * not parse; a negative answer without an SOA; a lifetime of 0).
+ * Failures (SERVFAIL, REFUSED, ...) are held DOTP_CACHE_FAIL_HOLD_S.
+ */
+static uint32_t
+cache_lifetime(const unsigned char *a, size_t alen, size_t qend)
+{
+	uint16_t flags = rd16(a + DNS_OFF_FLAGS);
+	unsigned an = rd16(a + DNS_OFF_ANCOUNT), n, i, type;
+	int	 rcode = flags & 0xf, neg;
+	uint32_t t, min = UINT32_MAX, soa = UINT32_MAX;
+	size_t	 pos = qend, rr, end;
+	struct dns_rrs r;
+
+	if ((flags & DNS_FLAG_TC) || rd16(a + DNS_OFF_QDCOUNT) != 1 ||
+	    alen > DOTP_CACHE_ANSWER_MAX || dns_walk_records(a, alen, qend,
+	    &r) == 0 || !dns_ttls_apart(a, alen, qend))
+		return 0;
+	if (rcode != 0 && rcode != DNS_RCODE_NXDOMAIN)
+		return DOTP_CACHE_FAIL_HOLD_S;
+	neg = rcode == DNS_RCODE_NXDOMAIN || an == 0;
+	n = an + rd16(a + DNS_OFF_NSCOUNT);
+	for (i = 0; i < n; i++, pos = end) {
+		rr = dns_skip_name(a, alen, pos);
+		end = dns_skip_rr(a, alen, pos, &type);
+		t = rd32(a + rr + DNS_RR_TTL);
+		if (t > 0x7fffffff)	/* RFC 2181 8: counts as 0 */
+			t = 0;
+		if (t < min)
+			min = t;
+		if (neg && i >= an && type == DNS_TYPE_SOA &&
+		    end - rr - DNS_RR_FIXED >= 22) {
+			uint32_t m = rd32(a + end - 4);	/* MINIMUM */
+
+			soa = t < m ? t : m;
+		}
+	}
+	if (neg) {
+		if (soa == UINT32_MAX)
+			return 0;	/* RFC 2308 5: no SOA, no caching */
+		min = soa < (uint32_t)G.cfg.cache_neg_ttl ? soa :
+		    (uint32_t)G.cfg.cache_neg_ttl;
+	}
+	if (min < (uint32_t)G.cfg.cache_min_ttl)
+		min = (uint32_t)G.cfg.cache_min_ttl;
+	if (min > (uint32_t)G.cfg.cache_max_ttl)
+		min = (uint32_t)G.cfg.cache_max_ttl;
+	return min;
+}
+
+/*
+ * Copies entry e's answer (question ending at qend) into out
+ * (DOTP_CACHE_ANSWER_MAX bytes) with every TTL but OPT's lowered by the
+ * whole seconds e has been kept (never below 0), or set to
+ * DOTP_STALE_TTL for a stale answer. ID and question case are the
+ * client's business (client_answer). Returns its length.
+ */
+static size_t
+cache_replay(struct centry *e, size_t qend, int64_t now, int stale,
+    unsigned char *out)
+{
+	uint32_t age = (uint32_t)((now - e->stored) / 1000), t;
+	unsigned n, i, type;
+	size_t	 pos = qend, rr, end;
+
+	memcpy(out, ce_answer(e), e->alen);
+	n = (unsigned)rd16(out + DNS_OFF_ANCOUNT) + rd16(out + DNS_OFF_NSCOUNT) +
+	    rd16(out + DNS_OFF_ARCOUNT);
+	for (i = 0; i < n; i++, pos = end) {	/* dns_ttls_apart() */
+		rr = dns_skip_name(out, e->alen, pos);
+		if ((end = dns_skip_rr(out, e->alen, pos, &type)) == 0)
+			break;		/* can't happen */
+		if (type == DNS_TYPE_OPT)
+			continue;
+		t = rd32(out + rr + DNS_RR_TTL);
+		t = stale ? DOTP_STALE_TTL : t > 0x7fffffff || t <= age ? 0 :
+		    t - age;
+		wr32(out + rr + DNS_RR_TTL, t);
+	}
+	return e->alen;
+}
+
+/* ==== 7. Query table ==== */
 
 /*
  * Query slots live in G.q[] (G.nq of them, --max-queries). Slots from
@@ -1794,69 +2470,41 @@ client_send(const struct client *cl, const unsigned char *msg, size_t len)
  * deliver) and the fate rules (unlink, SERVFAIL).
  */
 
+/* Appends slot i to list l, by its links of kind w. */
 static void
-qlist_push(struct qlist *l, int i)
+qlist_push(struct qlist *l, int i, enum qlink_kind w)
 {
-	struct query *q = &G.q[i];
+	struct qlink *k = &G.q[i].lk[w];
 
-	q->prev = l->tail;
-	q->next = -1;
+	k->prev = l->tail;
+	k->next = -1;
 	if (l->tail >= 0)
-		G.q[l->tail].next = i;
+		G.q[l->tail].lk[w].next = i;
 	else
 		l->head = i;
 	l->tail = i;
 	l->n++;
 }
 
+/* Takes slot i off list l, by its links of kind w. */
 static void
-qlist_remove(struct qlist *l, int i)
+qlist_remove(struct qlist *l, int i, enum qlink_kind w)
 {
-	struct query *q = &G.q[i];
+	struct qlink *k = &G.q[i].lk[w];
 
-	if (q->prev >= 0)
-		G.q[q->prev].next = q->next;
+	if (k->prev >= 0)
+		G.q[k->prev].lk[w].next = k->next;
 	else
-		l->head = q->next;
-	if (q->next >= 0)
-		G.q[q->next].prev = q->prev;
+		l->head = k->next;
+	if (k->next >= 0)
+		G.q[k->next].lk[w].prev = k->prev;
 	else
-		l->tail = q->prev;
-	q->prev = q->next = -1;
+		l->tail = k->prev;
+	k->prev = k->next = -1;
 	l->n--;
 }
 
-/* The age list uses aprev/anext; same shape as above. */
-static void
-age_push(int i)
-{
-	struct query *q = &G.q[i];
 
-	q->aprev = G.age.tail;
-	q->anext = -1;
-	if (G.age.tail >= 0)
-		G.q[G.age.tail].anext = i;
-	else
-		G.age.head = i;
-	G.age.tail = i;
-	G.age.n++;
-}
-
-static void
-age_remove(int i)
-{
-	struct query *q = &G.q[i];
-
-	if (q->aprev >= 0)
-		G.q[q->aprev].anext = q->anext;
-	else
-		G.age.head = q->anext;
-	if (q->anext >= 0)
-		G.q[q->anext].aprev = q->aprev;
-	else
-		G.age.tail = q->aprev;
-	G.age.n--;
-}
 
 /* Sizes and links the tables for n slots. Returns 0, or -1 when out of
  * memory (start-up only). */
@@ -1879,6 +2527,7 @@ q_init(int n)
 	G.qhigh = 0;
 	G.qlive = 0;
 	G.age = (struct qlist)QLIST_ZERO;
+	G.stale = (struct qlist)QLIST_ZERO;
 	return 0;
 }
 
@@ -1960,32 +2609,56 @@ q_alloc(void)
 			return -1;
 	} while (q_find(id) >= 0);
 	if (i == G.qfree)
-		G.qfree = G.q[i].next;
+		G.qfree = G.q[i].lk[QL_MAIN].next;
 	else
 		G.qhigh++;
 	G.q[i].up_id = id;
 	G.q[i].state = Q_LOOSE;
-	G.q[i].prev = G.q[i].next = -1;
+	G.q[i].lk[QL_MAIN].prev = G.q[i].lk[QL_MAIN].next = -1;
 	G.q[i].conn = G.q[i].pconn = -1;
 	G.q[i].tries = G.q[i].tried = G.q[i].recycles = 0;
+	G.q[i].ck = G.q[i].lead = G.q[i].stale = 0;
+	G.q[i].fol = (struct qlist)QLIST_ZERO;
 	id_insert(i);
-	age_push(i);
+	qlist_push(&G.age, i, QL_AGE);
 	G.qlive++;
 	return i;
 }
 
-/* Frees slot i. It MUST be Q_LOOSE (off every upstream list). */
+/* The cache key of live query i (it uses the cache: q->ck != 0). */
+static void
+q_key(int i, struct ckey *k)
+{
+	const struct query *q = &G.q[i];
+
+	cache_key_of(q->qbuf, q->qend, q->ck, k);
+}
+
+/* Frees slot i. It MUST be Q_LOOSE (off every upstream list) and have
+ * no followers. Its pending marker in the cache goes with it. */
 static void
 q_free(int i)
 {
 	struct query *q = &G.q[i];
+	struct centry *e;
+	struct ckey k;
 
 	if (q->cl.kind == CK_TCP)
 		tcp_done_query(&q->cl);
+	if (q->lead) {
+		q_key(i, &k);
+		if ((e = cache_lookup(&k, 1)) != NULL && e->lead == i)
+			cache_unlink(e);
+		q->lead = 0;
+	}
+	if (q->stale) {
+		qlist_remove(&G.stale, i, QL_STALE);
+		q->stale = 0;
+	}
 	id_remove(i);
-	age_remove(i);
+	qlist_remove(&G.age, i, QL_AGE);
 	q->state = Q_FREE;
-	q->next = G.qfree;
+	q->lk[QL_MAIN].next = G.qfree;
 	G.qfree = i;
 	G.qlive--;
 }
@@ -2000,13 +2673,16 @@ q_unlink(int i)
 
 	switch (q->state) {
 	case Q_QUEUED:
-		qlist_remove(&G.up[q->up].tx, i);
+		qlist_remove(&G.up[q->up].tx, i, QL_MAIN);
 		break;
 	case Q_SENT:
-		qlist_remove(&c->fl, i);
+		qlist_remove(&c->fl, i, QL_MAIN);
 		break;
 	case Q_LATE:
-		qlist_remove(&c->late, i);
+		qlist_remove(&c->late, i, QL_MAIN);
+		break;
+	case Q_FOLLOW:
+		qlist_remove(&G.q[q->leader].fol, i, QL_MAIN);
 		break;
 	default:
 		break;
@@ -2017,41 +2693,118 @@ q_unlink(int i)
 	q->state = Q_LOOSE;
 }
 
-/* Delivers the answer msg (in a connection's rx buffer, which dotp owns
- * and may patch) to the client of query i, with the client's ID,
- * truncated for a UDP client if needed, and frees the slot. The query
- * MUST be Q_LOOSE. */
+/* Answers query i (Q_LOOSE) with msg, and frees it. */
 static void
-q_deliver(int i, unsigned char *msg, size_t len)
+q_reply(int i, unsigned char *msg, size_t len)
 {
 	struct query *q = &G.q[i];
-	unsigned char small[DOTP_UDP_SIZE_MAX];
 
-	wr16(msg + DNS_OFF_ID, q->client_id);
+	client_answer(&q->cl, q->qbuf, q->qend, q->client_id, q->udp_limit,
+	    q->has_opt, msg, len);
+	q_free(i);
+}
+
+/* Keeps upstream answer msg (as clients of query i's key get it) in the
+ * cache, for as long as cache_lifetime() says. */
+static void
+q_cache_store(int i, const unsigned char *msg, size_t len, int64_t now)
+{
+	struct ckey k;
+	uint32_t ttl;
+
+	if ((ttl = cache_lifetime(msg, len, G.q[i].qend)) == 0)
+		return;
+	q_key(i, &k);
+	cache_put(&k, msg, len, ttl, -1, now);
+}
+
+/*
+ * Delivers the answer msg (in a connection's rx buffer, which dotp owns
+ * and may patch) to the client of query i and to its followers: what
+ * dotp added to the query is undone, the answer is kept in the cache,
+ * and each client gets its own ID, question case and size. Frees them.
+ * Query i MUST be Q_LOOSE.
+ */
+static void
+q_deliver(int i, unsigned char *msg, size_t len, int64_t now)
+{
+	struct query *q = &G.q[i];
+	int	 f;
+
 	/* Undo what dotp added: the client gets what it asked for. */
 	if (q->padded == PAD_ADDED_OPT)
 		len = dns_strip_opt(msg, len);
 	else if (q->padded == PAD_OPTION)
 		len = dns_strip_padding(msg, len);
-	if (q->cl.kind == CK_UDP && len > q->udp_limit) {
-		size_t n = dns_truncate(msg, len, q->has_opt, small,
-		    q->udp_limit < sizeof small ? q->udp_limit : sizeof small);
-		client_send(&q->cl, small, n);
-	} else {
-		client_send(&q->cl, msg, len);
+	if (q->ck)
+		q_cache_store(i, msg, len, now);
+	while ((f = q->fol.head) >= 0) {
+		q_unlink(f);
+		G.ctr[CTR_ANSWERS]++;
+		q_reply(f, msg, len);
 	}
 	G.ctr[CTR_ANSWERS]++;
-	q_free(i);
+	q_reply(i, msg, len);
 }
 
-/* Answers query i (Q_LOOSE) with SERVFAIL and frees it. */
+/*
+ * Answers query i (Q_LOOSE) and its followers with the answer the cache
+ * holds for their key, if it is still usable (stale: up to
+ * --serve-stale past expiry, with TTL 30), and frees the followers.
+ * Query i is freed too, unless keep: then its client is answered and
+ * it goes on upstream as a refresh. Returns 1 if it served one.
+ */
+static int
+q_serve_stale(int i, int64_t now, int keep)
+{
+	static unsigned char out[DOTP_CACHE_ANSWER_MAX];
+	struct query *q = &G.q[i];
+	struct centry *e;
+	struct ckey k;
+	size_t	 n;
+	int	 f;
+
+	q_key(i, &k);
+	if ((e = cache_lookup(&k, 0)) == NULL || !ce_stale_ok(e, now))
+		return 0;
+	n = cache_replay(e, q->qend, now, !ce_fresh(e, now), out);
+	while ((f = q->fol.head) >= 0) {
+		q_unlink(f);
+		G.ctr[CTR_CACHE_STALE]++;
+		q_reply(f, out, n);
+	}
+	G.ctr[CTR_CACHE_STALE]++;
+	qlist_remove(&G.stale, i, QL_STALE);
+	q->stale = 0;
+	if (!keep) {
+		q_reply(i, out, n);
+		return 1;
+	}
+	client_answer(&q->cl, q->qbuf, q->qend, q->client_id, q->udp_limit,
+	    q->has_opt, out, n);
+	if (q->cl.kind == CK_TCP)
+		tcp_done_query(&q->cl);
+	q->cl.kind = CK_NONE;
+	return 1;
+}
+
+/* Answers query i (Q_LOOSE) with SERVFAIL, or with a stale answer when
+ * --serve-stale keeps one (every upstream failed); its followers the
+ * same. Frees them. */
 static void
-q_servfail(int i)
+q_servfail(int i, int64_t now)
 {
 	struct query *q = &G.q[i];
 	unsigned char out[DNS_UDP_MIN];
 	size_t	 n;
+	int	 f;
 
+	if (q->stale && q_serve_stale(i, now, 0))
+		return;
+	while ((f = q->fol.head) >= 0) {
+		q_unlink(f);
+		q_servfail(f, now);
+	}
 	wr16(q->qbuf + DNS_OFF_ID, q->client_id);
 	n = dns_make_error(q->qbuf, q->qlen, q->qend, q->has_opt,
 	    DNS_RCODE_SERVFAIL, out, sizeof out);
@@ -2061,7 +2814,7 @@ q_servfail(int i)
 	q_free(i);
 }
 
-/* ==== 7. TLS ==== */
+/* ==== 8. TLS ==== */
 
 /*
  * Trust anchors: compiled in from ca-bundle/ (build/ta.h, made by
@@ -2073,10 +2826,46 @@ q_servfail(int i)
  */
 
 #ifndef DOTP_NO_EMBEDDED_TAS
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wcast-qual"
+/* One embedded anchor in dotp_ta_blob (build/ta.h, made by
+ * ca-bundle/tapack.c): its DN, then the RSA modulus and exponent (a, b)
+ * or the EC point (a). */
+struct ta_index {
+	uint32_t off;
+	uint16_t dn_len, a_len, b_len;
+	uint8_t	 type, curve;
+};
 #include "ta.h"
-#pragma GCC diagnostic pop
+
+/* The embedded anchors as BearSSL takes them, pointing into the blob. */
+static const br_x509_trust_anchor *
+ta_embedded(void)
+{
+	static br_x509_trust_anchor tas[DOTP_EMBEDDED_TAS_NUM];
+	size_t	 i;
+
+	for (i = 0; i < DOTP_EMBEDDED_TAS_NUM; i++) {
+		const struct ta_index *x = &dotp_ta_index[i];
+		unsigned char *p = (unsigned char *)(uintptr_t)(dotp_ta_blob +
+		    x->off);
+
+		tas[i].dn.data = p;
+		tas[i].dn.len = x->dn_len;
+		tas[i].flags = BR_X509_TA_CA;
+		tas[i].pkey.key_type = x->type;
+		p += x->dn_len;
+		if (x->type == BR_KEYTYPE_RSA) {
+			tas[i].pkey.key.rsa.n = p;
+			tas[i].pkey.key.rsa.nlen = x->a_len;
+			tas[i].pkey.key.rsa.e = p + x->a_len;
+			tas[i].pkey.key.rsa.elen = x->b_len;
+		} else {
+			tas[i].pkey.key.ec.curve = x->curve;
+			tas[i].pkey.key.ec.q = p;
+			tas[i].pkey.key.ec.qlen = x->a_len;
+		}
+	}
+	return tas;
+}
 #endif
 
 /* A growing buffer (start-up only; its size is bounded by the caller).
@@ -2449,7 +3238,7 @@ tls_fields(int err, char *buf, size_t len)
 		snprintf(buf, len, "tls_error=%d", err);
 }
 
-/* ==== 8. Upstreams: health, RTT, picking, learned limits ==== */
+/* ==== 9. Upstreams: health, RTT, picking, learned limits ==== */
 
 /*
  * The policy side of struct upstream: its health (down, back-off), its
@@ -2575,7 +3364,7 @@ up_enqueue(int ui, int i, int64_t now)
 	q->sent_at = now;
 	q->tried |= (uint8_t)(1u << ui);
 	q->state = Q_QUEUED;
-	qlist_push(&G.up[ui].tx, i);
+	qlist_push(&G.up[ui].tx, i, QL_MAIN);
 	G.kick = 1;
 }
 
@@ -2715,7 +3504,7 @@ up_unlearn(struct upstream *u, int64_t now)
 	u->idle_ms = u->idle_seen = 0;
 }
 
-/* ==== 9. What happens to a query ==== */
+/* ==== 10. What happens to a query ==== */
 
 /*
  * The rules for a query once it is sent, in one place. Each event below
@@ -2784,7 +3573,7 @@ q_retry(int i, int failed, int stall, int64_t now)
 	int	 ui;
 
 	if (q->tries >= DOTP_MAX_TRIES || now >= q->deadline) {
-		q_servfail(i);
+		q_servfail(i, now);
 		return;
 	}
 	if (failed < 0) {
@@ -2794,7 +3583,7 @@ q_retry(int i, int failed, int stall, int64_t now)
 		ui = failed;
 	}
 	if (ui < 0) {
-		q_servfail(i);
+		q_servfail(i, now);
 		return;
 	}
 	up_enqueue(ui, i, now);
@@ -2851,12 +3640,12 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 	for (k = 0; k < (failed ? 3 : 2); k++)
 		while ((i = from[k]->head) >= 0) {
 			q_unlink(i);
-			qlist_push(&moved, i);
+			qlist_push(&moved, i, QL_MAIN);
 		}
 	while ((i = moved.head) >= 0) {
 		struct query *q = &G.q[i];
 
-		qlist_remove(&moved, i);
+		qlist_remove(&moved, i, QL_MAIN);
 		if (recycled && q->recycles < DOTP_MAX_RECYCLES &&
 		    q->tries > 0) {
 			q->tries--;
@@ -2912,9 +3701,9 @@ conn_timers(struct conn *c, int64_t now)
 
 		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->tried, 0) : -1;
 		if (ui < 0) {	/* nowhere else: it waits on, still owed */
-			qlist_remove(&c->fl, i);
+			qlist_remove(&c->fl, i, QL_MAIN);
 			q->state = Q_LATE;
-			qlist_push(&c->late, i);
+			qlist_push(&c->late, i, QL_MAIN);
 			continue;
 		}
 		q_unlink(i);
@@ -2956,7 +3745,7 @@ up_tx_timer(int ui, int64_t now)
 	return i >= 0 ? G.q[i].sent_at + at : INT64_MAX;
 }
 
-/* ==== 10. Upstream connections ==== */
+/* ==== 11. Upstream connections ==== */
 
 /*
  * The state machine of struct conn (see its comment), driven from the
@@ -3113,7 +3902,7 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 	q_unlink(i);
 	c->owe_since = conn_inflight(c) > 0 ? now : 0;
 	c->last_active = now;
-	q_deliver(i, msg, len);
+	q_deliver(i, msg, len, now);
 }
 
 /*
@@ -3150,7 +3939,7 @@ conn_inject(struct conn *c, int64_t now)
 	q->gen = c->gen;
 	q->sent_at = now;
 	q->tries++;
-	qlist_push(&c->fl, i);
+	qlist_push(&c->fl, i, QL_MAIN);
 	if (c->owe_since == 0)
 		c->owe_since = now;
 	c->sent++;
@@ -3722,7 +4511,7 @@ up_kick(int64_t now)
 	}
 }
 
-/* ==== 11. Client input ==== */
+/* ==== 12. Client input ==== */
 
 /*
  * What clients send: the ACL, one query checked and queued
@@ -3783,18 +4572,153 @@ client_refuse(const unsigned char *m, size_t len, const struct client *cl)
 }
 
 /*
+ * Takes a slot for checked query m (len bytes, qi) of client cl: a copy
+ * with a fresh upstream ID, padded, with its deadline; Q_LOOSE. Returns
+ * the slot, or -1 when the table is full (the client got SERVFAIL).
+ */
+static int
+q_start(const unsigned char *m, size_t len, const struct qinfo *qi,
+    const struct client *cl, int64_t now)
+{
+	struct query *q;
+	unsigned char out[DNS_UDP_MIN];
+	size_t	 n;
+	int	 i;
+
+	if ((i = q_alloc()) < 0) {
+		if (G.ctr[CTR_TABLE_FULL]++ == 0)
+			log_msg(LVL_WARN, "query table full: new queries get "
+			    "SERVFAIL (raise --max-queries)\tmax_queries=%d",
+			    G.nq);
+		n = dns_make_error(m, len, qi->qend, qi->has_opt,
+		    DNS_RCODE_SERVFAIL, out, sizeof out);
+		if (n > 0)
+			client_send(cl, out, n);
+		G.ctr[CTR_SERVFAIL]++;
+		return -1;
+	}
+	q = &G.q[i];
+	memcpy(q->qbuf, m, len);
+	q->qlen = (uint16_t)len;
+	q->qend = (uint16_t)qi->qend;
+	q->has_opt = (uint8_t)qi->has_opt;
+	q->udp_limit = dns_udp_limit(qi, (uint16_t)G.cfg.udp_size);
+	q->client_id = rd16(m);
+	wr16(q->qbuf + DNS_OFF_ID, q->up_id);
+	q->padded = PAD_NONE;
+	if (!G.cfg.no_pad) {
+		enum pad_how how;
+
+		q->qlen = (uint16_t)dns_pad_query(q->qbuf, len, sizeof q->qbuf,
+		    qi, &how);
+		q->padded = (uint8_t)how;
+	}
+	q->deadline = now + G.cfg.timeout_ms;
+	q->cl = *cl;
+	if (cl->kind == CK_TCP)
+		G.tcp[cl->idx].pending++;
+	return i;
+}
+
+/* Sends query i upstream; with ck (its key k's flag byte) it leads for
+ * its key: a pending marker lets identical queries wait for it, and
+ * stale says a stale answer may stand in for the upstream's. */
+static void
+q_lead(int i, int ck, const struct ckey *k, int stale, int64_t now)
+{
+	struct query *q = &G.q[i];
+
+	if (ck > 0) {
+		q->ck = (uint8_t)ck;
+		q->lead = 1;
+		cache_put(k, NULL, 0, 0, i, now);
+		if (stale) {
+			q->stale = 1;
+			qlist_push(&G.stale, i, QL_STALE);
+		}
+	}
+	/* Never -1: with every upstream down, the least recently failed. */
+	up_enqueue(up_pick(0, 1), i, now);
+}
+
+/*
+ * Answers query m from fresh entry e (a hit). A hit in the last tenth of
+ * the entry's lifetime starts one refresh in the background (prefetch),
+ * unless one is on its way.
+ */
+static void
+cache_hit(struct centry *e, const unsigned char *m, size_t len,
+    const struct qinfo *qi, const struct ckey *k, int ck,
+    const struct client *cl, int64_t now)
+{
+	static unsigned char out[DOTP_CACHE_ANSWER_MAX];
+	static const struct client refresh = { .kind = CK_NONE };
+	int64_t	 left = e->stored + (int64_t)e->ttl * 1000 - now;
+	size_t	 n = cache_replay(e, qi->qend, now, 0, out);
+	int	 i;
+
+	G.ctr[CTR_CACHE_HITS]++;
+	e->flags |= CE_REF;
+	client_answer(cl, m, qi->qend, rd16(m), dns_udp_limit(qi,
+	    (uint16_t)G.cfg.udp_size), qi->has_opt, out, n);
+	if ((e->flags & CE_PREFETCHED) || e->ttl < DOTP_PREFETCH_MIN_TTL ||
+	    left * 10 > (int64_t)e->ttl * 1000 || cache_lookup(k, 1) != NULL)
+		return;
+	e->flags |= CE_PREFETCHED;
+	if ((i = q_start(m, len, qi, &refresh, now)) < 0)
+		return;
+	G.ctr[CTR_CACHE_PREFETCHES]++;
+	q_lead(i, ck, k, 0, now);
+}
+
+/*
+ * The cache's part of query m: a fresh answer is replayed (a hit); with
+ * its key already on its way upstream the query waits for that answer
+ * (coalesced). Returns 1 when it is dealt with, 0 when it must go
+ * upstream, *stale telling whether a stale answer may stand in.
+ */
+static int
+client_cached(const unsigned char *m, size_t len, const struct qinfo *qi,
+    const struct ckey *k, int ck, const struct client *cl, int64_t now,
+    int *stale)
+{
+	struct centry *e = cache_lookup(k, 0), *p;
+	int	 i, lead;
+
+	if (e != NULL && ce_fresh(e, now)) {
+		cache_hit(e, m, len, qi, k, ck, cl, now);
+		return 1;
+	}
+	G.ctr[CTR_CACHE_MISSES]++;
+	*stale = e != NULL && G.cfg.serve_stale > 0 && ce_stale_ok(e, now);
+	if ((p = cache_lookup(k, 1)) == NULL)
+		return 0;
+	lead = p->lead;
+	if (G.q[lead].state == Q_FREE || !G.q[lead].lead)
+		return 0;	/* can't happen: q_free drops the marker */
+	if ((i = q_start(m, len, qi, cl, now)) < 0)
+		return 1;
+	G.q[i].state = Q_FOLLOW;
+	G.q[i].leader = lead;
+	qlist_push(&G.q[lead].fol, i, QL_MAIN);
+	G.ctr[CTR_CACHE_COALESCED]++;
+	return 1;
+}
+
+/*
  * Handles one message from a client: validate, answer errors at once,
- * else take a slot, pad it, and queue it upstream.
+ * then the cache (a hit, or a wait for the same query upstream), else
+ * take a slot and queue it upstream.
  */
 static void
 client_query(const unsigned char *m, size_t len, const struct client *cl,
     int64_t now)
 {
 	struct qinfo qi;
-	struct query *q;
+	struct ckey k;
 	unsigned char out[DNS_UDP_MIN];
 	size_t	 n;
-	int	 r, i;
+	int	 r, i, ck = 0, stale = 0;
 
 	G.ctr[CTR_QUERIES]++;
 	r = dns_check_query(m, len, &qi);
@@ -3814,40 +4738,12 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 			client_send(cl, out, n);
 		return;
 	}
-	if ((i = q_alloc()) < 0) {
-		if (G.ctr[CTR_TABLE_FULL]++ == 0)
-			log_msg(LVL_WARN, "query table full: new queries get "
-			    "SERVFAIL (raise --max-queries)\tmax_queries=%d",
-			    G.nq);
-		n = dns_make_error(m, len, qi.qend, qi.has_opt,
-		    DNS_RCODE_SERVFAIL, out, sizeof out);
-		if (n > 0)
-			client_send(cl, out, n);
-		G.ctr[CTR_SERVFAIL]++;
+	if (G.cache.ring != NULL &&
+	    (ck = cache_key(m, qi.qend, qi.opt, qi.opt_end, &k)) > 0 &&
+	    client_cached(m, len, &qi, &k, ck, cl, now, &stale))
 		return;
-	}
-	q = &G.q[i];
-	memcpy(q->qbuf, m, len);
-	q->qlen = (uint16_t)len;
-	q->qend = (uint16_t)qi.qend;
-	q->has_opt = (uint8_t)qi.has_opt;
-	q->udp_limit = dns_udp_limit(&qi, (uint16_t)G.cfg.udp_size);
-	q->client_id = rd16(m);
-	wr16(q->qbuf + DNS_OFF_ID, q->up_id);
-	q->padded = PAD_NONE;
-	if (!G.cfg.no_pad) {
-		enum pad_how how;
-
-		q->qlen = (uint16_t)dns_pad_query(q->qbuf, len, sizeof q->qbuf,
-		    &qi, &how);
-		q->padded = (uint8_t)how;
-	}
-	q->deadline = now + G.cfg.timeout_ms;
-	q->cl = *cl;
-	if (cl->kind == CK_TCP)
-		G.tcp[cl->idx].pending++;
-	/* Never -1: with every upstream down, the least recently failed. */
-	up_enqueue(up_pick(0, 1), i, now);
+	if ((i = q_start(m, len, &qi, cl, now)) >= 0)
+		q_lead(i, ck, &k, stale, now);
 }
 
 /* Takes the destination address a wildcard listener's datagram was
@@ -4157,7 +5053,7 @@ tcp_service(int j, int fd, short revents, int64_t now)
 		tcp_read(j, now);
 }
 
-/* ==== 12. Event loop ==== */
+/* ==== 13. Event loop ==== */
 
 /*
  * One poll() loop, table-driven: each pass rebuilds the poll set from
@@ -4184,16 +5080,26 @@ on_signal(int sig)
 	got_signal = sig;
 }
 
-/* Expires queries past their deadline (age list head first) and idle
- * TCP clients. One active pass per loop iteration. */
+/* Expires queries past their deadline (age list head first), serves
+ * stale answers due, and closes idle TCP clients. One active pass per
+ * loop iteration. */
 static void
 expire(int64_t now)
 {
 	int	 i, j;
 
+	/* Serve-stale: a query that found only a stale answer and waited
+	 * the client-response timer gets it, and goes on as a refresh. All
+	 * wait the same time, so the list's head is the next due. */
+	while ((i = G.stale.head) >= 0 && G.q[i].deadline -
+	    G.cfg.timeout_ms + DOTP_STALE_WAIT_MS <= now)
+		if (!q_serve_stale(i, now, 1)) {
+			qlist_remove(&G.stale, i, QL_STALE);
+			G.q[i].stale = 0;
+		}
 	while ((i = G.age.head) >= 0 && G.q[i].deadline <= now) {
 		q_unlink(i);
-		q_servfail(i);
+		q_servfail(i, now);
 	}
 	if (now < G.tcp_scan_at)
 		return;
@@ -4275,6 +5181,9 @@ loop_deadline(int64_t now, int64_t max_sleep, int *few)
 		dl_min(&d, G.drain_until);
 	if (G.age.head >= 0)
 		dl_min(&d, G.q[G.age.head].deadline);
+	if (G.stale.head >= 0)
+		dl_min(&d, G.q[G.stale.head].deadline - G.cfg.timeout_ms +
+		    DOTP_STALE_WAIT_MS);
 	dl_min(&d, G.tx_timer);
 	dl_min(&d, conn_acks(now, 0, few));
 	if (G.fd_wait_until > now)
@@ -4348,7 +5257,7 @@ loop_run(void)
 	}
 }
 
-/* ==== 13. Options ==== */
+/* ==== 14. Options ==== */
 
 /*
  * Every option is one row of opts[]: short and long name, environment
@@ -4513,6 +5422,34 @@ opt_num(struct config *cfg, const struct optdef *o, const char *v,
 	*opt_int(cfg, o) = (int)t;
 }
 
+/* A size in bytes, with an optional k or m suffix (x1024, x1048576),
+ * in [min, max]. */
+static void
+opt_size(struct config *cfg, const struct optdef *o, const char *v,
+    const char *what)
+{
+	char	 num[24];
+	size_t	 n = strlen(v);
+	long	 t, mul = 1;
+
+	if (n > 0 && (v[n - 1] == 'k' || v[n - 1] == 'K'))
+		mul = 1024;
+	else if (n > 0 && (v[n - 1] == 'm' || v[n - 1] == 'M'))
+		mul = 1024 * 1024;
+	if (mul > 1)
+		n--;
+	if (n == 0 || n >= sizeof num)
+		fatal(2, "bad %s value '%s': expected bytes, e.g. 4m or 512k",
+		    what, v);
+	memcpy(num, v, n);
+	num[n] = '\0';
+	if (parse_int(num, 0, o->max / mul, &t) < 0 || t * mul < o->min)
+		fatal(2, "bad %s value '%s': expected %s %ldk..%ldm (k, m: "
+		    "x1024, x1048576)", what, v, o->unit, o->min / 1024,
+		    o->max / (1024 * 1024));
+	*opt_int(cfg, o) = (int)(t * mul);
+}
+
 /* A switch that is on. */
 static void
 opt_on(struct config *cfg, const struct optdef *o, UNUSED const char *v,
@@ -4642,6 +5579,7 @@ opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
 #define MS	"MS", "milliseconds"
 #define COUNT	"N", "a count"
 #define BYTES	"BYTES", "bytes"
+#define SECONDS	"S", "seconds"
 /* A row of a number, a switch, or another value (see struct optdef). */
 #define NUM(name, env, arg_unit, min, max, def, f, help) \
 	{ 0, OPT_VALUE, name, env, arg_unit, opt_num, min, max, def, \
@@ -4700,6 +5638,22 @@ static const struct optdef opts[] = {
 	    "UDP receive buffer asked for, for bursts"),
 	SWITCH(0, "no-pad", "DOTP_NO_PAD", no_pad,
 	    "do not pad queries to 128-byte blocks (RFC 8467)"),
+	{ 0, OPT_VALUE, "cache-size", "DOTP_CACHE_SIZE", BYTES, opt_size,
+	    DOTP_CACHE_SIZE_MIN, DOTP_CACHE_SIZE_MAX, DOTP_CACHE_SIZE,
+	    CFG(cache_size), NULL, "memory for the answer cache, all of it "
+	    "reserved at start (k, m suffixes)" },
+	SWITCH(0, "no-cache", "DOTP_NO_CACHE", no_cache,
+	    "no answer cache: every query goes upstream"),
+	NUM("cache-min-ttl", "DOTP_CACHE_MIN_TTL", SECONDS, 0, 86400, 0,
+	    cache_min_ttl, "keep answers at least that long"),
+	NUM("cache-max-ttl", "DOTP_CACHE_MAX_TTL", SECONDS, 1, 604800,
+	    DOTP_CACHE_MAX_TTL, cache_max_ttl, "keep answers at most that long"),
+	NUM("cache-neg-ttl", "DOTP_CACHE_NEG_TTL", SECONDS, 1, 86400,
+	    DOTP_CACHE_NEG_TTL, cache_neg_ttl, "keep NXDOMAIN and NODATA at "
+	    "most that long"),
+	NUM("serve-stale", "DOTP_SERVE_STALE", SECONDS, 0, 604800, 0,
+	    serve_stale, "keep expired answers that much longer, served when "
+	    "upstreams fail or are slow (0: off)"),
 	VALUE(0, OPT_LIST, "allow", "DOTP_ALLOW", "CIDR", opt_allow,
 	    DOTP_ALLOW_DEFAULT, "clients allowed (repeatable); others get "
 	    "REFUSED"),
@@ -4733,7 +5687,7 @@ usage(void)
 		    o->arg ? " " : "", o->arg ? o->arg : "");
 		printf("  %-33s%s\n      %s\n", flag, o->env ? o->env : "",
 		    o->help);
-		if (o->set == opt_num)
+		if (o->set == opt_num || o->set == opt_size)
 			printf("      default: %ld\n", o->def);
 		else if (o->dflt != NULL)
 			printf("      default: %s\n", o->dflt);
@@ -4789,7 +5743,7 @@ opt_default(struct config *cfg, const struct optdef *o)
 {
 	char	 list[256], *item, *save = NULL;
 
-	if (o->set == opt_num) {
+	if (o->set == opt_num || o->set == opt_size) {
 		*opt_int(cfg, o) = (int)o->def;
 		return;
 	}
@@ -4853,7 +5807,7 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	memset(given, 0, sizeof given);
 	opt_getopt_tables(lo, shorts);
 	for (k = 0; k < NOPTS; k++)
-		if (opts[k].set == opt_num)
+		if (opts[k].set == opt_num || opts[k].set == opt_size)
 			opt_default(cfg, &opts[k]);
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, shorts, lo, NULL)) != -1) {
@@ -4872,13 +5826,13 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 		    argv[optind]);
 	for (k = 0; k < NOPTS; k++)
 		if (!given[k] && opt_env(cfg, &opts[k]) == 0 &&
-		    opts[k].set != opt_num)
+		    opts[k].set != opt_num && opts[k].set != opt_size)
 			opt_default(cfg, &opts[k]);
 	cfg->verbosity = cfg->verbose ? LVL_DEBUG : cfg->quiet ? LVL_ERROR :
 	    LVL_INFO;
 }
 
-/* ==== 14. Setup, shutdown and main ==== */
+/* ==== 15. Setup, shutdown and main ==== */
 
 /*
  * Start-up (trust anchors, tables, listeners; errors through fatal()),
@@ -5013,7 +5967,7 @@ setup_anchors(void)
 
 	if (G.cfg.ca_file == NULL) {
 #ifndef DOTP_NO_EMBEDDED_TAS
-		G.tas = dotp_embedded_tas;
+		G.tas = ta_embedded();
 		G.ntas = DOTP_EMBEDDED_TAS_NUM;
 		return;
 #else
@@ -5075,13 +6029,17 @@ setup_tables(void)
 	}
 }
 
-/* The engine without its listeners: trust anchors and tables. The
- * engine test (tests/engine.c) starts here. */
+/* The engine without its listeners: trust anchors, tables and the
+ * answer cache. The engine test (tests/engine.c) starts here. */
 static void
 setup_core(void)
 {
 	setup_anchors();
 	setup_tables();
+	if (!G.cfg.no_cache && cache_init((size_t)G.cfg.cache_size) < 0)
+		fatal(1, "cannot reserve %d bytes for the answer cache: %s "
+		    "(lower --cache-size, or --no-cache)", G.cfg.cache_size,
+		    strerror(errno));
 }
 
 /* Why a listen address could not be opened, in the user's words. */
@@ -5163,7 +6121,7 @@ log_start(void)
 static void
 stats_log(void)
 {
-	char	 line[400];
+	char	 line[640];
 	unsigned long sum[UCTR_N];
 	size_t	 at;
 	int	 i, k;
@@ -5184,7 +6142,7 @@ stats_log(void)
 	line[0] = '\0';
 	for (k = 0; k < CTR_N; k++)
 		stat_append(line, sizeof line, &at, stat_defs[k].name,
-		    G.ctr[k]);
+		    stat_value(k));
 	for (k = 0; k < UCTR_N; k++)
 		if (up_stat_defs[k].kind == STAT_TOTAL)
 			stat_append(line, sizeof line, &at,
@@ -5202,7 +6160,7 @@ shutdown_all(void)
 
 	while ((i = G.age.head) >= 0) {
 		q_unlink(i);
-		q_servfail(i);
+		q_servfail(i, now);
 	}
 	for (i = 0; i < G.nconn; i++) {
 		struct conn *c = &G.conn[i];

@@ -893,7 +893,7 @@ ask(int cl, int n)
 
 /* One answer frame that reached client cl. */
 static void
-client_answer(int cl, const unsigned char *a, size_t len, int64_t now)
+tc_answer(int cl, const unsigned char *a, size_t len, int64_t now)
 {
 	struct tquery *q = NULL;
 	size_t	 qlen;
@@ -946,7 +946,7 @@ clients_read(int64_t now)
 			while ((fl = frame_complete(c->rx + off,
 			    c->rx_have - off, DNS_HEADER_LEN,
 			    DNS_MSG_MAX)) > 0) {
-				client_answer(k, c->rx + off + 2,
+				tc_answer(k, c->rx + off + 2,
 				    (size_t)fl - 2, now);
 				off += (size_t)fl;
 			}

@@ -8,6 +8,8 @@
  */
 #define DOTP_NO_MAIN
 #include "../dotp.c"
+/* brssl ta's own table, to check the packed one against it. */
+#include "ta-raw.h"
 
 #include <sys/mman.h>
 
@@ -860,6 +862,228 @@ test_readme_options(void)
 	ok(rows == NOPTS, "README rows %d, options %d", rows, NOPTS);
 }
 
+/* The packed embedded anchors (ta_embedded) are brssl ta's, byte for
+ * byte: same count, DNs, key types, keys and curves. */
+static void
+test_embedded_anchors(void)
+{
+	const br_x509_trust_anchor *a = ta_embedded(), *b = dotp_embedded_tas;
+	size_t	 i, bad = 0;
+
+	ok(sizeof dotp_embedded_tas / sizeof dotp_embedded_tas[0] ==
+	    DOTP_EMBEDDED_TAS_NUM, "anchor count");
+	for (i = 0; i < DOTP_EMBEDDED_TAS_NUM; i++, a++, b++) {
+		int	 same = a->dn.len == b->dn.len &&
+		    !memcmp(a->dn.data, b->dn.data, a->dn.len) &&
+		    a->flags == b->flags &&
+		    a->pkey.key_type == b->pkey.key_type;
+
+		if (same && a->pkey.key_type == BR_KEYTYPE_RSA)
+			same = a->pkey.key.rsa.nlen == b->pkey.key.rsa.nlen &&
+			    a->pkey.key.rsa.elen == b->pkey.key.rsa.elen &&
+			    !memcmp(a->pkey.key.rsa.n, b->pkey.key.rsa.n,
+			    a->pkey.key.rsa.nlen) &&
+			    !memcmp(a->pkey.key.rsa.e, b->pkey.key.rsa.e,
+			    a->pkey.key.rsa.elen);
+		else if (same)
+			same = a->pkey.key.ec.curve == b->pkey.key.ec.curve &&
+			    a->pkey.key.ec.qlen == b->pkey.key.ec.qlen &&
+			    !memcmp(a->pkey.key.ec.q, b->pkey.key.ec.q,
+			    a->pkey.key.ec.qlen);
+		bad += !same;
+	}
+	ok(bad == 0, "%zu embedded anchors differ from brssl ta's", bad);
+}
+
+/* An answer to query q (question ending at qend) with rcode: nan A
+ * records with TTLs ttl, ttl + 1, ...; then, with soa_ttl, an SOA in the
+ * authority section whose MINIMUM is soa_min; then OPT if opt. */
+static size_t
+mkans(unsigned char *a, const unsigned char *q, size_t qend, int rcode,
+    int nan, uint32_t ttl, uint32_t soa_ttl, uint32_t soa_min, int opt)
+{
+	static const unsigned char soa[] = {
+		0xc0, 12, 0, 6, 0, 1, 0, 0, 0, 0, 0, 22,
+		0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0, 0
+	};
+	size_t	 n = mkbig(a, nan, 0, q, qend);
+	int	 k;
+
+	wr16(a + 2, (uint16_t)(0x8180 | rcode));
+	for (k = 0; k < nan; k++)
+		wr32(a + qend + 16 * (size_t)k + 6, ttl + (uint32_t)k);
+	if (soa_ttl) {
+		memcpy(a + n, soa, sizeof soa);
+		wr32(a + n + 6, soa_ttl);
+		wr32(a + n + sizeof soa - 4, soa_min);
+		n += sizeof soa;
+		wr16(a + 8, 1);
+	}
+	if (opt) {
+		static const unsigned char o[11] = { 0, 0, 41, 4, 0xd0 };
+
+		memcpy(a + n, o, sizeof o);
+		n += sizeof o;
+		wr16(a + 10, 1);
+	}
+	return n;
+}
+
+/* The TTL of record k (0-based, after the question) of answer a. */
+static uint32_t
+rr_ttl(const unsigned char *a, size_t len, size_t qend, int k)
+{
+	size_t	 pos = qend;
+	unsigned type;
+
+	while (k-- > 0)
+		pos = dns_skip_rr(a, len, pos, &type);
+	return rd32(a + dns_skip_name(a, len, pos) + DNS_RR_TTL);
+}
+
+/* The answer cache, with a clock the test sets: lifetimes by the RFC
+ * rules, TTLs aged on replay, expiry, the key's parts, and eviction
+ * within the budget with a second chance for entries hit. */
+static void
+test_cache(void)
+{
+	unsigned char q[300], a[2000], out[DOTP_CACHE_ANSWER_MAX];
+	struct qinfo qi;
+	struct ckey k, k2;
+	struct centry *e;
+	size_t	 n, an;
+	int	 i, ck, ck2, kept;
+	int64_t	 t0 = 1000000;
+
+	memset(&G.cache, 0, sizeof G.cache);
+	G.cfg.cache_min_ttl = 0;
+	G.cfg.cache_max_ttl = DOTP_CACHE_MAX_TTL;
+	G.cfg.cache_neg_ttl = DOTP_CACHE_NEG_TTL;
+	G.cfg.serve_stale = 0;
+	ok(cache_init(64 * 1024) == 0, "cache_init");
+	n = mkquery(q, 7, "www.example.test", 1, 1, 1232);
+	dns_check_query(q, n, &qi);
+
+	/* Lifetimes. */
+	an = mkans(a, q, qi.qend, 0, 3, 300, 0, 0, 1);
+	ok(cache_lifetime(a, an, qi.qend) == 300, "smallest answer TTL");
+	an = mkans(a, q, qi.qend, 0, 2, 300, 120, 5000, 0);
+	ok(cache_lifetime(a, an, qi.qend) == 120, "authority TTL counts");
+	an = mkans(a, q, qi.qend, 0, 1, 0x80000000u, 0, 0, 0);
+	ok(cache_lifetime(a, an, qi.qend) == 0, "TTL above 2^31-1 is 0");
+	an = mkans(a, q, qi.qend, 3, 0, 0, 300, 2, 0);
+	ok(cache_lifetime(a, an, qi.qend) == 2, "NXDOMAIN: SOA MINIMUM");
+	an = mkans(a, q, qi.qend, 0, 0, 0, 60, 900, 0);
+	ok(cache_lifetime(a, an, qi.qend) == 60, "NODATA: SOA TTL");
+	an = mkans(a, q, qi.qend, 3, 0, 0, 0, 0, 0);
+	ok(cache_lifetime(a, an, qi.qend) == 0, "NXDOMAIN without SOA");
+	an = mkans(a, q, qi.qend, 0, 0, 0, 99999, 99999, 0);
+	ok(cache_lifetime(a, an, qi.qend) == DOTP_CACHE_NEG_TTL,
+	    "negative cap");
+	an = mkans(a, q, qi.qend, 2, 0, 0, 0, 0, 0);
+	ok(cache_lifetime(a, an, qi.qend) == DOTP_CACHE_FAIL_HOLD_S,
+	    "SERVFAIL held");
+	an = mkans(a, q, qi.qend, 0, 1, 300, 0, 0, 0);
+	wr16(a + 2, rd16(a + 2) | DNS_FLAG_TC);
+	ok(cache_lifetime(a, an, qi.qend) == 0, "TC never");
+	an = mkans(a, q, qi.qend, 0, 1, 5, 0, 0, 0);
+	G.cfg.cache_min_ttl = 30;
+	ok(cache_lifetime(a, an, qi.qend) == 30, "--cache-min-ttl");
+	G.cfg.cache_min_ttl = 0;
+	G.cfg.cache_max_ttl = 4;
+	ok(cache_lifetime(a, an, qi.qend) == 4, "--cache-max-ttl");
+	G.cfg.cache_max_ttl = DOTP_CACHE_MAX_TTL;
+
+	/* Keys: case folds; RD, CD, DO and EDNS are apart; ECS bypasses. */
+	ck = cache_key(q, qi.qend, qi.opt, qi.opt_end, &k);
+	memcpy(out, q, n);
+	out[13] = 'W';
+	ck2 = cache_key(out, qi.qend, qi.opt, qi.opt_end, &k2);
+	ok(ck > 0 && ck == ck2 && k.hash == k2.hash && k.len == k2.len &&
+	    !memcmp(k.b, k2.b, k.len), "case folds");
+	wr16(out + 2, rd16(out + 2) ^ DNS_FLAG_RD);
+	ck2 = cache_key(out, qi.qend, qi.opt, qi.opt_end, &k2);
+	ok(ck2 != ck && memcmp(k.b, k2.b, k.len), "RD apart");
+	memcpy(out, q, n);
+	wr16(out + 2, rd16(out + 2) | DNS_FLAG_CD);
+	ok(cache_key(out, qi.qend, qi.opt, qi.opt_end, &k2) != ck, "CD apart");
+	memcpy(out, q, n);
+	out[qi.opt + DNS_OPT_FLAGS] |= DNS_OPT_FLAG_DO;
+	ok(cache_key(out, qi.qend, qi.opt, qi.opt_end, &k2) != ck, "DO apart");
+	ok(cache_key(q, qi.qend, 0, 0, &k2) != ck, "EDNS apart");
+	memcpy(out, q, n);
+	{
+		static const unsigned char ecs[] = { 0, 8, 0, 4, 0, 1, 0, 0 };
+
+		memcpy(out + n, ecs, sizeof ecs);
+		wr16(out + qi.opt + DNS_OPT_RDLEN, sizeof ecs);
+		ok(cache_key(out, qi.qend, qi.opt, n + sizeof ecs, &k2) < 0,
+		    "ECS bypasses");
+	}
+
+	/* Put, find, replay with aged TTLs, expiry. */
+	an = mkans(a, q, qi.qend, 0, 2, 300, 0, 0, 1);
+	cache_put(&k, a, an, cache_lifetime(a, an, qi.qend), -1, t0);
+	e = cache_lookup(&k, 0);
+	ok(e != NULL && ce_fresh(e, t0) && G.cache.entries == 1, "stored");
+	ok(cache_lookup(&k, 1) == NULL, "not a pending marker");
+	n = cache_replay(e, qi.qend, t0 + 1999, 0, out);
+	ok(n == an && rr_ttl(out, n, qi.qend, 0) == 299 &&
+	    rr_ttl(out, n, qi.qend, 1) == 300, "TTLs lowered by whole seconds");
+	ok(memcmp(out + 12, a + 12, 4) == 0 &&
+	    memcmp(out + n - 11, a + an - 11, 11) == 0, "OPT kept as is");
+	n = cache_replay(e, qi.qend, t0 + 299999, 0, out);
+	ok(rr_ttl(out, n, qi.qend, 0) == 1, "1 s left");
+	ok(ce_fresh(e, t0 + 299999) && !ce_fresh(e, t0 + 300000),
+	    "expires at its TTL");
+	ok(!ce_stale_ok(e, t0 + 300000), "no stale without --serve-stale");
+	G.cfg.serve_stale = 60;
+	ok(ce_stale_ok(e, t0 + 359999) && !ce_stale_ok(e, t0 + 360000),
+	    "stale for --serve-stale more");
+	n = cache_replay(e, qi.qend, t0 + 320000, 1, out);
+	ok(rr_ttl(out, n, qi.qend, 0) == DOTP_STALE_TTL &&
+	    rr_ttl(out, n, qi.qend, 1) == DOTP_STALE_TTL, "stale TTL 30");
+	n = cache_replay(e, qi.qend, t0 + 320000, 0, out);
+	ok(rr_ttl(out, n, qi.qend, 0) == 0, "never below 0");
+	G.cfg.serve_stale = 0;
+	/* A pending marker lives beside the answer; an answer ends it. */
+	cache_put(&k, NULL, 0, 0, 5, t0);
+	ok(cache_lookup(&k, 1) != NULL && cache_lookup(&k, 1)->lead == 5 &&
+	    cache_lookup(&k, 0) != NULL, "marker beside the answer");
+	cache_put(&k, a, an, 300, -1, t0);
+	ok(cache_lookup(&k, 1) == NULL && G.cache.entries == 1,
+	    "an answer replaces both");
+
+	/* Eviction: unique names far past the budget; the bytes stay in
+	 * the ring, and an entry hit on every round survives (CLOCK). */
+	kept = 1;
+	for (i = 0; i < 3000; i++) {
+		char	 name[40];
+		size_t	 m;
+
+		snprintf(name, sizeof name, "n%d.example.test", i);
+		m = mkquery(out, 1, name, 1, 0, 0);
+		dns_check_query(out, m, &qi);
+		cache_key(out, qi.qend, 0, 0, &k2);
+		an = mkans(a, out, qi.qend, 0, 4, 300, 0, 0, 0);
+		cache_put(&k2, a, an, 300, -1, t0);
+		if ((e = cache_lookup(&k, 0)) == NULL)
+			kept = 0;
+		else
+			e->flags |= CE_REF;	/* a hit */
+	}
+	ok(G.cache.bytes <= G.cache.cap && G.cache.used <= G.cache.cap,
+	    "within the ring: %lu bytes", G.cache.bytes);
+	ok(G.ctr[CTR_CACHE_EVICTIONS] > 2000, "evicted %lu",
+	    G.ctr[CTR_CACHE_EVICTIONS]);
+	ok(kept, "an entry hit every round kept its place");
+	ok(G.cache.entries > 50 && G.cache.entries < 1000, "%lu entries",
+	    G.cache.entries);
+	munmap(G.cache.bucket, 64 * 1024);
+	memset(&G.cache, 0, sizeof G.cache);
+	G.ctr[CTR_CACHE_EVICTIONS] = 0;
+}
+
 int
 main(void)
 {
@@ -878,6 +1102,8 @@ main(void)
 	test_cidr();
 	test_acks();
 	test_readme_options();
+	test_embedded_anchors();
+	test_cache();
 	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
 	return t_fail != 0;
 }

@@ -27,6 +27,14 @@ static const char *fz_current;
 
 int LLVMFuzzerTestOneInput(const uint8_t *, size_t);
 
+/* A valid query for harnesses that need one when the input's is not:
+ * example.com A IN, RD, with an OPT (payload 1232). */
+static const unsigned char fixed_query[] = {
+	0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1,
+	7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 3, 'c', 'o', 'm', 0, 0, 1, 0, 1,
+	0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0
+};
+
 /* An exact-size buffer of n bytes (never NULL, even for n == 0), so
  * that ASan catches the first byte past it. */
 static unsigned char *

@@ -13,13 +13,6 @@
 #include "../../dotp.c"
 #include "fuzz.h"
 
-/* example.com A IN, RD, with an OPT (payload 1232). */
-static const unsigned char fixed_query[] = {
-	0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1,
-	7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 3, 'c', 'o', 'm', 0, 0, 1, 0, 1,
-	0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0
-};
-
 /* The OPT record (root name, RFC 6891) that dotp may cut: in the
  * additional section, the last record, nothing after it:
  * its offset (0: none, or the message does not parse up to it) and *end,

@@ -66,7 +66,11 @@ def upstream(tmp_path_factory, pki, ports):
 @pytest.fixture
 def dotp_factory(tmp_path, pki, ports):
     """start(upstreams=[...], listen=[...], extra=[...], env={}, ca=True,
-    probe=True) -> a running Dotp.
+    probe=True, cache=True) -> a running Dotp.
+
+    cache=False adds --no-cache, for a test of the forwarding engine that
+    must see a repeated query reach the upstream (the cache would answer
+    it); the answer cache itself is tested in test_cache.py.
 
     upstreams: list of "HOST:PORT#NAME" strings; listen: list of
     "ADDR:PORT" strings (default: one fresh 127.0.0.1 port). The instance
@@ -76,7 +80,7 @@ def dotp_factory(tmp_path, pki, ports):
     started = []
 
     def start(upstreams=(), listen=None, extra=(), env=None, ca=True,
-              probe=True, wait_ports=None):
+              probe=True, wait_ports=None, cache=True):
         if listen is None:
             listen = ["127.0.0.1:%d" % ports.get()]
         args = []
@@ -86,6 +90,8 @@ def dotp_factory(tmp_path, pki, ports):
             args += ["-u", u]
         if ca:
             args += ["--ca-file", str(pki.ca_pem)]
+        if not cache:
+            args += ["--no-cache"]
         args += list(extra)
         first = listen[0] if listen else None
         host = port = None

@@ -96,6 +96,18 @@ Options (off by default, existing behaviour unchanged):
                  answered NOERROR with one TXT record padded so that the
                  answer is exactly N bytes WITHOUT the OPT record (+11 with
                  it, see edns), N from qend + 13 to 65000; sized_query_name(N)
+    answer=fn    a per-test answer builder, called once per parsed query as
+                 it arrives (in the connection's thread): fn(query_wire)
+                 returns None (the answer the behaviour would give anyway),
+                 the answer's wire (bytes; its ID should be the query's), or
+                 Reply(wire=None, delay_ms=0, drop=False): wire as above
+                 (None: the usual answer), delay_ms added to when the
+                 behaviour would answer (normal, delay, unknown_id,
+                 wrong_question), drop=True: never answer this query. The
+                 behaviour still decides everything else (strays, wrong
+                 answers before the real one, closes). make_answer() and
+                 RR build answers with any RCODE, TTLs and sections.
+                 queries_for(name) counts the queries received for a name.
 """
 
 import heapq
@@ -352,6 +364,104 @@ def sized_query_name(n, zone="example.test", tag=""):
     return "size-%d.%s%s" % (n, tag + "." if tag else "", zone)
 
 
+# --------------------------------------------------------------------------
+# answers built by a test (FaultDoT's answer= hook)
+# --------------------------------------------------------------------------
+
+class Reply:
+    """What an answer hook may return: the answer's wire (None: the one the
+    behaviour gives), an extra delay in ms, or drop=True (never answered)."""
+    __slots__ = ("wire", "delay_ms", "drop")
+
+    def __init__(self, wire=None, delay_ms=0, drop=False):
+        self.wire, self.delay_ms, self.drop = wire, delay_ms, drop
+
+    def __repr__(self):
+        return "Reply(%s, delay_ms=%s, drop=%s)" % (
+            None if self.wire is None else "<%d bytes>" % len(self.wire),
+            self.delay_ms, self.drop)
+
+
+_NO_REPLY = Reply()
+
+TYPE_NS = 2
+TYPE_SOA = 6
+RCODE_NOERROR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_REFUSED = 0, 2, 3, 5
+
+
+def name_wire(name):
+    """A name in wire form, letters as given (no compression)."""
+    out = b""
+    for label in str(name).rstrip(".").split("."):
+        if label:
+            b = label.encode("latin-1")
+            out += bytes([len(b)]) + b
+    return out + b"\x00"
+
+
+class RR:
+    """One resource record for make_answer(): owner None means the
+    question's name (a compression pointer to offset 12), else a name
+    (str, written uncompressed, letters as given) or raw wire (bytes)."""
+    __slots__ = ("rtype", "ttl", "rdata", "owner", "rclass")
+
+    def __init__(self, rtype, ttl, rdata, owner=None, rclass=CLASS_IN):
+        self.rtype, self.ttl, self.rdata = rtype, ttl, rdata
+        self.owner, self.rclass = owner, rclass
+
+    def wire(self):
+        if self.owner is None:
+            own = struct.pack("!H", 0xC00C)
+        elif isinstance(self.owner, bytes):
+            own = self.owner
+        else:
+            own = name_wire(self.owner)
+        return own + struct.pack("!HHIH", self.rtype, self.rclass, self.ttl,
+                                 len(self.rdata)) + self.rdata
+
+
+def a_rr(ttl, addr, owner=None):
+    return RR(TYPE_A, ttl, socket.inet_aton(addr), owner)
+
+
+def txt_rr(ttl, n, owner=None):
+    """A TXT record whose RDATA is exactly n >= 1 bytes."""
+    return RR(TYPE_TXT, ttl, _txt_rdata(n), owner)
+
+
+def soa_rr(ttl, minimum, owner="example.test", serial=1, refresh=3600, retry=600,
+           expire=86400):
+    rd = (name_wire("ns.example.test") + name_wire("hostmaster.example.test")
+          + struct.pack("!IIIII", serial, refresh, retry, expire, minimum))
+    return RR(TYPE_SOA, ttl, rd, owner)
+
+
+def make_answer(query, rcode=RCODE_NOERROR, answer=(), authority=(), additional=(),
+                aa=True, opt="echo", tc=False):
+    """An answer to `query` (its ID, RD and CD copied, QR set, RA set, AA
+    as told), its question copied byte for byte, then the given RRs. opt:
+    'echo' adds an OPT record (payload 1232, DO copied, no options) when
+    the query has one; None never; or raw OPT RDATA bytes to send (when
+    the query has an OPT)."""
+    p = parse_question(query)
+    if p is None:
+        raise ValueError("make_answer: unparsable query %r" % query[:32])
+    qid, _qname, _qtype, _qclass, qend = p
+    qopt = query_opt(query)
+    opt_wire = b""
+    if qopt is not None and opt is not None:
+        rd = b"" if opt == "echo" else opt
+        opt_wire = struct.pack("!BHHIH", 0, TYPE_OPT, 1232, qopt[1] & 0x8000,
+                               len(rd)) + rd
+    f1 = 0x80 | (query[2] & 0x01) | (0x04 if aa else 0) | (0x02 if tc else 0)
+    f2 = 0x80 | (query[3] & 0x10) | (rcode & 0x0F)
+    hdr = struct.pack("!HBBHHHH", qid, f1, f2, 1, len(answer), len(authority),
+                      len(additional) + (1 if opt_wire else 0))
+    return (hdr + query[12:qend] + b"".join(r.wire() for r in answer)
+            + b"".join(r.wire() for r in authority)
+            + b"".join(r.wire() for r in additional) + opt_wire)
+
+
 class ConnLog:
     """What happened on one accepted connection."""
 
@@ -393,9 +503,10 @@ class _Closed(Exception):
 
 class FaultDoT:
     def __init__(self, cert, key, port, behaviours=("normal",), host="127.0.0.1",
-                 tag=None, seed=1, start=True, edns=False, sized=False):
+                 tag=None, seed=1, start=True, edns=False, sized=False, answer=None):
         self.cert, self.key = str(cert), str(key)
         self.edns, self.sized = edns, sized
+        self.answer_fn = answer
         self.host, self.port = host, port
         self.tag = tag if tag is not None else port
         self.seed = seed
@@ -493,6 +604,31 @@ class FaultDoT:
             self.qlog = []
             self.rawq = []
 
+    def queries_for(self, name):
+        """How many queries for `name` (any case, any type) arrived so far."""
+        n = norm_name(name)
+        with self.lock:
+            return sum(1 for _, _, q in self.qlog if q == n)
+
+    def query_times(self, name):
+        """The monotonic times the queries for `name` arrived."""
+        n = norm_name(name)
+        with self.lock:
+            return [t for t, _, q in self.qlog if q == n]
+
+    def _custom(self, q):
+        """What the answer hook says for query q: a Reply."""
+        if self.answer_fn is None:
+            return _NO_REPLY
+        r = self.answer_fn(q)
+        if r is None:
+            return _NO_REPLY
+        if isinstance(r, (bytes, bytearray)):
+            return Reply(bytes(r))
+        if isinstance(r, Reply):
+            return r
+        raise TypeError("answer hook returned %r (want None, bytes or Reply)" % (r,))
+
     # ---------------------------------------------------------- threads
     def _accept_loop(self):
         ls = self._ls
@@ -568,6 +704,7 @@ class _Conn:
         self.seq = 0
         self.planned = 0        # answers scheduled
         self.inflight = set()   # IDs received, not yet answered
+        self.pre = {}           # ID -> answer wire from the answer hook
         self.batch = []
         self.batch_t = None
         self.last_activity = time.monotonic()
@@ -757,14 +894,20 @@ class _Conn:
         m, a = self.mode, self.arg
         if self.closing:
             return
+        custom = self.srv._custom(q)
+        if custom.drop:
+            return
+        if custom.wire is not None:
+            self.pre[qid] = custom.wire
+        later = now + custom.delay_ms / 1000.0
         if m == "normal" or m == "idle_close_notify":
-            self._schedule(now, "answer", q)
+            self._schedule(later, "answer", q)
         elif m == "delay":
-            self._schedule(now + a / 1000.0, "answer", q)
+            self._schedule(later + a / 1000.0, "answer", q)
         elif m == "unknown_id":
-            self._schedule(now, "stray+answer", q)
+            self._schedule(later, "stray+answer", q)
         elif m == "wrong_question":
-            self._schedule(now, "case_answer" if self.warg == "case" else "wrong+answer", q)
+            self._schedule(later, "case_answer" if self.warg == "case" else "wrong+answer", q)
         elif m == "reorder":
             if not self.batch:
                 self.batch_t = now
@@ -838,7 +981,8 @@ class _Conn:
             self._rst()
 
     def _write_half(self, q):
-        a = build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
+        a = self.pre.pop(struct.unpack("!H", q[:2])[0], None) or \
+            build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
         frame = struct.pack("!H", len(a)) + a
         self.obj.write(frame[:len(frame) // 2])
         self._flush()
@@ -870,7 +1014,11 @@ class _Conn:
                 self.log.wrong += 1
                 with self.srv.lock:
                     self.srv.wrong_sent += 1
-            if kind == "case_answer":
+            a = self.pre.pop(qid, None)
+            if a is not None:
+                if kind == "case_answer":
+                    a = a[:12] + _swap_case(a[12:])     # the question name comes first
+            elif kind == "case_answer":
                 a = case_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
             else:
                 a = build_answer(q, self.srv.tag, edns=self.srv.edns, sized=self.srv.sized)
@@ -1176,7 +1324,10 @@ EXIT_COUNTERS = ("queries", "answers", "servfail", "dropped", "stray",
                  # closed a connection that had answered others
                  "recycled",
                  # what dotp learned of an upstream (when the exit line has it)
-                 "learned_conn_queries", "learned_idle_ms")
+                 "learned_conn_queries", "learned_idle_ms",
+                 # the answer cache (spec/cache.md)
+                 "cache_hits", "cache_misses", "cache_coalesced", "cache_prefetches",
+                 "cache_stale", "cache_evictions", "cache_entries", "cache_bytes")
 
 
 def exit_counters(log):
@@ -1321,15 +1472,16 @@ try:
     @pytest.fixture
     def faultdot_factory(pki, ports):
         """make(behaviours=['normal'], tag=None, port=None, seed=1, edns=False,
-        sized=False) -> a running FaultDoT with the good-rsa dot.test cert; closed at teardown, and the
+        sized=False, answer=None) -> a running FaultDoT with the good-rsa dot.test cert; closed at teardown, and the
         test fails if a server thread hit an unexpected exception."""
         made = []
 
         def make(behaviours=("normal",), tag=None, port=None, seed=1, host="127.0.0.1",
-                 edns=False, sized=False):
+                 edns=False, sized=False, answer=None):
             cert, key = pki.certs["good-rsa"]
             s = FaultDoT(cert, key, port or ports.get(), behaviours=behaviours,
-                         host=host, tag=tag, seed=seed, edns=edns, sized=sized)
+                         host=host, tag=tag, seed=seed, edns=edns, sized=sized,
+                         answer=answer)
             made.append(s)
             return s
         yield make

@@ -221,8 +221,10 @@ def test_resumption_unbound(dotp_factory, unbound_factory):
     (close_notify), queries 400 ms apart reconnect, and the reconnects
     resume the session."""
     u = unbound_factory()
+    # --no-cache: each repeat must reach unbound to make a connection.
     d = start_dotp(dotp_factory, [upstream_spec(u.tls_port)],
-                   ["--idle-timeout", "200", "--timeout", "2000"], verbose=True)
+                   ["--idle-timeout", "200", "--timeout", "2000", "--no-cache"],
+                   verbose=True)
     from harness import make_query, udp_exchange, rcode
     for i in range(4):
         a = udp_exchange(d.host, d.port, make_query("www.example.test", "A", qid=100 + i),

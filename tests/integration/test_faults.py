@@ -264,7 +264,8 @@ def test_soak_random_faults_no_leaks(dotp_factory, faultdot_factory):
     by less than 1 MiB."""
     rnd = faultdot_factory(["random"], tag=1, seed=7)
     good = faultdot_factory(["normal"], tag=2)
-    d = start_dotp(dotp_factory, [rnd, good], ["--timeout", "2000"])
+    # --no-cache: the soak's repeated names must all reach the upstreams.
+    d = start_dotp(dotp_factory, [rnd, good], ["--timeout", "2000", "--no-cache"])
     pid = d.proc.pid
     up_ports = {rnd.port, good.port}
     t0 = time.monotonic()

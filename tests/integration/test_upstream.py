@@ -140,7 +140,9 @@ def test_reconnects_after_upstream_restart(dotp_factory, unbound_factory):
     """The upstream goes away (closing dotp's connection) and comes back on
     the same port: dotp reconnects and answers again."""
     u = unbound_factory("good-ec")
-    d = dotp_factory(["127.0.0.1:%d#dot.test" % u.tls_port], extra=["--timeout", "2000"])
+    # --no-cache: the repeat must reach the (restarted) upstream.
+    d = dotp_factory(["127.0.0.1:%d#dot.test" % u.tls_port],
+                     extra=["--timeout", "2000", "--no-cache"])
     q = make_query("www.example.test", "A", qid=55)
     assert rcode(udp_exchange(d.host, d.port, q, timeout=3)) == 0
     u.stop()
