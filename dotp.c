@@ -504,6 +504,7 @@ struct query {
 	uint8_t	 padded;	/* enum pad_how: undone in the answer */
 	uint8_t	 ck;		/* its cache key's flag byte | CK_ON; 0:
 				   it bypasses the cache */
+	uint32_t chash;		/* its cache key's hash */
 	uint8_t	 lead;		/* it has a pending marker in the cache */
 	uint8_t	 stale;		/* a stale answer may be served for it */
 	int	 leader;	/* Q_FOLLOW: the query it waits for */
@@ -2165,6 +2166,24 @@ cache_lookup(const struct ckey *k, int pending)
 	return NULL;
 }
 
+/* Ends the pending marker of query slot lead, whose key has hash h, if
+ * it is still there. */
+static void
+cache_unmark(uint32_t h, int lead)
+{
+	struct cache *c = &G.cache;
+	uint32_t o;
+
+	for (o = c->bucket[h & c->mask]; o != 0; o = ce_at(o - 1)->next) {
+		struct centry *e = ce_at(o - 1);
+
+		if (e->alen == 0 && e->lead == lead && e->hash == h) {
+			cache_unlink(e);
+			return;
+		}
+	}
+}
+
 /* Is entry e fresh at now; or usable stale (--serve-stale)? */
 static int
 ce_fresh(const struct centry *e, int64_t now)
@@ -2333,6 +2352,27 @@ dns_name_same(const unsigned char *a, const unsigned char *b, size_t len,
 }
 
 /*
+ * The common case of dns_ttls_apart(), without a copy: the owner name
+ * at pos of answer a (parsed; question ending at qend) is the root or a
+ * pointer to a label of the question's name, which is uncompressed and
+ * ends before the first record: it cannot read a TTL.
+ */
+static int
+dns_owner_plain(const unsigned char *a, size_t pos, size_t qend)
+{
+	size_t	 ptr, l;
+
+	if (a[pos] == 0)
+		return 1;
+	if ((a[pos] & 0xc0) != 0xc0)
+		return 0;
+	ptr = (size_t)(a[pos] & 0x3f) << 8 | a[pos + 1];
+	for (l = DNS_HEADER_LEN; l < ptr && a[l] != 0; l += 1 + a[l])
+		;
+	return l == ptr && l < qend - 4;
+}
+
+/*
  * Can the TTLs of answer a (alen bytes, records from qend, parsed) be
  * rewritten without changing anything else? Not when a name reads bytes
  * of a TTL field through its compression pointers (an upstream's bogus
@@ -2373,42 +2413,44 @@ dns_ttls_apart(const unsigned char *a, size_t alen, size_t qend)
  * How long upstream answer a (alen bytes, checked: one question ending
  * at qend) may be kept, in seconds, by the rules of RFC 1035, 2181 and
  * 2308 and the --cache-* options; 0: not at all (TC; a record that does
- * not parse; a negative answer without an SOA; a lifetime of 0).
- * Failures (SERVFAIL, REFUSED, ...) are held DOTP_CACHE_FAIL_HOLD_S.
+ * not parse; TTLs that cannot be rewritten alone, dns_ttls_apart; a
+ * negative answer without an SOA; a lifetime of 0). Failures (SERVFAIL,
+ * REFUSED, ...) are held DOTP_CACHE_FAIL_HOLD_S. One walk of the records.
  */
 static uint32_t
 cache_lifetime(const unsigned char *a, size_t alen, size_t qend)
 {
 	uint16_t flags = rd16(a + DNS_OFF_FLAGS);
 	unsigned an = rd16(a + DNS_OFF_ANCOUNT), n, i, type;
-	int	 rcode = flags & 0xf, neg;
+	int	 rcode = flags & 0xf, neg, plain = 1;
 	uint32_t t, min = UINT32_MAX, soa = UINT32_MAX;
 	size_t	 pos = qend, rr, end;
-	struct dns_rrs r;
 
 	if ((flags & DNS_FLAG_TC) || rd16(a + DNS_OFF_QDCOUNT) != 1 ||
-	    alen > DOTP_CACHE_ANSWER_MAX || dns_walk_records(a, alen, qend,
-	    &r) == 0 || !dns_ttls_apart(a, alen, qend))
+	    alen > DOTP_CACHE_ANSWER_MAX)
 		return 0;
-	if (rcode != 0 && rcode != DNS_RCODE_NXDOMAIN)
-		return DOTP_CACHE_FAIL_HOLD_S;
 	neg = rcode == DNS_RCODE_NXDOMAIN || an == 0;
 	n = an + rd16(a + DNS_OFF_NSCOUNT);
-	for (i = 0; i < n; i++, pos = end) {
+	for (i = 0; i < n + rd16(a + DNS_OFF_ARCOUNT); i++, pos = end) {
+		if ((end = dns_skip_rr(a, alen, pos, &type)) == 0)
+			return 0;
+		plain = plain && dns_owner_plain(a, pos, qend);
+		if (i >= n)
+			continue;	/* additional: parsed, not counted */
 		rr = dns_skip_name(a, alen, pos);
-		end = dns_skip_rr(a, alen, pos, &type);
 		t = rd32(a + rr + DNS_RR_TTL);
 		if (t > 0x7fffffff)	/* RFC 2181 8: counts as 0 */
 			t = 0;
 		if (t < min)
 			min = t;
 		if (neg && i >= an && type == DNS_TYPE_SOA &&
-		    end - rr - DNS_RR_FIXED >= 22) {
-			uint32_t m = rd32(a + end - 4);	/* MINIMUM */
-
-			soa = t < m ? t : m;
-		}
+		    end - rr - DNS_RR_FIXED >= 22)	/* two names + 20 */
+			soa = t < rd32(a + end - 4) ? t : rd32(a + end - 4);
 	}
+	if (!plain && !dns_ttls_apart(a, alen, qend))
+		return 0;
+	if (rcode != 0 && rcode != DNS_RCODE_NXDOMAIN)
+		return DOTP_CACHE_FAIL_HOLD_S;
 	if (neg) {
 		if (soa == UINT32_MAX)
 			return 0;	/* RFC 2308 5: no SOA, no caching */
@@ -2625,13 +2667,19 @@ q_alloc(void)
 	return i;
 }
 
-/* The cache key of live query i (it uses the cache: q->ck != 0). */
+/* The cache key of live query i (it uses the cache: q->ck != 0); its
+ * hash was made once, when the query came. */
 static void
 q_key(int i, struct ckey *k)
 {
 	const struct query *q = &G.q[i];
+	size_t	 j;
 
-	cache_key_of(q->qbuf, q->qend, q->ck, k);
+	k->len = q->qend - DNS_HEADER_LEN + 1;
+	for (j = 0; j + 1 < k->len; j++)
+		k->b[j] = (unsigned char)dns_lower(q->qbuf[DNS_HEADER_LEN + j]);
+	k->b[j] = q->ck;
+	k->hash = q->chash;
 }
 
 /* Frees slot i. It MUST be Q_LOOSE (off every upstream list) and have
@@ -2640,15 +2688,11 @@ static void
 q_free(int i)
 {
 	struct query *q = &G.q[i];
-	struct centry *e;
-	struct ckey k;
 
 	if (q->cl.kind == CK_TCP)
 		tcp_done_query(&q->cl);
 	if (q->lead) {
-		q_key(i, &k);
-		if ((e = cache_lookup(&k, 1)) != NULL && e->lead == i)
-			cache_unlink(e);
+		cache_unmark(q->chash, i);
 		q->lead = 0;
 	}
 	if (q->stale) {
@@ -2774,8 +2818,10 @@ q_serve_stale(int i, int64_t now, int keep)
 		q_reply(f, out, n);
 	}
 	G.ctr[CTR_CACHE_STALE]++;
-	qlist_remove(&G.stale, i, QL_STALE);
-	q->stale = 0;
+	if (q->stale) {
+		qlist_remove(&G.stale, i, QL_STALE);
+		q->stale = 0;
+	}
 	if (!keep) {
 		q_reply(i, out, n);
 		return 1;
@@ -2789,8 +2835,8 @@ q_serve_stale(int i, int64_t now, int keep)
 }
 
 /* Answers query i (Q_LOOSE) with SERVFAIL, or with a stale answer when
- * --serve-stale keeps one (every upstream failed); its followers the
- * same. Frees them. */
+ * --serve-stale keeps one for its key (every upstream failed, or its
+ * time is up); its followers the same. Frees them. */
 static void
 q_servfail(int i, int64_t now)
 {
@@ -2799,7 +2845,7 @@ q_servfail(int i, int64_t now)
 	size_t	 n;
 	int	 f;
 
-	if (q->stale && q_serve_stale(i, now, 0))
+	if (q->ck && G.cfg.serve_stale > 0 && q_serve_stale(i, now, 0))
 		return;
 	while ((f = q->fol.head) >= 0) {
 		q_unlink(f);
@@ -4630,6 +4676,7 @@ q_lead(int i, int ck, const struct ckey *k, int stale, int64_t now)
 
 	if (ck > 0) {
 		q->ck = (uint8_t)ck;
+		q->chash = k->hash;
 		q->lead = 1;
 		cache_put(k, NULL, 0, 0, i, now);
 		if (stale) {

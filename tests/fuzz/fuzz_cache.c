@@ -108,6 +108,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		abort();
 	/* q_lead without the upstream: a pending marker, then the wire. */
 	G.q[i].ck = (uint8_t)ck;
+	G.q[i].chash = k.hash;
 	G.q[i].lead = 1;
 	cache_put(&k, NULL, 0, 0, i, now);
 	G.q[i].state = Q_SENT;
