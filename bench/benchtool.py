@@ -8,6 +8,10 @@ Subcommands:
   wait     send one A query until the answer 192.0.2.1 comes back
            (UDP, TCP or DoT); exit 1 when it does not within --timeout
   names    write a dnsperf query file of unique names
+  zipf     write a dnsperf query file drawn from a Zipf distribution over
+           a set of names, with some never-repeated names mixed in
+  warm     send every name of a query file over UDP and check the answers
+           (fills a forwarder's cache before an all-hits run)
   rss      print "VmRSS VmHWM" (KiB) of a process
   measure  one dnsperf load run against one target, sampling the target's
            (and the upstream's) CPU time, RSS and upstream TLS connections;
@@ -156,6 +160,70 @@ def sys_ticks():
     return v[0] + v[1] + v[2], (v[7] if len(v) > 7 else 0)
 
 
+def idle_ticks():
+    """idle+iowait of the whole machine, in clock ticks (what is left once
+    interrupts and softirqs, e.g. loopback traffic, are counted as busy)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4]
+
+
+def thread_ticks(pid):
+    """{tid: utime+stime} of every thread of PID ({} once it is gone)."""
+    r = {}
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return r
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        r[tid] = int(fields[11]) + int(fields[12])
+    return r
+
+
+class ThreadCpu(threading.Thread):
+    """Samples the threads of some processes every `interval` s: the
+    busiest thread of each, in cores (CPU seconds per wall second), tells
+    whether a process was held back by one thread at its limit (dnsperf's
+    sender, a single-threaded forwarder). A thread's figure covers the
+    time between the first and the last sample that saw it."""
+
+    def __init__(self, pids, interval=0.25):
+        super().__init__(daemon=True)
+        self.pids, self.interval = pids, interval
+        self.stop_ev = threading.Event()
+        self.first, self.last = {}, {}
+
+    def run(self):
+        while True:
+            now = time.monotonic()
+            for name, pid in self.pids.items():
+                for tid, ticks in thread_ticks(pid).items():
+                    self.first.setdefault((name, tid), (now, ticks))
+                    self.last[(name, tid)] = (now, ticks)
+            if self.stop_ev.wait(self.interval):
+                break
+
+    def stop(self):
+        self.stop_ev.set()
+        self.join()
+        r = {}
+        for key, (t1, k1) in self.last.items():
+            t0, k0 = self.first[key]
+            if t1 - t0 < 0.5:
+                continue
+            cores = (k1 - k0) / CLK_TCK / (t1 - t0)
+            d = r.setdefault(key[0], {"threads": 0, "max_thread_cores": 0.0})
+            d["threads"] += 1
+            d["max_thread_cores"] = round(max(d["max_thread_cores"], cores), 2)
+        return r
+
+
 class CpuWatch:
     """How much of the machine's CPU went to processes other than PIDS,
     this script and its children (dnsperf) between start and stop: other
@@ -238,6 +306,21 @@ def ss_conns(pid):
     except (OSError, subprocess.TimeoutExpired):
         return None
     return sum(1 for line in out.splitlines() if "pid=%d," % pid in line)
+
+
+def upstream_queries(conf):
+    """Queries the upstream unbound has received (all transports), from
+    `unbound-control stats_noreset` on its control socket; None when it
+    cannot tell."""
+    if not conf:
+        return None
+    try:
+        out = subprocess.run(["unbound-control", "-c", conf, "stats_noreset"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^total\.num\.queries=(\d+)$", out, re.M)
+    return int(m.group(1)) if m else None
 
 
 class ConnSampler(threading.Thread):
@@ -337,13 +420,82 @@ def do_wait(a):
 # ---------------------------------------------------------------------------
 
 def do_names(a):
-    fmt = a.prefix + "%0" + str(a.digits) + "d.bench.test A\n"
+    fmt = a.prefix + "%0" + str(a.digits) + "d." + a.zone + " A\n"
     with open(a.out, "w") as f:
         step = 100000
         for s in range(a.start, a.start + a.count, step):
             e = min(s + step, a.start + a.count)
             f.write("".join(fmt % i for i in range(s, e)))
     return 0
+
+
+def do_zipf(a):
+    """A query stream for the cache runs: each query is, with probability
+    --unique-pct %, a name never used before (u<n>.ZONE: it can only
+    miss), else the name of rank k among --names names (z<k>.ZONE),
+    drawn with probability proportional to 1/k^s. Same --seed, same
+    stream. With --seen/--save-seen, names already drawn by an earlier
+    stream count as seen: the report's "any cache" ceiling is the share
+    of queries whose name was asked before (what a cache that never
+    drops anything would answer)."""
+    rng = random.Random(a.seed)
+    n = a.names
+    cum, acc = [], 0.0
+    for k in range(1, n + 1):
+        acc += 1.0 / k ** a.s
+        cum.append(acc)
+    ranks = range(n)
+    seen = set()
+    if a.seen and os.path.exists(a.seen):
+        with open(a.seen) as f:
+            seen = set(int(x) for x in f.read().split())
+    repeat = 0
+    uniq = a.unique_start
+    lines = []
+    for _ in range(a.count):
+        if rng.random() * 100.0 < a.unique_pct:
+            lines.append("u%09d.%s A\n" % (uniq, a.zone))
+            uniq += 1
+            continue
+        k = rng.choices(ranks, cum_weights=cum)[0]
+        if k in seen:
+            repeat += 1
+        else:
+            seen.add(k)
+        lines.append("z%07d.%s A\n" % (k, a.zone))
+    with open(a.out, "w") as f:
+        f.write("".join(lines))
+    if a.save_seen:
+        with open(a.save_seen, "w") as f:
+            f.write(" ".join(str(k) for k in sorted(seen)))
+    # queries whose name was asked before, distinct names, unique names
+    print(repeat, len(seen), uniq - a.unique_start)
+    return 0
+
+
+def do_warm(a):
+    """Sends every name of a dnsperf query file (NAME TYPE lines) over
+    UDP, one at a time, --passes times; exit 1 unless every query got the
+    expected answer."""
+    names = []
+    with open(a.datafile) as f:
+        for line in f:
+            p = line.split()
+            if p:
+                names.append(p[0])
+    c = Client("udp", "127.0.0.1", a.port, a.timeout)
+    bad = 0
+    for _ in range(a.passes):
+        for i, name in enumerate(names):
+            qid = random.randrange(65536)
+            msg = c.query(build_query(name, qid))
+            if msg is None or not answer_ok(msg, qid):
+                bad += 1
+    c.close()
+    if bad:
+        print("warm: %d of %d queries to 127.0.0.1:%d got no or a wrong answer"
+              % (bad, len(names) * a.passes, a.port), file=sys.stderr)
+    return 1 if bad else 0
 
 
 # ---------------------------------------------------------------------------
@@ -419,6 +571,7 @@ def run_measured(a, rec, cmd, tool, timeout):
     and, with --count-conns, the upstream TLS connections. Returns (output
     file path, target CPU ticks, upstream CPU ticks, target's peak RSS)."""
     pid, upid = a.pid, a.upstream_pid
+    uq0 = upstream_queries(getattr(a, "upstream_control", None))
     time.sleep(a.settle)
     rec["rss_before_kib"], _ = mem_kib(pid)
     rec["hwm_reset"] = reset_hwm(pid)
@@ -428,16 +581,54 @@ def run_measured(a, rec, cmd, tool, timeout):
     if sampler:
         sampler.start()
     w0 = time.monotonic()
+    c0 = os.times()
+    i0 = idle_ticks()
     out = os.path.join(a.tmp, "%s.%d.out" % (tool, os.getpid()))
     with open(out, "w") as f:
-        try:
-            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
-                               timeout=timeout)
-            rec[tool + "_rc"] = p.returncode
-        except subprocess.TimeoutExpired:
-            rec[tool + "_rc"] = "timeout"
-    rec["wall_s"] = round(time.monotonic() - w0, 3)
+        if getattr(a, "thread_cpu", False):
+            # the same as subprocess.run, with the threads of the load
+            # generator and of the target sampled meanwhile
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            tc = ThreadCpu({tool: p.pid, "target": pid})
+            tc.start()
+            try:
+                rec[tool + "_rc"] = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                rec[tool + "_rc"] = "timeout"
+            th = tc.stop()
+            rec["loadgen_max_thread_cores"] = (th.get(tool) or {}).get("max_thread_cores")
+            rec["loadgen_threads"] = (th.get(tool) or {}).get("threads")
+            rec["target_max_thread_cores"] = (th.get("target") or {}).get("max_thread_cores")
+            rec["target_threads"] = (th.get("target") or {}).get("threads")
+        else:
+            try:
+                p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                   timeout=timeout)
+                rec[tool + "_rc"] = p.returncode
+            except subprocess.TimeoutExpired:
+                rec[tool + "_rc"] = "timeout"
+    wall = time.monotonic() - w0
+    i1 = idle_ticks()
+    rec["wall_s"] = round(wall, 3)
     t1, t1u = cpu_ticks(pid), cpu_ticks(upid)
+    c1 = os.times()
+    # the load generator's own CPU (the child just waited for), and each
+    # process's CPU as cores (CPU seconds per wall second): which of them
+    # was near its limit
+    gen = (c1.children_user + c1.children_system
+           - c0.children_user - c0.children_system)
+    rec["loadgen_cpu_s"] = round(gen, 3)
+    if wall > 0:
+        rec["loadgen_cores"] = round(gen / wall, 2)
+        rec["target_cores"] = round((t1 - t0) / CLK_TCK / wall, 2)
+        if upid != pid:
+            rec["upstream_cores"] = round((t1u - t0u) / CLK_TCK / wall, 2)
+        # the machine's CPU not idle, softirqs (loopback) included
+        rec["machine_nonidle_pct"] = round(max(0.0, 100.0 - 100.0 * (i1 - i0)
+                                               / CLK_TCK / wall
+                                               / (os.cpu_count() or 1)), 1)
     if sampler:
         sampler.stop()
         rec["tls_conns_max"] = max(sampler.counts) if sampler.counts else None
@@ -448,6 +639,10 @@ def run_measured(a, rec, cmd, tool, timeout):
     rec.update(watch.stop())
     rec["rss_after_kib"], hwm1 = mem_kib(pid)
     rec["peak_rss_kib"] = hwm1 if rec["hwm_reset"] else None
+    uq1 = upstream_queries(getattr(a, "upstream_control", None))
+    if uq0 is not None and uq1 is not None:
+        # everything the upstream received from the settle to the end
+        rec["upstream_queries"] = uq1 - uq0
     return out, t1 - t0, t1u - t0u
 
 
@@ -458,17 +653,24 @@ def do_measure(a):
         "clients": a.clients, "outstanding": a.outstanding,
     }
     warm_up(a, rec)
+    # --runs-through N: the file N times (a stream), else for --duration s
+    limit = ["-n", str(a.runs_through)] if a.runs_through else \
+        ["-l", str(a.duration)]
     cmd = ["dnsperf", "-m", a.transport, "-s", "127.0.0.1", "-p", str(a.port),
-           "-d", a.datafile, "-c", str(a.clients), "-q", str(a.outstanding),
-           "-l", str(a.duration), "-t", str(a.query_timeout), "-v"]
+           "-d", a.datafile, "-c", str(a.clients), "-q", str(a.outstanding)] \
+        + limit + ["-t", str(a.query_timeout), "-v"]
     rec["command"] = " ".join(cmd)
+    if a.runs_through:
+        rec["duration_s"] = None
+        rec["runs_through"] = a.runs_through
     if a.datafile_lines is None:
         with open(a.datafile) as f:
             a.datafile_lines = sum(1 for _ in f)
     rec["datafile_lines"] = a.datafile_lines
 
     out, cpu, ucpu = run_measured(a, rec, cmd, "dnsperf",
-                                  a.duration + a.query_timeout + 30)
+                                  a.max_time if a.runs_through
+                                  else a.duration + a.query_timeout + 30)
 
     lat, rc_lines, timeouts = [], {}, 0
     summary = []
@@ -504,6 +706,10 @@ def do_measure(a):
     # unique names must not repeat within a run: the file was not wrapped
     if a.names == "unique":
         rec["names_repeated"] = rec.get("sent", 0) > a.datafile_lines
+    # cache runs: the share of queries the forwarder answered without
+    # asking the upstream (1 - what the upstream received / queries sent)
+    if rec.get("upstream_queries") is not None and rec.get("sent"):
+        rec["hit_ratio"] = round(1.0 - rec["upstream_queries"] / rec["sent"], 4)
     if rec.get("dnsperf_rc") != 0 or "qps" not in rec:
         rec["error"] = "dnsperf failed: " + text.strip()[-400:]
     with open(a.out, "a") as f:
@@ -520,6 +726,12 @@ def do_measure(a):
         line += "  (steal %s%%)" % rec["steal_pct"]
     if rec.get("names_repeated"):
         line += "  (names repeated: file too short)"
+    if rec.get("upstream_queries") is not None:
+        line += "  upstream got %d (hit ratio %s)" % (rec["upstream_queries"],
+                                                     rec.get("hit_ratio"))
+    if rec.get("loadgen_cores") is not None:
+        line += "  cores: dnsperf %s target %s" % (rec["loadgen_cores"],
+                                                   rec.get("target_cores"))
     if noerr != done:
         line += "  (rcodes %s)" % rec.get("rcodes")
     if "error" in rec:
@@ -694,13 +906,17 @@ def do_light(a):
     if a.pair_port:
         c2 = Client(a.pair_mode, "127.0.0.1", a.pair_port, a.query_timeout,
                     a.pair_ca, a.tls_name)
-    fmt = a.prefix + "%07d.bench.test"
-    fmt2 = a.prefix + "p%07d.bench.test"
-    # warm-up: connection, caches of the client's own path, CPU frequency
-    for i in range(a.warmup):
-        c.query(build_query(fmt % (9000000 + i), i & 0xFFFF))
+    fmt = a.prefix + "%07d." + a.zone
+    fmt2 = a.prefix + "p%07d." + a.zone
+    # --cycle N: the names repeat every N queries (all hits once warm)
+    cyc = (lambda i: i % a.cycle) if a.cycle else (lambda i: i)
+    # warm-up: connection, caches of the client's own path, CPU frequency;
+    # with --cycle, every name once (the forwarder's cache) and more
+    for i in range(a.warmup + (a.cycle or 0)):
+        j = cyc(i) if a.cycle else 9000000 + i
+        c.query(build_query(fmt % j, i & 0xFFFF))
         if c2:
-            c2.query(build_query(fmt2 % (9000000 + i), i & 0xFFFF))
+            c2.query(build_query(fmt2 % j, i & 0xFFFF))
     watch = CpuWatch([a.pid, a.upstream_pid])
     lat, lat2 = [], []
     lost = [0, 0]
@@ -728,12 +944,12 @@ def do_light(a):
         if end and time.monotonic() >= end:
             break
         if c2 and i & 1:
-            one(c2, fmt2 % i, 1, lat2)
-            one(c, fmt % i, 0, lat)
+            one(c2, fmt2 % cyc(i), 1, lat2)
+            one(c, fmt % cyc(i), 0, lat)
         else:
-            one(c, fmt % i, 0, lat)
+            one(c, fmt % cyc(i), 0, lat)
             if c2:
-                one(c2, fmt2 % i, 1, lat2)
+                one(c2, fmt2 % cyc(i), 1, lat2)
         i += 1
     c.close()
     if c2:
@@ -742,6 +958,10 @@ def do_light(a):
            "round": a.round, "sent": i, "lost": lost[0], "bad_answers": bad[0],
            "duration_s": a.duration, "client": "benchtool.py light "
            "(Python, closed loop, 1 query in flight)"}
+    if a.cycle:
+        rec["names"] = "hits"
+        rec["cycle"] = a.cycle
+        rec["client"] += ", %d names repeated (warmed first)" % a.cycle
     rec.update(lat_summary_us(lat))
     rec.update(watch.stop())
     if c2:
@@ -854,6 +1074,262 @@ def _os_release():
     return None
 
 
+def exit_counters(line):
+    """key=value pairs of a dotp exit line, numbers as ints."""
+    r = {}
+    for k, v in re.findall(r"(\w+)=(\S+)", line or ""):
+        r[k] = int(v) if re.fullmatch(r"\d+", v) else v.strip('"')
+    return r
+
+
+def limited_by(x, ncpu):
+    """What held an all-hits run back, from the CPU each process used
+    (cores = CPU seconds per wall second over the run; busiest thread:
+    the same for its busiest thread). Returns (verdict, figures)."""
+    lg, tc = x.get("loadgen_cores"), x.get("target_cores")
+    lgt, tct = x.get("loadgen_max_thread_cores"), x.get("target_max_thread_cores")
+    uc, busy = x.get("upstream_cores"), x.get("machine_nonidle_pct")
+    if lg is None or tc is None:
+        return None, "-"
+    use = ("dnsperf %.2f cores (busiest of %s threads %s), target %.2f (busiest "
+           "of %s threads %s), upstream %.2f; machine %s%% not idle, other "
+           "processes %s%%" % (
+               lg, fmt(x.get("loadgen_threads")), fmt(lgt, 2), tc,
+               fmt(x.get("target_threads")), fmt(tct, 2), uc or 0.0, fmt(busy),
+               fmt(x.get("foreign_cpu_pct"))))
+    hot = []
+    if lgt is not None and lgt >= 0.85:
+        hot.append("dnsperf (a thread at %.2f cores)" % lgt)
+    if tct is not None and tct >= 0.85:
+        hot.append("the target (a thread at %.2f cores)" % tct)
+    other = x.get("foreign_cpu_pct") or 0
+    if busy is not None and busy >= 80:
+        return ("the machine's %d cores (%s%% not idle%s); %s" % (
+            ncpu, fmt(busy), ", %s%% of it other processes" % fmt(other)
+            if other > 10 else "",
+            "at its limit: " + ", ".join(hot) if hot else
+            "biggest user: %s (%.2f cores vs %.2f)" % (
+                ("dnsperf", lg, tc) if lg >= tc else ("the target", tc, lg))),
+            use)
+    if hot:
+        return ", ".join(hot), use
+    return "no thread and not the machine: round trips (queries in flight)", use
+
+
+def cache_report(meta, agg, light_agg, runs, verdict):
+    """The cache runs (run.sh section 8): all hits, light load with hits,
+    the Zipf stream; adds dotp's cache verdicts. {} when there were none."""
+    c = meta.get("cached") or {}
+    if not c.get("enabled"):
+        return {}
+    ts = str(c.get("targets") or "").split()
+    ncpu = (meta.get("machine") or {}).get("nproc") or os.cpu_count()
+    budget = c.get("budget_bytes")
+    procs = c.get("proc") or {}
+    z = c.get("zipf") or {}
+    out = {"targets": ts, "budget_bytes": budget,
+           "config": c.get("config") or {}, "hits": {}, "light": {},
+           "zipf": {}}
+    for t in ts:
+        x = dict((agg.get(t + "-cached") or {}).get("udp/hits") or {})
+        if x:
+            x["limited_by"], x["cpu_use"] = limited_by(x, ncpu)
+            x["idle_rss_kib"] = (procs.get(t) or {}).get("idle_rss_kib")
+            out["hits"][t] = x
+        li = light_agg.get(t + "-cached/udp")
+        if li:
+            out["light"][t] = li
+        zr = {}
+        for seg in ("zipf-cold", "zipf"):
+            y = (agg.get(t + "-cached") or {}).get("udp/" + seg)
+            if y:
+                zr[seg] = y
+        if zr:
+            zt = z.get(t) or {}
+            zr["rss_start_kib"] = zt.get("rss_start_kib")
+            zr["rss_end_kib"] = zt.get("rss_end_kib")
+            zr["hwm_kib"] = zt.get("hwm_kib")
+            if zt.get("exit_line"):
+                zr["counters"] = exit_counters(zt["exit_line"])
+            for k in ("gc_cpu_s", "gc_status"):
+                if zt.get(k) not in (None, ""):
+                    zr[k] = zt[k]
+            out["zipf"][t] = zr
+    if (procs.get("dotp") or {}).get("exit_line"):
+        out["hits_dotp_counters"] = exit_counters(procs["dotp"]["exit_line"])
+    if z.get("queries") and z.get("repeats") is not None:
+        # what a cache that never dropped anything would answer
+        out["zipf_ceiling"] = round(z["repeats"] / z["queries"], 4)
+
+    # --- verdicts ---------------------------------------------------------
+    d = out["hits"].get("dotp")
+    peers = {t: x["cpu_us_per_query"] for t, x in out["hits"].items()
+             if t != "dotp" and x.get("cpu_us_per_query")}
+    tgt = "cached UDP, all hits: CPU per query <= 1/3 of the leanest cached peer, 0 lost"
+    if d and d.get("cpu_us_per_query") is not None and peers:
+        lean = min(peers, key=peers.get)
+        verdict("cache_cpu", d["cpu_us_per_query"] <= peers[lean] / 3.0
+                and d.get("lost_total") == 0,
+                "dotp %.2f us/query vs leanest cached peer %s %.2f us/query "
+                "(ratio %.2f); dotp %s qps, lost %s; limited by %s"
+                % (d["cpu_us_per_query"], lean, peers[lean],
+                   d["cpu_us_per_query"] / peers[lean], fmt(d.get("qps")),
+                   fmt(d.get("lost_total")), d.get("limited_by")), tgt)
+    else:
+        verdict("cache_cpu", None, "not measured", tgt)
+    li = out["light"].get("dotp") or {}
+    tgt = "light load, all hits: dotp p50 <= the upstream's plain UDP p50 (same run)"
+    if li.get("added_p50_us") is not None:
+        verdict("cache_latency", li["added_p50_us"] <= 0,
+                "dotp p50 %.1f us, upstream plain UDP p50 %.1f us (queries "
+                "alternated): difference %+.1f us (median over %d runs)"
+                % (li["p50_us"], li["paired_p50_us"], li["added_p50_us"],
+                   li.get("rounds", 0)), tgt)
+    else:
+        verdict("cache_latency", None, "not measured", tgt)
+    idle = (procs.get("dotp") or {}).get("idle_rss_kib")
+    tgt = "idle RSS with the cache on <= 512 KiB"
+    if idle is not None:
+        verdict("cache_idle_rss", idle <= 512,
+                "%d KiB (--cache-size %s, VmRSS after the first query)"
+                % (idle, fmt(budget)), tgt)
+    else:
+        verdict("cache_idle_rss", None, "not measured", tgt)
+    zd = out["zipf"].get("dotp") or {}
+    lim = (budget or 0) // 1024 + 1024
+    tgt = "RSS with the cache full <= budget + 1 MiB (%s KiB)" % fmt(lim)
+    peaks = [v for v in [zd.get("hwm_kib"), zd.get("rss_end_kib")]
+             + [(zd.get(s) or {}).get("peak_rss_kib_max")
+                for s in ("zipf-cold", "zipf")] if v]
+    if peaks and budget:
+        ev = (zd.get("counters") or {}).get("cache_evictions")
+        full = ev is not None and ev > 0
+        verdict("cache_full_rss", (max(peaks) <= lim) if full else None,
+                "%d KiB (VmHWM over the Zipf stream; VmRSS at its end %s KiB); "
+                "cache %s" % (max(peaks), fmt(zd.get("rss_end_kib")),
+                              "full: %d evictions, %s entries, %s bytes held"
+                              % (ev, fmt((zd.get("counters") or {}).get("cache_entries")),
+                                 fmt((zd.get("counters") or {}).get("cache_bytes")))
+                              if full else "NOT shown full (no cache_evictions "
+                              "on the exit line): not judged"), tgt)
+    else:
+        verdict("cache_full_rss", None, "not measured", tgt)
+    return out
+
+
+def cache_markdown(cache, meta):
+    c = meta.get("cached") or {}
+    z = c.get("zipf") or {}
+    s = meta.get("settings") or {}
+    L = []
+    budget = cache.get("budget_bytes")
+    L.append("## Answer caches on (equal memory: %s bytes)\n" % fmt(budget))
+    L.append("After every uncached run, each forwarder again as a new process "
+             "with its answer cache on; stubby has none (n/a). Names under "
+             "c.bench.test. (TTL 3600 s: nothing expires during these runs). "
+             "The upstream's received queries come from its control socket "
+             "(unbound-control stats_noreset) before and after each run.\n")
+    L.append("| target | cache setting |")
+    L.append("|---|---|")
+    for t, v in (cache.get("config") or {}).items():
+        L.append("| %s | %s |" % (t, v))
+    L.append("")
+    if cache["hits"]:
+        L.append("### All hits (UDP, %s names, warmed first)\n" % fmt(c.get("hit_names")))
+        L.append("dnsperf `-c %s -q %s -l %s` cycling through the names, every "
+                 "target every round, median over rounds. Upstream queries: "
+                 "what the upstream received during the runs (0: every answer "
+                 "came from the cache; dnsdist's health checks add one a "
+                 "second). Cores: CPU seconds per wall second over the run (busiest "
+                 "thread: the same for the process's busiest thread, sampled "
+                 "every 0.25 s); machine not idle: 100%% - idle, interrupts and "
+                 "softirqs (the loopback's packet work) included. Limited by: "
+                 "the machine when 80%% of it or more was not idle (with its "
+                 "biggest user, or a thread at 0.85 core or more), else such a "
+                 "thread.\n"
+                 % (s.get("clients"), s.get("outstanding"), s.get("duration_s")))
+        L.append("| target | QPS | CPU µs/query | avg µs | p99 µs | lost | "
+                 "upstream queries | dnsperf cores (busiest thread) | target "
+                 "cores (busiest thread) | machine not idle | limited by | "
+                 "idle RSS KiB | peak RSS KiB |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+        for t, x in cache["hits"].items():
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s (%s) | %s (%s) | %s | %s | %s | %s |" % (
+                t, fmt(x.get("qps")), fmt(x.get("cpu_us_per_query"), 2),
+                fmt(x.get("avg_us")), fmt(x.get("p99_us")), fmt(x.get("lost_total")),
+                fmt(x.get("upstream_queries_total")), fmt(x.get("loadgen_cores"), 2),
+                fmt(x.get("loadgen_max_thread_cores"), 2),
+                fmt(x.get("target_cores"), 2), fmt(x.get("target_max_thread_cores"), 2),
+                fmt(x.get("machine_nonidle_pct"), 0, "%"),
+                x.get("limited_by") or "-", fmt(x.get("idle_rss_kib")),
+                fmt(x.get("peak_rss_kib_max"))))
+        hc = cache.get("hits_dotp_counters")
+        if hc:
+            L.append("\ndotp's exit line after these runs: " + ", ".join(
+                "%s=%s" % (k, v) for k, v in hc.items() if k.startswith("cache_")
+                or k in ("queries", "answers")) + ".")
+        L.append("")
+    if cache["light"]:
+        L.append("### Light load, all hits (1 query in flight)\n")
+        L.append("The same client as the light-load runs above, cycling through "
+                 "%s warmed names; each query to the forwarder alternates with "
+                 "one to the upstream's plain UDP port (local data from memory), "
+                 "same run. Difference: forwarder p50 - upstream UDP p50, median "
+                 "over runs (dotp %s runs per round, the peers one).\n"
+                 % (fmt(c.get("hit_names")), s.get("light_reps", 1)))
+        L.append("| target | queries | p50 µs | p90 µs | p99 µs | lost | "
+                 "upstream UDP p50 µs (paired) | difference µs | runs |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t, x in cache["light"].items():
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                t, fmt(x["queries"]), fmt(x["p50_us"], 1), fmt(x["p90_us"], 1),
+                fmt(x["p99_us"], 1), fmt(x["lost_total"]),
+                fmt(x.get("paired_p50_us"), 1),
+                "-" if x.get("added_p50_us") is None else "%+.1f" % x["added_p50_us"],
+                x["rounds"]))
+        L.append("")
+    if cache["zipf"]:
+        L.append("### Hit ratio: a Zipf stream\n")
+        L.append("Names drawn with probability ~ 1/rank^%s over %s names, %s%% "
+                 "of the queries a name never asked before; each target a fresh "
+                 "process: %s queries (cold: the cache filling) then %s more "
+                 "(the figure), dnsperf `-n 1 -c %s -q %s` through each file. "
+                 "Hit ratio = 1 - queries the upstream received / queries sent. "
+                 "A cache that never dropped anything would answer %s of the "
+                 "second part (its queries for names asked before). RSS: VmRSS "
+                 "of the process at start and after the stream.\n" % (
+                     z.get("s"), fmt(z.get("names")), z.get("unique_pct"),
+                     fmt(z.get("warm_queries")), fmt(z.get("queries")),
+                     s.get("clients"), s.get("outstanding"),
+                     "-" if cache.get("zipf_ceiling") is None
+                     else "%.1f%%" % (100 * cache["zipf_ceiling"])))
+        L.append("| target | hit ratio | cold hit ratio | queries sent | "
+                 "upstream received | QPS | CPU µs/query | lost | RSS start → "
+                 "end KiB | notes |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        pc = lambda v: "-" if v is None else "%.1f%%" % (100 * v)
+        for t, x in cache["zipf"].items():
+            w, cd = x.get("zipf") or {}, x.get("zipf-cold") or {}
+            notes = []
+            k = x.get("counters")
+            if k:
+                notes.append("exit line: " + ", ".join(
+                    "%s=%s" % (kk, v) for kk, v in k.items()
+                    if kk.startswith("cache_")))
+            if x.get("gc_status"):
+                notes.append("kres-cache-gc: %s%s" % (
+                    x["gc_status"], "" if x.get("gc_cpu_s") in (None, "")
+                    else ", %s s CPU (not counted)" % x["gc_cpu_s"]))
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s → %s | %s |" % (
+                t, pc(w.get("hit_ratio")), pc(cd.get("hit_ratio")),
+                fmt(w.get("sent_total")), fmt(w.get("upstream_queries_total")),
+                fmt(w.get("qps")), fmt(w.get("cpu_us_per_query"), 2),
+                fmt(w.get("lost_total")), fmt(x.get("rss_start_kib")),
+                fmt(x.get("rss_end_kib")), "; ".join(notes) or "-"))
+        L.append("")
+    return L
+
+
 def do_report(a):
     cg = None
     if a.from_json:
@@ -924,6 +1400,25 @@ def do_report(a):
                      if x.get("tls_conns_distinct") is not None] or [None],
                     key=lambda v: v or 0),
                 "names_repeated": any(x.get("names_repeated") for x in ok),
+                # who used the CPU (cores = CPU s per wall s), and for the
+                # cache runs what reached the upstream
+                "loadgen_cores": med([x.get("loadgen_cores") for x in ok]),
+                "target_cores": med([x.get("target_cores") for x in ok]),
+                "upstream_cores": med([x.get("upstream_cores") for x in ok]),
+                "machine_busy_pct": med([x.get("machine_busy_pct") for x in ok]),
+                "machine_nonidle_pct": med([x.get("machine_nonidle_pct") for x in ok]),
+                "foreign_cpu_pct": med([x.get("foreign_cpu_pct") for x in ok]),
+                "loadgen_max_thread_cores":
+                    med([x.get("loadgen_max_thread_cores") for x in ok]),
+                "loadgen_threads": med([x.get("loadgen_threads") for x in ok]),
+                "target_max_thread_cores":
+                    med([x.get("target_max_thread_cores") for x in ok]),
+                "target_threads": med([x.get("target_threads") for x in ok]),
+                "sent_total": sum(x.get("sent", 0) or 0 for x in ok),
+                "upstream_queries_total": sum(x["upstream_queries"] for x in ok)
+                if ok and all(x.get("upstream_queries") is not None for x in ok)
+                else None,
+                "hit_ratio": med([x.get("hit_ratio") for x in ok]),
             }
     light = {}
     for r in runs:
@@ -1095,6 +1590,8 @@ def do_report(a):
                 % (dt["tls_conns_max"], dt.get("tls_conns_min_during_load")),
                 "exactly 1 TLS connection to the upstream")
 
+    cache = cache_report(meta, agg, light_agg, runs, verdict)
+
     for kind in ("load", "light", "resperf"):
         stolen = [r for r in runs if r["kind"] == kind
                   and (r.get("steal_pct") or 0) > 5]
@@ -1132,6 +1629,7 @@ def do_report(a):
         if x["names_repeated"]:
             auto.append("resperf %s: the query file wrapped (names repeated)" % k)
     result = {"meta": meta, "summary": agg, "light": light_agg,
+              "cache": cache,
               "resperf": resperf_agg,
               "per_target": per_target, "callgrind": cg, "verdicts": V,
               "caveats_from_data": auto, "runs": runs}
@@ -1333,6 +1831,8 @@ def do_report(a):
                                         " (dotp p50 %+.1f µs over plain UDP "
                                         "straight to the upstream, separate runs)"
                                         % (lp - lu2)))
+    if cache:
+        L.extend(cache_markdown(cache, meta))
     if cg:
         L.append("## Instructions (callgrind)\n")
         if "error" in cg:
@@ -1391,6 +1891,25 @@ def main():
     n.add_argument("--start", type=int, default=0)
     n.add_argument("--count", type=int, required=True)
     n.add_argument("--digits", type=int, default=8)
+    n.add_argument("--zone", default="bench.test")
+
+    z = sub.add_parser("zipf")
+    z.add_argument("--out", required=True)
+    z.add_argument("--names", type=int, default=200000)
+    z.add_argument("--s", type=float, default=1.0)
+    z.add_argument("--unique-pct", type=float, default=10.0)
+    z.add_argument("--unique-start", type=int, default=0)
+    z.add_argument("--count", type=int, required=True)
+    z.add_argument("--seed", type=int, default=1)
+    z.add_argument("--zone", default="c.bench.test")
+    z.add_argument("--seen", help="names drawn by an earlier stream")
+    z.add_argument("--save-seen", help="write the names drawn so far here")
+
+    wa = sub.add_parser("warm")
+    wa.add_argument("--port", type=int, required=True)
+    wa.add_argument("--datafile", required=True)
+    wa.add_argument("--passes", type=int, default=2)
+    wa.add_argument("--timeout", type=float, default=2)
 
     b = sub.add_parser("busy")
     b.add_argument("--seconds", type=float, default=1.0)
@@ -1401,7 +1920,8 @@ def main():
     m = sub.add_parser("measure")
     m.add_argument("--target", required=True)
     m.add_argument("--transport", choices=("udp", "tcp", "dot"), required=True)
-    m.add_argument("--names", choices=("unique", "repeat"), required=True)
+    m.add_argument("--names", choices=("unique", "repeat", "hits", "zipf",
+                                       "zipf-cold"), required=True)
     m.add_argument("--port", type=int, required=True)
     m.add_argument("--datafile", required=True)
     m.add_argument("--datafile-lines", type=int)
@@ -1409,6 +1929,16 @@ def main():
     m.add_argument("--upstream-pid", type=int, required=True)
     m.add_argument("--count-conns", action="store_true")
     m.add_argument("--duration", type=int, default=10)
+    m.add_argument("--runs-through", type=int, default=0,
+                   help="dnsperf -n: the file this many times (no -l)")
+    m.add_argument("--max-time", type=int, default=600,
+                   help="with --runs-through: give up after this long")
+    m.add_argument("--thread-cpu", action="store_true",
+                   help="sample the threads of dnsperf and the target: the "
+                   "busiest thread of each (what held the run back)")
+    m.add_argument("--upstream-control",
+                   help="the upstream's unbound.conf: count the queries it "
+                   "receives during the run (unbound-control)")
     m.add_argument("--clients", type=int, default=4)
     m.add_argument("--outstanding", type=int, default=100)
     m.add_argument("--query-timeout", type=int, default=2)
@@ -1451,6 +1981,9 @@ def main():
     li.add_argument("--count", type=int, default=0)
     li.add_argument("--warmup", type=int, default=50)
     li.add_argument("--prefix", default="l")
+    li.add_argument("--zone", default="bench.test")
+    li.add_argument("--cycle", type=int, default=0,
+                    help="repeat N names (warmed first): all hits")
     li.add_argument("--query-timeout", type=float, default=2)
     li.add_argument("--round", type=int, default=1)
     li.add_argument("--pair-port", type=int,
@@ -1471,7 +2004,8 @@ def main():
     rp.add_argument("--out-md", required=True)
 
     a = ap.parse_args()
-    return {"wait": do_wait, "names": do_names, "rss": do_rss, "busy": do_busy,
+    return {"wait": do_wait, "names": do_names, "zipf": do_zipf,
+            "warm": do_warm, "rss": do_rss, "busy": do_busy,
             "measure": do_measure, "resperf": do_resperf, "light": do_light,
             "report": do_report}[a.cmd](a)
 

@@ -98,8 +98,13 @@ mk_pki() {
 # The upstream: unbound with DoT on 127.0.0.1:853 and plain DNS on :5300,
 # answering every name under bench.test. with 192.0.2.1 from local data
 # (redirect zone) and refusing everything else, so it never recurses.
-# Two threads (the machine has 2 cores), many TCP clients, a long idle
-# timeout so forwarders keep their connections between runs.
+# Names under c.bench.test. (the cache runs) get the same address with a
+# TTL of 3600 s instead of 60, so that no cached answer expires during a
+# run. Two threads (the machine has 2 cores), many TCP clients, a long
+# idle timeout so forwarders keep their connections between runs. Its
+# control socket ($T/upstream/control.sock, no TLS, nothing listens on
+# the network for it) gives the queries it received (benchtool.py
+# measure --upstream-control "$UP_CONF").
 start_upstream() {
 	mkdir -p "$T/upstream"
 	cat >"$T/upstream/unbound.conf" <<-EOF
@@ -128,8 +133,12 @@ start_upstream() {
 	    local-zone: "." refuse
 	    local-zone: "bench.test." redirect
 	    local-data: "bench.test. 60 IN A 192.0.2.1"
+	    local-zone: "c.bench.test." redirect
+	    local-data: "c.bench.test. 3600 IN A 192.0.2.1"
 	remote-control:
-	    control-enable: no
+	    control-enable: yes
+	    control-interface: "$T/upstream/control.sock"
+	    control-use-cert: no
 	EOF
 	unbound-checkconf "$T/upstream/unbound.conf" >/dev/null ||
 	    die "upstream unbound.conf rejected"
@@ -140,4 +149,5 @@ start_upstream() {
 	$BENCH_TOOL wait --mode dot --port $UP_TLS_PORT --ca "$T/pki/ca.pem" \
 	    --tls-name $UP_NAME --timeout 20 ||
 	    { cat "$T/upstream.log" >&2; die "the upstream does not answer over DoT"; }
+	UP_CONF=$T/upstream/unbound.conf
 }

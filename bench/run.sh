@@ -7,7 +7,7 @@
 #      from local data, over DoT on 127.0.0.1:853 and plain DNS on :5300;
 #   3. starts the forwarders, each forwarding everything to that upstream
 #      over verified TLS (test CA, name checked), caches off or minimal:
-#      dotp, stubby, unbound, kresd (knot-resolver), dnsdist;
+#      dotp (--no-cache), stubby, unbound, kresd (knot-resolver), dnsdist;
 #   4. drives each with dnsperf (UDP and TCP; unique names that miss every
 #      cache, and 10 repeated names), targets alternated within each of
 #      BENCH_ROUNDS rounds, plus the upstream's own ceiling (DoT and UDP);
@@ -16,9 +16,16 @@
 #   6. finds each target's highest rate with under 1% loss: a resperf
 #      ramp (plain UDP; the upstream also over DoT), after all the other
 #      runs, targets alternated, BENCH_ROUNDS rounds;
-#   7. counts dotp's instructions per query under callgrind
+#   7. the cache runs (section 8 below): each forwarder but stubby again,
+#      a new process with its answer cache on at equal memory
+#      (BENCH_CACHE_SIZE): all hits under load (CPU per query, QPS, loss,
+#      what was at its limit), light load with hits against the upstream's
+#      plain UDP port, and a Zipf stream for the hit ratio (queries the
+#      upstream received, from its control socket); dotp's RSS idle and
+#      with the cache full;
+#   8. counts dotp's instructions per query under callgrind
 #      (bench/callgrind.sh), the binary and the image size;
-#   8. writes results.json and results.md to BENCH_OUT (build/bench; `make
+#   9. writes results.json and results.md to BENCH_OUT (build/bench; `make
 #      bench-publish` copies them to bench/), prints the table and
 #      the dotp target verdicts (as measured; the exit status does not
 #      depend on them).
@@ -45,6 +52,15 @@
 #                        round, upstream UDP and DoT included)
 #   BENCH_RESPERF_QPS=150000  resperf -m: the rate the ramp ends at
 #   BENCH_RESPERF_RAMP=6 resperf -r: seconds the ramp takes to get there
+#   BENCH_CACHE=1        0 skips the cache runs (about 3-4 minutes, on top
+#                        of BENCH_TIME)
+#   BENCH_CACHE_SIZE=1048576  bytes of answer cache for every forwarder
+#   BENCH_CACHE_NAMES=100     names in the all-hits runs
+#   BENCH_ZIPF_NAMES=200000   names the Zipf stream draws from
+#   BENCH_ZIPF_S=1.0          its exponent
+#   BENCH_ZIPF_UNIQUE=10      % of its queries for names never asked before
+#   BENCH_ZIPF_WARM=50000     queries that fill the cache first (cold ratio)
+#   BENCH_ZIPF_QUERIES=200000 queries the hit ratio is taken over
 #   DOTP_BIN=./dotp      the dotp binary measured (e.g. a copy, while ./dotp
 #                        is being rebuilt)
 #   BENCH_OUT=build/bench  where results.json and results.md are written
@@ -66,13 +82,14 @@ if [ "${BENCH_INNER:-0}" != 1 ]; then
 	# --- outside the namespace: check the tools, then re-exec inside -----
 	[ -x "$DOTP_BIN" ] || { echo "bench: $DOTP_BIN missing: run 'make dotp'" >&2; exit 1; }
 	rp=; [ "${BENCH_RESPERF:-1}" = 0 ] || rp=resperf
-	for c in unbound unbound-checkconf stubby kresd dnsdist dnsperf $rp valgrind \
+	for c in unbound unbound-checkconf unbound-control stubby kresd kres-cache-gc \
+	    dnsdist dnsperf $rp valgrind \
 	    openssl ss ip unshare /usr/bin/python3; do
 		command -v "$c" >/dev/null 2>&1 ||
 		    { echo "bench: $c is not installed (make bench installs it)" >&2; exit 1; }
 	done
 	BENCH_T0=$(date +%s)
-	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP})"
+	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP}${BENCH_CACHE:+ BENCH_CACHE=$BENCH_CACHE})"
 	export BENCH_T0 BENCH_CMD
 fi
 . "$BENCH_DIR/lib.sh"
@@ -83,6 +100,25 @@ enter_netns "$BENCH_DIR/run.sh" "$@"
 : "${BENCH_OUTSTANDING:=100}" "${BENCH_CG_QUERIES:=2000}" "${BENCH_IMAGE:=1}"
 : "${BENCH_TARGETS:=dotp stubby unbound kresd dnsdist}"
 : "${BENCH_RESPERF:=1}" "${BENCH_RESPERF_QPS:=150000}" "${BENCH_RESPERF_RAMP:=6}"
+: "${BENCH_CACHE:=1}" "${BENCH_CACHE_SIZE:=1048576}" "${BENCH_CACHE_NAMES:=100}"
+: "${BENCH_ZIPF_NAMES:=200000}" "${BENCH_ZIPF_QUERIES:=200000}"
+: "${BENCH_ZIPF_WARM:=50000}" "${BENCH_ZIPF_UNIQUE:=10}" "${BENCH_ZIPF_S:=1.0}"
+case $BENCH_CACHE in 0 | 1) ;; *) die "BENCH_CACHE must be 0 or 1" ;; esac
+for _v in BENCH_CACHE_SIZE BENCH_CACHE_NAMES BENCH_ZIPF_NAMES BENCH_ZIPF_QUERIES \
+    BENCH_ZIPF_WARM; do
+	case $(eval echo "\$$_v") in '' | *[!0-9]* | 0) die "$_v must be a whole number >= 1" ;; esac
+done
+case $BENCH_ZIPF_UNIQUE$BENCH_ZIPF_S in *[!0-9.]*) die "BENCH_ZIPF_UNIQUE and BENCH_ZIPF_S must be numbers" ;; esac
+# Equal memory for the cache runs: CACHE_BYTES for each forwarder's answer
+# cache where its size is set in bytes (dotp --cache-size, unbound
+# msg+rrset caches, kresd cache.size). dnsdist's packet cache is sized in
+# entries: DNSDIST_ENTRY_BYTES is what one entry costs (VmRSS growth per
+# entry filled with names like the Zipf ones, plus the hash buckets its
+# shards reserve at start for every possible entry, ~9 bytes; measured
+# with dnsdist 1.7.3: 310-317 + 9 bytes).
+CACHE_BYTES=$BENCH_CACHE_SIZE
+DNSDIST_ENTRY_BYTES=320
+DNSDIST_CACHE_ENTRIES=$((CACHE_BYTES / DNSDIST_ENTRY_BYTES))
 case $BENCH_RESPERF in 0 | 1) ;; *) die "BENCH_RESPERF must be 0 or 1" ;; esac
 case $BENCH_RESPERF_QPS in '' | *[!0-9]* | 0) die "BENCH_RESPERF_QPS must be a whole number >= 1" ;; esac
 case $BENCH_RESPERF_RAMP in '' | *[!0-9]* | 0) die "BENCH_RESPERF_RAMP must be whole seconds >= 1" ;; esac
@@ -137,6 +173,16 @@ RUNS=$T/runs.jsonl META=$T/meta.txt
 meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
 caveat() { meta caveats+ "$*"; log "caveat: $*"; }
 
+# dotp's answer cache: the uncached runs use --no-cache (every query goes
+# upstream, as before the cache existed); a dotp without one is measured
+# as it is and left out of the cache runs.
+if "$DOTP_BIN" --help 2>&1 | grep -q -e '--no-cache'; then
+	DOTP_NOCACHE=--no-cache DOTP_HAS_CACHE=1
+else
+	DOTP_NOCACHE= DOTP_HAS_CACHE=0
+	caveat "$DOTP_BIN has no answer cache (no --no-cache option): measured as it is, left out of the cache runs"
+fi
+
 log "budget ${BENCH_TIME} min, $BENCH_ROUNDS rounds, ${D} s per load run," \
     "${L} s per light run, dnsperf -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING," \
     "targets: $BENCH_TARGETS (temp dir $T)"
@@ -172,11 +218,21 @@ log "upstream unbound pid $UP_PID: DoT 127.0.0.1:$UP_TLS_PORT, UDP/TCP :$UP_PLAI
 UPSTREAM="127.0.0.1:$UP_TLS_PORT#$UP_NAME"
 
 # --- 3. forwarders -----------------------------------------------------------
-# Each function writes its configuration and starts it on port $2.
+# Each function writes its configuration and starts it on port $1. With a
+# second argument, an instance name (e.g. dotp-cached), it starts the same
+# forwarder with its answer cache on, at CACHE_BYTES of memory where that
+# can be set (section 8); the uncached runs never see these.
 start_dotp() {
 	# no -q: only its start and exit lines are logged, and the exit line
-	# (queries=, answers=, servfail=, handshakes) goes into the results
-	start dotp "$DOTP_BIN" -l "127.0.0.1:$1" -u "$UPSTREAM" --ca-file "$CA"
+	# (queries=, answers=, servfail=, handshakes, cache_*=) goes into the
+	# results. The uncached runs use --no-cache (DOTP_NOCACHE).
+	if [ -n "${2:-}" ]; then
+		start "$2" "$DOTP_BIN" -l "127.0.0.1:$1" -u "$UPSTREAM" --ca-file "$CA" \
+		    --cache-size "$CACHE_BYTES"
+	else
+		start dotp "$DOTP_BIN" -l "127.0.0.1:$1" -u "$UPSTREAM" --ca-file "$CA" \
+		    $DOTP_NOCACHE
+	fi
 }
 start_stubby() {
 	cat >"$T/stubby.yml" <<-EOF
@@ -199,14 +255,28 @@ start_stubby() {
 	start stubby stubby -C "$T/stubby.yml"
 }
 start_unbound() {
-	mkdir -p "$T/unbound-fwd"
-	cat >"$T/unbound-fwd/unbound.conf" <<-EOF
+	_d=$T/unbound-fwd
+	_cache=$(printf '%s\n    ' \
+	    '# caching cannot be turned off: smallest caches, no prefetch' \
+	    'msg-cache-size: 0' 'rrset-cache-size: 0' 'key-cache-size: 0' \
+	    'neg-cache-size: 0')
+	if [ -n "${2:-}" ]; then
+		# cache on: CACHE_BYTES split 1:2 between the message and the
+		# RRset caches (unbound's own default ratio, 4m:8m); both are
+		# needed for an answer
+		_d=$T/$2
+		_cache=$(printf '%s\n    ' "# the answer cache: $CACHE_BYTES bytes in all" \
+		    "msg-cache-size: $((CACHE_BYTES / 3))" \
+		    "rrset-cache-size: $((CACHE_BYTES - CACHE_BYTES / 3))")
+	fi
+	mkdir -p "$_d"
+	cat >"$_d/unbound.conf" <<-EOF
 	server:
 	    interface: 127.0.0.1@$1
 	    do-ip6: no
 	    username: ""
 	    chroot: ""
-	    directory: "$T/unbound-fwd"
+	    directory: "$_d"
 	    pidfile: ""
 	    use-syslog: no
 	    logfile: ""
@@ -218,11 +288,7 @@ start_unbound() {
 	    do-not-query-localhost: no
 	    local-zone: "test." nodefault
 	    tls-cert-bundle: "$CA"
-	    # caching cannot be turned off: smallest caches, no prefetch
-	    msg-cache-size: 0
-	    rrset-cache-size: 0
-	    key-cache-size: 0
-	    neg-cache-size: 0
+	    $_cache
 	    prefetch: no
 	    qname-minimisation: no
 	    # keep upstream TLS connections (default: 200 queries, 60 s)
@@ -236,12 +302,16 @@ start_unbound() {
 	    forward-addr: 127.0.0.1@$UP_TLS_PORT#$UP_NAME
 	    forward-tls-upstream: yes
 	EOF
-	unbound-checkconf "$T/unbound-fwd/unbound.conf" >/dev/null || return 1
-	start unbound unbound -d -c "$T/unbound-fwd/unbound.conf"
+	unbound-checkconf "$_d/unbound.conf" >/dev/null || return 1
+	start "${2:-unbound}" unbound -d -c "$_d/unbound.conf"
 }
 start_kresd() {
-	mkdir -p "$T/kresd"
-	cat >"$T/kresd/config" <<-EOF
+	# its cache is an LMDB file in its run directory, cache.size the size
+	# of the map (the uncached runs: the smallest that works well)
+	_d=$T/kresd _size='1 * MB'
+	[ -z "${2:-}" ] || _d=$T/$2 _size=$CACHE_BYTES
+	mkdir -p "$_d"
+	cat >"$_d/config" <<-EOF
 	-- kresd as a pure DoT forwarder
 	net.ipv6 = false
 	net.listen('127.0.0.1', $1, { kind = 'dns' })
@@ -252,24 +322,31 @@ start_kresd() {
 	                    'ta_signal_query', 'ta_sentinel'}) do
 	    pcall(modules.unload, m)
 	end
-	-- the cache cannot be turned off: make it small
-	cache.size = 1 * MB
+	-- the cache cannot be turned off (uncached runs: make it small)
+	cache.size = $_size
 	policy.add(policy.all(policy.TLS_FORWARD({
 	    { '127.0.0.1@$UP_TLS_PORT', hostname = '$UP_NAME', ca_file = '$CA' } })))
 	EOF
-	start kresd kresd -n -c "$T/kresd/config" "$T/kresd"
+	start "${2:-kresd}" kresd -n -c "$_d/config" "$_d"
 }
 start_dnsdist() {
-	cat >"$T/dnsdist.conf" <<-EOF
+	_c=$T/dnsdist.conf _pc='-- no packet cache: none is configured'
+	if [ -n "${2:-}" ]; then
+		# a packet cache of DNSDIST_CACHE_ENTRIES entries: about
+		# CACHE_BYTES of memory (see DNSDIST_ENTRY_BYTES)
+		_c=$T/$2.conf
+		_pc="pc = newPacketCache($DNSDIST_CACHE_ENTRIES) getPool(''):setCache(pc)"
+	fi
+	cat >"$_c" <<-EOF
 	setLocal('127.0.0.1:$1')
 	setACL({'127.0.0.0/8'})
 	setSecurityPollSuffix('')
-	-- no packet cache: none is configured
+	$_pc
 	newServer({address='127.0.0.1:$UP_TLS_PORT', tls='openssl',
 	           subjectName='$UP_NAME', caStore='$CA',
 	           validateCertificates=true, checkName='bench.test.'})
 	EOF
-	start dnsdist dnsdist --supervised --disable-syslog -C "$T/dnsdist.conf"
+	start "${2:-dnsdist}" dnsdist --supervised --disable-syslog -C "$_c"
 }
 
 # Name check: each forwarder, configured as below but told to expect the
@@ -480,6 +557,165 @@ for t in $MEASURED; do
 done
 [ -z "$PID_relay" ] || stop "$PID_relay" 10
 
+# --- 8. answer caches ---------------------------------------------------------
+# After every uncached run, with the uncached forwarders stopped: each peer
+# again, as a new process with its answer cache on at CACHE_BYTES (equal
+# memory; stubby has no cache). Names under c.bench.test. (TTL 3600: no
+# entry expires during the runs).
+#  a. all hits: BENCH_CACHE_NAMES names sent twice (warm), then dnsperf
+#     over UDP cycling through them for D s; every target every round;
+#     the upstream's query count shows they were hits;
+#  b. light load, all hits: one query in flight, the same names cycled,
+#     each query alternating with one to the upstream's plain UDP port;
+#     dotp LR runs per round, the peers one;
+#  c. a Zipf stream (rank k asked with probability ~ 1/k^s over
+#     BENCH_ZIPF_NAMES names, BENCH_ZIPF_UNIQUE % of the queries a name
+#     never asked before): each target a fresh process, BENCH_ZIPF_WARM
+#     queries (a cold cache filling up), then BENCH_ZIPF_QUERIES more (the
+#     figure); dnsperf runs through each file once. Hit ratio = 1 - the
+#     queries the upstream received (its control socket) / queries sent.
+#     Once per target (not per round): the same stream for every target.
+if [ "$BENCH_CACHE" = 1 ]; then
+	CACHED=
+	for t in $MEASURED; do
+		case $t in
+		stubby) ;;
+		dotp) [ "$DOTP_HAS_CACHE" = 0 ] || CACHED="$CACHED $t" ;;
+		*) CACHED="$CACHED $t" ;;
+		esac
+	done
+	port=5311 CMEASURED=
+	for t in $CACHED; do
+		if ! start_$t $port $t-cached; then
+			caveat "$t-cached: configuration rejected, not measured"; continue
+		fi
+		pid=$LAST_PID
+		if wait_listen $port 20 && $BENCH_TOOL wait --port $port --timeout 20; then
+			sleep 0.5
+			set -- $($BENCH_TOOL rss $pid)
+			meta "cached.proc.$t.idle_rss_kib" "$1"
+			eval "PIDC_$t=$pid PORTC_$t=$port"
+			CMEASURED="$CMEASURED $t"
+			log "$t-cached pid $pid on 127.0.0.1:$port (idle RSS $1 KiB)"
+		else
+			caveat "$t-cached did not answer on 127.0.0.1:$port within 20 s; not measured ($(tail -n 2 "$T/$t-cached.log" | tr '\n' ' '))"
+			stop $pid
+		fi
+		port=$((port + 1))
+	done
+	CMEASURED=${CMEASURED# }
+	meta cached.targets "$CMEASURED"
+	$BENCH_TOOL names --out "$T/hits.txt" --prefix h --digits 7 \
+	    --count "$BENCH_CACHE_NAMES" --zone c.bench.test
+	r=1
+	while [ $r -le "$BENCH_ROUNDS" ]; do
+		log "cache round $r of $BENCH_ROUNDS: all hits ($BENCH_CACHE_NAMES names)"
+		for t in $CMEASURED; do
+			p=$(eval echo "\$PORTC_$t") pid=$(eval echo "\$PIDC_$t")
+			$BENCH_TOOL warm --port "$p" --datafile "$T/hits.txt" ||
+			    caveat "cache: warming $t-cached failed in round $r"
+			$BENCH_TOOL measure --target "$t-cached" --transport udp --names hits \
+			    --port "$p" --datafile "$T/hits.txt" \
+			    --datafile-lines "$BENCH_CACHE_NAMES" --round $r --pid "$pid" \
+			    --upstream-pid "$UP_PID" --upstream-control "$UP_CONF" \
+			    --duration "$D" --clients "$BENCH_CLIENTS" \
+			    --outstanding "$BENCH_OUTSTANDING" --tmp "$T" --out "$RUNS" \
+			    --count-conns --thread-cpu ||
+			    caveat "measure $t-cached udp hits round $r failed"
+		done
+		k=1
+		while [ $k -le "$LR" ]; do
+			for t in $CMEASURED; do
+				[ $k = 1 ] || [ $t = dotp ] || continue
+				$BENCH_TOOL light --target "$t-cached" --mode udp \
+				    --port "$(eval echo "\$PORTC_$t")" --pid "$(eval echo "\$PIDC_$t")" \
+				    --pair-port $UP_PLAIN_PORT --pair-mode udp \
+				    --upstream-pid "$UP_PID" --duration "$L" --prefix k \
+				    --zone c.bench.test --cycle "$BENCH_CACHE_NAMES" \
+				    --round $r --out "$RUNS" ||
+				    caveat "light $t-cached round $r run $k: lost or wrong answers"
+			done
+			k=$((k + 1))
+		done
+		r=$((r + 1))
+	done
+	for t in $CMEASURED; do
+		pid=$(eval echo "\$PIDC_$t")
+		set -- $($BENCH_TOOL rss "$pid")
+		meta "cached.proc.$t.final_rss_kib" "$1"
+		meta "cached.proc.$t.final_hwm_kib" "$2"
+		stop "$pid" 50
+		[ $t != dotp ] ||
+		    meta cached.proc.dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp-cached.log" | tail -n 1)"
+	done
+
+	log "cache: Zipf stream, $BENCH_ZIPF_NAMES names, s $BENCH_ZIPF_S, $BENCH_ZIPF_UNIQUE% unique, $BENCH_ZIPF_WARM + $BENCH_ZIPF_QUERIES queries"
+	set -- $($BENCH_TOOL zipf --out "$T/zipf-warm.txt" --names "$BENCH_ZIPF_NAMES" \
+	    --s "$BENCH_ZIPF_S" --unique-pct "$BENCH_ZIPF_UNIQUE" \
+	    --count "$BENCH_ZIPF_WARM" --seed 1 --save-seen "$T/zipf.seen")
+	meta cached.zipf.warm_repeats "$1"
+	set -- $($BENCH_TOOL zipf --out "$T/zipf.txt" --names "$BENCH_ZIPF_NAMES" \
+	    --s "$BENCH_ZIPF_S" --unique-pct "$BENCH_ZIPF_UNIQUE" \
+	    --count "$BENCH_ZIPF_QUERIES" --seed 2 --unique-start "$BENCH_ZIPF_WARM" \
+	    --seen "$T/zipf.seen")
+	meta cached.zipf.repeats "$1"
+	meta cached.zipf.distinct_names "$2"
+	meta cached.zipf.unique_queries "$3"
+	port=5321
+	for t in $CMEASURED; do
+		if ! start_$t $port $t-zipf; then
+			caveat "$t-zipf: configuration rejected, not measured"; continue
+		fi
+		pid=$LAST_PID gc=
+		if ! { wait_listen $port 20 && $BENCH_TOOL wait --port $port --timeout 20; }; then
+			caveat "$t-zipf did not answer on 127.0.0.1:$port within 20 s; not measured"
+			stop $pid; port=$((port + 1)); continue
+		fi
+		if [ $t = kresd ]; then
+			# kresd's cache is managed by its garbage collector, a
+			# separate process in every packaged setup (kres-cache-gc,
+			# -d 1000 as Debian's unit)
+			start kres-cache-gc kres-cache-gc -c "$T/kresd-zipf" -d 1000
+			gc=$LAST_PID
+		fi
+		sleep 0.5
+		set -- $($BENCH_TOOL rss $pid)
+		meta "cached.zipf.$t.rss_start_kib" "$1"
+		for seg in zipf-cold zipf; do
+			if [ $seg = zipf ]; then f=$T/zipf.txt n=$BENCH_ZIPF_QUERIES
+			else f=$T/zipf-warm.txt n=$BENCH_ZIPF_WARM; fi
+			$BENCH_TOOL measure --target "$t-cached" --transport udp --names $seg \
+			    --port $port --datafile "$f" --datafile-lines "$n" --round 1 \
+			    --pid "$pid" --upstream-pid "$UP_PID" --upstream-control "$UP_CONF" \
+			    --runs-through 1 --max-time 600 --clients "$BENCH_CLIENTS" \
+			    --outstanding "$BENCH_OUTSTANDING" --tmp "$T" --out "$RUNS" ||
+			    caveat "measure $t-cached $seg failed"
+		done
+		set -- $($BENCH_TOOL rss $pid)
+		meta "cached.zipf.$t.rss_end_kib" "$1"
+		meta "cached.zipf.$t.hwm_kib" "$2"
+		if [ -n "$gc" ]; then
+			if [ "$(ps -o stat= -p "$gc" 2>/dev/null | cut -c1)" = "" ] ||
+			    [ "$(ps -o stat= -p "$gc" 2>/dev/null | cut -c1)" = Z ]; then
+				# at this size it can fail (LMDB has no room left for
+				# its own deletions); its packaged unit restarts it
+				# after 30 s, longer than the stream
+				meta cached.zipf.kresd.gc_status "exited during the stream ($(grep . "$T/kres-cache-gc.log" | tail -n 1))"
+			else
+				meta cached.zipf.kresd.gc_status "ran throughout"
+				meta cached.zipf.kresd.gc_cpu_s "$(awk -v hz="$(getconf CLK_TCK)" \
+				    '{ sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$gc/stat")"
+			fi
+			stop "$gc" 30
+		fi
+		stop "$pid" 50
+		[ $t != dotp ] ||
+		    meta cached.zipf.dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp-zipf.log" | tail -n 1)"
+		port=$((port + 1))
+	done
+	rm -f "$T/zipf.txt" "$T/zipf-warm.txt" "$T/zipf.seen"
+fi
+
 # --- 6. callgrind, binary, image ---------------------------------------------
 if [ "$BENCH_CG_QUERIES" -gt 0 ]; then
 	log "callgrind: $BENCH_CG_QUERIES queries"
@@ -528,7 +764,7 @@ meta settings.clients "$BENCH_CLIENTS"
 meta settings.outstanding "$BENCH_OUTSTANDING"
 meta settings.unique_names_per_file "$NAMES"
 meta settings.dnsperf "dnsperf -m udp|tcp|dot -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING -l $D -t 2 -v (per-query latencies from -v)"
-meta settings.order "each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load$([ "$BENCH_RESPERF" = 0 ] || echo "; after all rounds, resperf rounds: $MEASURED, upstream UDP, upstream DoT")"
+meta settings.order "each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load$([ "$BENCH_RESPERF" = 0 ] || echo "; after all rounds, resperf rounds: $MEASURED, upstream UDP, upstream DoT")$([ "$BENCH_CACHE" = 0 ] || echo "; then the cache runs (forwarders restarted with caches on): each round all-hits load then light load over ${CMEASURED:-none}; then one Zipf stream per target, each a fresh process")"
 meta settings.resperf.enabled "$([ "$BENCH_RESPERF" = 1 ] && echo true || echo false)"
 if [ "$BENCH_RESPERF" = 1 ]; then
 	meta settings.resperf.command "resperf -M udp|dot -C $BENCH_CLIENTS -m $BENCH_RESPERF_QPS -r $BENCH_RESPERF_RAMP -i $RP_INTERVAL -t $RP_TIMEOUT -L 1 -F $RP_FALL -b $RP_BUF"
@@ -544,12 +780,33 @@ if [ "$BENCH_RESPERF" = 1 ]; then
 	caveat "resperf busy-waits between sends: it keeps one of the 2 cores busy for the whole run, so its peak rates are lower than the dnsperf QPS; it sends open loop (no limit on queries in flight), so dotp opens more than one upstream connection there (--conn-queries 128 per connection, up to --max-conns)"
 	caveat "resperf's client sockets get $RP_BUF KiB buffers (-b $RP_BUF, as far as net.core.rmem_max allows) so that the client drops no answers; each forwarder keeps its own default UDP receive buffer"
 fi
-meta cache.dotp "none (dotp has no cache)"
+if [ "$DOTP_HAS_CACHE" = 1 ]; then
+	meta cache.dotp "off (--no-cache; cache runs below)"
+else
+	meta cache.dotp "none (this dotp has no cache)"
+fi
 meta cache.stubby "none (stubby has no cache)"
 meta cache.unbound "cannot be disabled: msg-cache-size 0, rrset-cache-size 0, key/neg-cache-size 0, prefetch off (unique names miss it; repeated names hit it)"
 meta cache.kresd "cannot be disabled: cache.size = 1 MB (unique names miss it; repeated names hit it)"
 meta cache.dnsdist "none (no packet cache configured)"
 meta cache.upstream "none (local data)"
+meta cached.enabled "$([ "$BENCH_CACHE" = 1 ] && echo true || echo false)"
+if [ "$BENCH_CACHE" = 1 ]; then
+	meta cached.budget_bytes "$CACHE_BYTES"
+	meta cached.hit_names "$BENCH_CACHE_NAMES"
+	meta cached.zipf.names "$BENCH_ZIPF_NAMES"
+	meta cached.zipf.s "$BENCH_ZIPF_S"
+	meta cached.zipf.unique_pct "$BENCH_ZIPF_UNIQUE"
+	meta cached.zipf.warm_queries "$BENCH_ZIPF_WARM"
+	meta cached.zipf.queries "$BENCH_ZIPF_QUERIES"
+	meta cached.config.dotp "--cache-size $CACHE_BYTES (the whole block: index and entries)"
+	meta cached.config.stubby "n/a: stubby has no cache"
+	meta cached.config.unbound "msg-cache-size $((CACHE_BYTES / 3)) + rrset-cache-size $((CACHE_BYTES - CACHE_BYTES / 3)) (unbound's own accounting), prefetch off"
+	meta cached.config.kresd "cache.size = $CACHE_BYTES (the LMDB map); Zipf run with kres-cache-gc -d 1000 beside it"
+	meta cached.config.dnsdist "newPacketCache($DNSDIST_CACHE_ENTRIES): $DNSDIST_ENTRY_BYTES bytes per entry measured (dnsdist 1.7.3), so about $CACHE_BYTES bytes"
+	caveat "cache runs: every cached forwarder is a new process started after the uncached runs (equal memory: $CACHE_BYTES bytes where the size is in bytes; dnsdist's packet cache is sized in entries, $DNSDIST_CACHE_ENTRIES x ~$DNSDIST_ENTRY_BYTES bytes); names under c.bench.test., TTL 3600, so nothing expires during them"
+	caveat "cache runs: the queries the upstream received are read from its control socket (unbound-control stats_noreset, total.num.queries) before and after each run; they include dnsdist's health checks (one a second, checkName bench.test.), so dnsdist's hit ratios are low by about 1/QPS"
+fi
 caveat "2 cores shared by dnsperf, the forwarder under test and the upstream unbound (2 threads): every figure is for this contended setup, not a forwarder alone"
 caveat "forwarders run their default threading: dotp, stubby, kresd and unbound (num-threads 1) one thread each for queries; dnsdist uses its own threads (CPU/query counts all threads)"
 caveat "dnsperf -m dot does not verify the upstream certificate; every forwarder does (test CA, name upstream.bench)"
