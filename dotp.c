@@ -2054,8 +2054,23 @@ cache_init(size_t budget)
 	return 0;
 }
 
-/* The key of a query m whose question ends at qend, with flag byte f:
- * the question with the name lowercased, then f. */
+/* The key bytes of a query m whose question ends at qend, with flag
+ * byte f: the question with the name lowercased (type and class as they
+ * are: type 65 is not type 97), then f. */
+static void
+cache_key_bytes(const unsigned char *m, size_t qend, unsigned f,
+    struct ckey *k)
+{
+	size_t	 i;
+
+	k->len = qend - DNS_HEADER_LEN + 1;
+	for (i = 0; i + 5 < k->len; i++)	/* the name folds, */
+		k->b[i] = (unsigned char)dns_lower(m[DNS_HEADER_LEN + i]);
+	memcpy(k->b + i, m + DNS_HEADER_LEN + i, 4);	/* type, class not */
+	k->b[i + 4] = (unsigned char)f;
+}
+
+/* The key of query m (cache_key_bytes) and its hash. */
 static void
 cache_key_of(const unsigned char *m, size_t qend, unsigned f,
     struct ckey *k)
@@ -2063,10 +2078,7 @@ cache_key_of(const unsigned char *m, size_t qend, unsigned f,
 	uint32_t h = G.cache.seed;
 	size_t	 i;
 
-	k->len = qend - DNS_HEADER_LEN + 1;
-	for (i = 0; i + 1 < k->len; i++)
-		k->b[i] = (unsigned char)dns_lower(m[DNS_HEADER_LEN + i]);
-	k->b[i] = (unsigned char)f;
+	cache_key_bytes(m, qend, f, k);
 	/* FNV-1a from a random basis, then a finalizer (murmur3's): the
 	 * chains cannot be aimed at without the seed. */
 	for (i = 0; i < k->len; i++)
@@ -2423,11 +2435,18 @@ cache_lifetime(const unsigned char *a, size_t alen, size_t qend)
 	uint16_t flags = rd16(a + DNS_OFF_FLAGS);
 	unsigned an = rd16(a + DNS_OFF_ANCOUNT), n, i, type;
 	int	 rcode = flags & 0xf, neg, plain = 1;
-	uint32_t t, min = UINT32_MAX, soa = UINT32_MAX;
+	uint32_t t, m, min = UINT32_MAX, soa = UINT32_MAX;
 	size_t	 pos = qend, rr, end;
+	struct dns_rrs r;
 
-	if ((flags & DNS_FLAG_TC) || rd16(a + DNS_OFF_QDCOUNT) != 1 ||
-	    alen > DOTP_CACHE_ANSWER_MAX)
+	if ((flags & DNS_FLAG_TC) || alen > DOTP_CACHE_ANSWER_MAX)
+		return 0;
+	if (rd16(a + DNS_OFF_QDCOUNT) == 0)	/* an error may omit it */
+		return rcode != 0 && rcode != DNS_RCODE_NXDOMAIN && an == 0 &&
+		    rd16(a + DNS_OFF_NSCOUNT) == 0 &&
+		    dns_walk_records(a, alen, DNS_HEADER_LEN, &r) ?
+		    DOTP_CACHE_FAIL_HOLD_S : 0;
+	if (rd16(a + DNS_OFF_QDCOUNT) != 1)
 		return 0;
 	neg = rcode == DNS_RCODE_NXDOMAIN || an == 0;
 	n = an + rd16(a + DNS_OFF_NSCOUNT);
@@ -2443,9 +2462,11 @@ cache_lifetime(const unsigned char *a, size_t alen, size_t qend)
 			t = 0;
 		if (t < min)
 			min = t;
-		if (neg && i >= an && type == DNS_TYPE_SOA &&
-		    end - rr - DNS_RR_FIXED >= 22)	/* two names + 20 */
-			soa = t < rd32(a + end - 4) ? t : rd32(a + end - 4);
+		if (!neg || i < an || type != DNS_TYPE_SOA ||
+		    end - rr - DNS_RR_FIXED < 22)	/* two names + 20 */
+			continue;
+		m = rd32(a + end - 4);	/* MINIMUM, a TTL too */
+		soa = m > 0x7fffffff ? 0 : t < m ? t : m;
 	}
 	if (!plain && !dns_ttls_apart(a, alen, qend))
 		return 0;
@@ -2477,9 +2498,10 @@ cache_replay(struct centry *e, size_t qend, int64_t now, int stale,
 {
 	uint32_t age = (uint32_t)((now - e->stored) / 1000), t;
 	unsigned n, i, type;
-	size_t	 pos = qend, rr, end;
+	size_t	 pos, rr, end;
 
 	memcpy(out, ce_answer(e), e->alen);
+	pos = rd16(out + DNS_OFF_QDCOUNT) ? qend : DNS_HEADER_LEN;
 	n = (unsigned)rd16(out + DNS_OFF_ANCOUNT) + rd16(out + DNS_OFF_NSCOUNT) +
 	    rd16(out + DNS_OFF_ARCOUNT);
 	for (i = 0; i < n; i++, pos = end) {	/* dns_ttls_apart() */
@@ -2673,12 +2695,8 @@ static void
 q_key(int i, struct ckey *k)
 {
 	const struct query *q = &G.q[i];
-	size_t	 j;
 
-	k->len = q->qend - DNS_HEADER_LEN + 1;
-	for (j = 0; j + 1 < k->len; j++)
-		k->b[j] = (unsigned char)dns_lower(q->qbuf[DNS_HEADER_LEN + j]);
-	k->b[j] = q->ck;
+	cache_key_bytes(q->qbuf, q->qend, q->ck, k);
 	k->hash = q->chash;
 }
 
@@ -2753,12 +2771,19 @@ q_reply(int i, unsigned char *msg, size_t len)
 static void
 q_cache_store(int i, const unsigned char *msg, size_t len, int64_t now)
 {
+	struct centry *e;
 	struct ckey k;
 	uint32_t ttl;
+	int	 rcode = rd16(msg + DNS_OFF_FLAGS) & 0xf;
 
 	if ((ttl = cache_lifetime(msg, len, G.q[i].qend)) == 0)
 		return;
 	q_key(i, &k);
+	/* A failed refresh (prefetch, serve-stale) keeps what was there:
+	 * a usable answer beats a held SERVFAIL (RFC 8767 4). */
+	if (rcode != 0 && rcode != DNS_RCODE_NXDOMAIN &&
+	    (e = cache_lookup(&k, 0)) != NULL && ce_stale_ok(e, now))
+		return;
 	cache_put(&k, msg, len, ttl, -1, now);
 }
 
@@ -2787,7 +2812,8 @@ q_deliver(int i, unsigned char *msg, size_t len, int64_t now)
 		G.ctr[CTR_ANSWERS]++;
 		q_reply(f, msg, len);
 	}
-	G.ctr[CTR_ANSWERS]++;
+	if (q->cl.kind != CK_NONE)	/* not a refresh nobody waits for */
+		G.ctr[CTR_ANSWERS]++;
 	q_reply(i, msg, len);
 }
 
@@ -2817,7 +2843,8 @@ q_serve_stale(int i, int64_t now, int keep)
 		G.ctr[CTR_CACHE_STALE]++;
 		q_reply(f, out, n);
 	}
-	G.ctr[CTR_CACHE_STALE]++;
+	if (q->cl.kind != CK_NONE)
+		G.ctr[CTR_CACHE_STALE]++;
 	if (q->stale) {
 		qlist_remove(&G.stale, i, QL_STALE);
 		q->stale = 0;
@@ -2845,7 +2872,8 @@ q_servfail(int i, int64_t now)
 	size_t	 n;
 	int	 f;
 
-	if (q->ck && G.cfg.serve_stale > 0 && q_serve_stale(i, now, 0))
+	if (q->ck && G.cfg.serve_stale > 0 && (q->cl.kind != CK_NONE ||
+	    q->fol.head >= 0) && q_serve_stale(i, now, 0))
 		return;
 	while ((f = q->fol.head) >= 0) {
 		q_unlink(f);
@@ -4747,7 +4775,13 @@ client_cached(const unsigned char *m, size_t len, const struct qinfo *qi,
 		return 1;
 	G.q[i].state = Q_FOLLOW;
 	G.q[i].leader = lead;
+	G.q[i].ck = (uint8_t)ck;
+	G.q[i].chash = k->hash;
 	qlist_push(&G.q[lead].fol, i, QL_MAIN);
+	if (*stale) {	/* its own client-response timer */
+		G.q[i].stale = 1;
+		qlist_push(&G.stale, i, QL_STALE);
+	}
 	G.ctr[CTR_CACHE_COALESCED]++;
 	return 1;
 }
@@ -5139,11 +5173,20 @@ expire(int64_t now)
 	 * the client-response timer gets it, and goes on as a refresh. All
 	 * wait the same time, so the list's head is the next due. */
 	while ((i = G.stale.head) >= 0 && G.q[i].deadline -
-	    G.cfg.timeout_ms + DOTP_STALE_WAIT_MS <= now)
-		if (!q_serve_stale(i, now, 1)) {
-			qlist_remove(&G.stale, i, QL_STALE);
-			G.q[i].stale = 0;
+	    G.cfg.timeout_ms + DOTP_STALE_WAIT_MS <= now) {
+		int	 follows = G.q[i].state == Q_FOLLOW;
+
+		if (follows)	/* answered now, it waits no more */
+			q_unlink(i);
+		if (q_serve_stale(i, now, !follows))
+			continue;
+		qlist_remove(&G.stale, i, QL_STALE);
+		G.q[i].stale = 0;
+		if (follows) {	/* its entry was evicted: it waits on */
+			G.q[i].state = Q_FOLLOW;
+			qlist_push(&G.q[G.q[i].leader].fol, i, QL_MAIN);
 		}
+	}
 	while ((i = G.age.head) >= 0 && G.q[i].deadline <= now) {
 		q_unlink(i);
 		q_servfail(i, now);

@@ -53,7 +53,7 @@ fz_ttls(const unsigned char *a, size_t len, size_t qend, uint32_t *t,
 {
 	unsigned n = (unsigned)rd16(a + DNS_OFF_ANCOUNT) +
 	    rd16(a + DNS_OFF_NSCOUNT) + rd16(a + DNS_OFF_ARCOUNT), i, type;
-	size_t	 pos = qend, rr;
+	size_t	 pos = rd16(a + DNS_OFF_QDCOUNT) ? qend : DNS_HEADER_LEN, rr;
 
 	for (i = 0; i < n && i < max; i++) {
 		rr = dns_skip_name(a, len, pos);
@@ -150,7 +150,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 		n = cache_replay(e, qi.qend, at, stale, out);
 		CHECK(n == e->alen && n >= DNS_HEADER_LEN);
-		CHECK(dns_walk_records(out, n, qi.qend, &(struct dns_rrs){0}));
+		CHECK(dns_walk_records(out, n, rd16(out + DNS_OFF_QDCOUNT) ?
+		    qi.qend : DNS_HEADER_LEN, &(struct dns_rrs){0}));
 		CHECK(dns_check_answer(out, n, q, qi.qend) == 1);
 		na = fz_ttls(out, n, qi.qend, after, isopt2, 64);
 		CHECK(na == nb);

@@ -21,7 +21,7 @@ import pytest
 
 from harness import _skip_name, udp_exchange, tcp_exchange, wire_id, describe, run_dotp
 from faultdot import (faultdot_factory, start_dotp, stop_dotp, proc_rss_kib,  # noqa: F401
-                      parse_question, expected_a, make_answer, a_rr, txt_rr, soa_rr, RR,
+                      parse_question, expected_a, make_answer, a_rr, soa_rr, RR,
                       Reply, name_wire, sized_query_name, run_load, WRONG_A,
                       TYPE_NS, RCODE_NOERROR, RCODE_SERVFAIL, RCODE_NXDOMAIN,
                       RCODE_REFUSED)
@@ -102,6 +102,22 @@ def ttls(wire):
 def opt_ttl(wire):
     o = [r["ttl"] for r in walk(wire)[1] if r["type"] == 41]
     return o[0] if o else None
+
+
+def opt_codes(wire):
+    """The option codes in the answer's OPT record."""
+    for r in walk(wire)[1]:
+        if r["type"] == 41:
+            p = r["ttl_off"] + 4
+            end = p + 2 + struct.unpack("!H", wire[p:p + 2])[0]
+            p += 2
+            out = []
+            while p + 4 <= end:
+                code, n = struct.unpack("!HH", wire[p:p + 4])
+                out.append(code)
+                p += 4 + n
+            return out
+    return []
 
 
 def question(wire):
@@ -353,6 +369,42 @@ def test_cookie_and_payload_not_in_key_ecs_bypasses(dotp_factory, faultdot_facto
     assert c["cache_hits"] == 4, c
 
 
+def test_key_type_exact(dotp_factory, faultdot_factory):
+    """(spec: key) Only the name compares without case, not QTYPE: type 65
+    (HTTPS, low byte 0x41 'A') and type 97 (0x61 'a') are different keys.
+    A NODATA with an SOA (cacheable) to a type-97 query, then an HTTPS
+    query for the same name: it goes upstream and gets the HTTPS record;
+    and the other way round for a second name. Fails if the key folds the
+    case of the QTYPE bytes (one client's type-97 NODATA would then answer
+    everyone's HTTPS queries, question rewritten)."""
+    https = RR(65, 300, b"\x00\x01\x00")        # priority 1, target "."
+
+    def answer(q, n):
+        if parse_question(q)[2] == 65:
+            return make_answer(q, answer=[https])
+        return make_answer(q, authority=[soa_rr(300, 300)])
+    n1, n2 = "svc1.example.test", "svc2.example.test"
+    srv = faultdot_factory(answer=hook({n1: answer, n2: answer}))
+    d = start_dotp(dotp_factory, [srv])
+    problems = []
+    for name, order in ((n1, (97, 65)), (n2, (65, 97))):
+        for t in order:
+            a, _ = ask(d, qwire(name, t))
+            m = dns.message.from_wire(a)
+            got = [rr.rdtype for rr in m.answer]
+            want = [65] if t == 65 else []
+            if m.question[0].rdtype != t or got != want:
+                problems.append("%s type %d (after type %d): answer records of types %s, "
+                                "want %s\n%s" % (name, t, order[0], got, want, describe(a)))
+    settle()
+    for name in (n1, n2):
+        if srv.queries_for(name) != 2:
+            problems.append("%s: the upstream saw %d queries (want 2: types 65 and 97 "
+                            "are different keys)" % (name, srv.queries_for(name)))
+    assert not problems, "\n".join(problems)
+    cache_counters(d)
+
+
 # --------------------------------------------------------------------------
 # 4. case
 # --------------------------------------------------------------------------
@@ -527,6 +579,36 @@ def test_eviction_bounds_memory(dotp_factory, faultdot_factory):
         len(ev_lines), "\n".join(ev_lines[:5]))
 
 
+def test_eviction_second_chance(dotp_factory, faultdot_factory):
+    """(spec: memory, CLOCK) --cache-size 128k. A 500-byte answer H is
+    cached and hit once; a cold one C is cached right after it; then
+    unique 500-byte answers worth 1.5 x the budget stream through (more
+    than one lap of the ring, less than two). C, the oldest never hit,
+    was dropped (asked again: it goes upstream); H, hit since it was
+    written, got its second chance and is still a hit. Fails with plain
+    FIFO eviction (H dropped) or no eviction (C kept)."""
+    srv = faultdot_factory(tag=300, sized=True)
+    d = start_dotp(dotp_factory, [srv], ["--cache-size", "128k"])
+    hot = sized_query_name(EVICT_SIZE, tag="hot")
+    cold = sized_query_name(EVICT_SIZE, tag="cold")
+    ask(d, qwire(hot, "TXT"))
+    ask(d, qwire(hot, "TXT"))
+    ask(d, qwire(cold, "TXT"))
+    n = int(1.5 * 128 * 1024 / EVICT_SIZE)
+    r = run_load(d.host, d.port, [sized_query_name(EVICT_SIZE, tag="s%d" % i)
+                                  for i in range(n)],
+                 n_udp=2, n_tcp=0, window=32, timeout=3.0, linger=0.05, qtype="TXT")
+    assert all(len(s.answers) == 1 for s in r.sent), r.summary()
+    ask(d, qwire(cold, "TXT"))
+    ask(d, qwire(hot, "TXT"))
+    settle()
+    assert srv.queries_for(cold) == 2, "the cold entry survived 1.5 budgets of new answers"
+    assert srv.queries_for(hot) == 1, \
+        "the entry hit since it was written was dropped (no second chance)"
+    c = cache_counters(d)
+    assert c["cache_evictions"] > 0 and c["cache_hits"] == 2, c
+
+
 def test_idle_rss_independent_of_cache_size(dotp_factory, faultdot_factory):
     """(spec: memory) The block is mapped at start but its pages are touched
     only when used: after one query each, a dotp with --cache-size 1024m
@@ -615,6 +697,37 @@ def test_coalescing(dotp_factory, faultdot_factory):
     c = cache_counters(d)
     assert c["cache_coalesced"] == 19, c
     assert c["cache_hits"] == 1, c
+
+
+def test_coalesced_follower_gets_its_own_limit(dotp_factory, faultdot_factory):
+    """(spec: coalescing) The upstream answers 300 ms late. An OPT-less TCP
+    client asks for a 3000-byte TXT answer, and 50 ms later an OPT-less UDP
+    client asks the same (it waits for the TCP client's query): the TCP
+    client gets all 3000 bytes, the UDP client TC, at most 512 bytes, its
+    own ID and question; the upstream saw one query; cache_coalesced=1.
+    Fails if a waiting query gets the leader's size limit or ID."""
+    srv = faultdot_factory(["delay:300"], tag=300, edns=True, sized=True)
+    d = start_dotp(dotp_factory, [srv])
+    name = sized_query_name(3000, tag="co")
+    out = {}
+
+    def tcp_client():
+        out["tcp"] = ask(d, qwire(name, "TXT", qid=0x0101), tcp=True)
+
+    th = threading.Thread(target=tcp_client)
+    th.start()
+    time.sleep(0.05)
+    qu = qwire(name, "TXT", qid=0x0202)
+    au, _ = ask(d, qu)
+    th.join(5)
+    at, _ = out["tcp"]
+    assert len(at) == 3000 and not tc(at) and wire_id(at) == 0x0101, describe(at)
+    assert tc(au) and len(au) <= 512 and wire_id(au) == 0x0202 \
+        and question(au) == question(qu), "UDP follower: %d bytes\n%s" % (len(au), describe(au))
+    settle()
+    assert srv.queries_for(name) == 1, _ctx(d, srv)
+    c = cache_counters(d)
+    assert c["cache_coalesced"] == 1, c
 
 
 def test_coalesced_failure_shared_and_not_cached(dotp_factory, faultdot_factory):
@@ -723,17 +836,21 @@ def _stale_answer(q, n, later=None):
 
 
 def test_serve_stale_upstream_down(dotp_factory, faultdot_factory):
-    """--serve-stale 60. An answer with TTL 1 cached; 1.3 s later the
-    upstream is stopped (connections refused): the same query gets the old
-    answer (198.51.100.1) with every TTL set to 30, at once (every upstream
-    failed: < 0.5 s, not the 3 s timeout); cache_stale=1. Fails without
-    serve-stale (SERVFAIL), with stale TTLs not 30, or a client left
-    waiting for a timer although every upstream failed."""
+    """--serve-stale 60. An answer with TTL 1 cached, for an OPT-less and
+    for an EDNS DO client; 1.3 s later the upstream is stopped
+    (connections refused): each query gets its old answer (198.51.100.1)
+    with every TTL set to 30 (the OPT's TTL field, DO, kept), at once
+    (every upstream failed: < 0.5 s, not the 3 s timeout); cache_stale=2.
+    Fails without serve-stale (SERVFAIL), with stale TTLs not 30 (or OPT
+    touched), or a client left waiting for a timer although every upstream
+    failed."""
     name = "stale-down.example.test"
-    srv = faultdot_factory(answer=hook({name: _stale_answer}))
+    # both first queries (two keys) get the TTL 1 answer
+    srv = faultdot_factory(answer=hook({name: lambda q, n: _stale_answer(q, max(1, n - 1))}))
     d = start_dotp(dotp_factory, [srv], ["--serve-stale", "60"])
     a1, _ = ask(d, qwire(name))
     t1 = time.monotonic()
+    e1, _ = ask(d, qwire(name, edns=1232, do=True))
     sleep_until(t1 + 1.3)
     srv.stop()
     a, lat = ask(d, qwire(name), timeout=4)
@@ -742,19 +859,25 @@ def test_serve_stale_upstream_down(dotp_factory, faultdot_factory):
                                                                   d.log()[-2000:])
     assert masked(a) == masked(a1)
     assert lat < 0.5, "stale answer after %.3f s (every upstream failed: want at once)" % lat
+    e, lat = ask(d, qwire(name, edns=1232, do=True), timeout=4)
+    assert ttls(e) == [30, 30] and opt_ttl(e) == 0x8000 and masked(e) == masked(e1), \
+        "EDNS DO client, after %.3f s:\n%s" % (lat, describe(e))
+    assert lat < 0.5, lat
     c = cache_counters(d)
-    assert c["cache_stale"] == 1, c
+    assert c["cache_stale"] == 2, c
 
 
 def test_serve_stale_slow_upstream_then_refresh(dotp_factory, faultdot_factory):
     """--serve-stale 60 --timeout 6000 --attempt-timeout 2500. An answer
-    with TTL 1 cached; at 1.3 s the same query goes upstream, which answers
-    2.2 s late: the client gets the old answer with TTLs 30 after the
-    1800 ms client-response timer (1.6..2.2 s), and when the upstream's
-    answer (198.51.100.2) comes it refreshes the entry: a query after it
-    is a hit with the new address. Fails if stale is served at once (the
-    upstream was not given 1.8 s), not at all (the client waits 2.2 s), or
-    the background answer is thrown away."""
+    with TTL 1 cached; at 1.3 s three clients ask the same query at once:
+    it goes upstream once (the others wait for it), and the upstream
+    answers 2.2 s late: all three get the old answer with TTLs 30 after
+    the 1800 ms client-response timer (1.6..2.2 s), and when the
+    upstream's answer (198.51.100.2) comes it refreshes the entry: a query
+    after it is a hit with the new address. Exit: cache_stale=3,
+    cache_coalesced=2. Fails if stale is served at once (the upstream was
+    not given 1.8 s), not at all (the clients wait 2.2 s), not to the
+    waiting ones, or the background answer is thrown away."""
     name = "stale-slow.example.test"
     srv = faultdot_factory(answer=hook({name: lambda q, n: _stale_answer(
         q, n, later=lambda q, n: Reply(make_answer(q, answer=[a_rr(300, "198.51.100.2")]),
@@ -764,10 +887,11 @@ def test_serve_stale_slow_upstream_then_refresh(dotp_factory, faultdot_factory):
     ask(d, qwire(name))
     t1 = time.monotonic()
     sleep_until(t1 + 1.3)
-    a, lat = ask(d, qwire(name), timeout=5)
-    assert addrs(a) == ["198.51.100.1"] and ttls(a) == [30, 30], \
-        "want the stale answer (TTLs 30), got after %.3f s:\n%s" % (lat, describe(a))
-    assert 1.6 <= lat <= 2.2, "stale answer after %.3f s (want ~1.8 s)" % lat
+    for a, lat in _burst(d, [qwire(name, qid=0x7000 + i) for i in range(3)], timeout=5):
+        assert a is not None, "no answer within 5 s"
+        assert addrs(a) == ["198.51.100.1"] and ttls(a) == [30, 30], \
+            "want the stale answer (TTLs 30), got after %.3f s:\n%s" % (lat, describe(a))
+        assert 1.6 <= lat <= 2.2, "stale answer after %.3f s (want ~1.8 s)" % lat
     assert srv.queries_for(name) == 2
     sleep_until(srv.query_times(name)[1] + 2.2 + 0.3)
     a, lat = ask(d, qwire(name))
@@ -775,7 +899,84 @@ def test_serve_stale_slow_upstream_then_refresh(dotp_factory, faultdot_factory):
     assert addrs(a) == ["198.51.100.2"] and srv.queries_for(name) == 2 and lat < 0.1, \
         "want a hit on the refreshed entry:\n%s\n%s" % (describe(a), _ctx(d, srv))
     c = cache_counters(d)
-    assert c["cache_stale"] == 1, c
+    assert c["cache_stale"] == 3 and c["cache_coalesced"] == 2, c
+
+
+@pytest.mark.parametrize("extra", [[], ["--attempt-timeout", "1500"]],
+                         ids=["default", "attempt-1500"])
+def test_serve_stale_silent_upstream_counted_once(dotp_factory, faultdot_factory, extra):
+    """--serve-stale 60, default timeouts, or --attempt-timeout 1500 (the
+    silent connection is then not given up before the stale answer is
+    due). An answer with TTL 1 cached; at
+    1.3 s the upstream stops answering that name (queries read, never
+    answered): the client gets the stale answer (TTLs 30) within 1.8 s +
+    0.4 s, and exactly one datagram even after the background query has
+    given up (--timeout 3 s); the exit line says cache_stale=1 (one stale
+    answer served). Fails if the client waits for the timeout, gets a
+    second answer, or the background query's failure counts as another
+    stale answer served."""
+    name = "stale-silent.example.test"
+    srv = faultdot_factory(answer=hook({name: lambda q, n: _stale_answer(
+        q, n, later=lambda q, n: Reply(drop=True))}))
+    d = start_dotp(dotp_factory, [srv], ["--serve-stale", "60"] + extra)
+    ask(d, qwire(name))
+    t1 = time.monotonic()
+    sleep_until(t1 + 1.3)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((d.host, d.port))
+    try:
+        q = qwire(name)
+        t = time.monotonic()
+        s.send(q)
+        s.settimeout(3.0)
+        a = s.recv(65535)
+        lat = time.monotonic() - t
+        assert wire_id(a) == wire_id(q) and addrs(a) == ["198.51.100.1"] \
+            and ttls(a) == [30, 30], describe(a)
+        assert lat <= 2.2, "stale answer after %.3f s (want within 1.8 s + 0.4 s)" % lat
+        s.settimeout(max(0.1, t + 3.5 - time.monotonic()))
+        try:
+            extra = s.recv(65535)
+        except socket.timeout:
+            extra = None
+        assert extra is None, "a second answer after the stale one:\n" + describe(extra)
+    finally:
+        s.close()
+    c = cache_counters(d)
+    assert c["cache_stale"] == 1, "one stale answer served, exit line says %s" % c
+
+
+def test_serve_stale_late_follower_gets_stale_in_time(dotp_factory, faultdot_factory):
+    """--serve-stale 60 --timeout 9000 --attempt-timeout 4500. An answer
+    with TTL 1 cached; at 1.3 s client A asks, the query goes upstream,
+    which answers 4.5 s late; A gets the stale answer at ~1.8 s. At ~3.2 s
+    client B asks the same: it too finds only a stale entry, and waits for
+    the query already upstream (coalescing: the upstream sees no third
+    query), but its own 1800 ms client-response timer still holds: B gets
+    the stale answer (TTLs 30) within 1.8 s + 0.4 s, not when the upstream
+    answers (3 s after B asked). Fails if a query that joins a refresh
+    after the stale answer was served waits for the upstream for as long
+    as it takes (up to --timeout)."""
+    name = "stale-late.example.test"
+    srv = faultdot_factory(answer=hook({name: lambda q, n: _stale_answer(
+        q, n, later=lambda q, n: Reply(make_answer(q, answer=[a_rr(300, "198.51.100.2")]),
+                                       delay_ms=4500))}))
+    d = start_dotp(dotp_factory, [srv], ["--serve-stale", "60", "--timeout", "9000",
+                                         "--attempt-timeout", "4500"])
+    ask(d, qwire(name))
+    t1 = time.monotonic()
+    sleep_until(t1 + 1.3)
+    a, lat = ask(d, qwire(name), timeout=5)
+    assert ttls(a) == [30, 30] and 1.6 <= lat <= 2.2, "A: %.3f s\n%s" % (lat, describe(a))
+    sleep_until(t1 + 3.2)
+    b, lat = ask(d, qwire(name), timeout=5)
+    assert addrs(b) == ["198.51.100.1"] and ttls(b) == [30, 30] and lat <= 2.2, \
+        "B (asked 1.9 s after the refresh went upstream): got after %.3f s (want the stale " \
+        "answer within its 1800 ms timer):\n%s" % (lat, describe(b))
+    settle()
+    assert srv.queries_for(name) == 2, _ctx(d, srv)
+    c = cache_counters(d)
+    assert c["cache_stale"] == 2, c
 
 
 def test_serve_stale_never_replaces_an_answer(dotp_factory, faultdot_factory):
@@ -925,6 +1126,31 @@ def test_upstream_error_held_one_second(dotp_factory, faultdot_factory):
     assert c["cache_hits"] == 4, c
 
 
+def test_questionless_error_held_one_second(dotp_factory, faultdot_factory):
+    """(spec: lifetimes, "SERVFAIL, REFUSED and other RCODEs from the
+    upstream: held 1 s") Some servers answer errors with no question
+    section (QDCOUNT 0), which dotp's question check accepts for errors:
+    a REFUSED without a question, delivered to the client, is held 1 s
+    like any other: asked again at once it does not go upstream. Fails if
+    an error answer is held only when it repeats the question."""
+    name = "noq.example.test"
+
+    def refused_no_question(q, n):
+        return struct.pack("!HBBHHHH", wire_id(q), 0x80 | (q[2] & 0x01), 0x80 | RCODE_REFUSED,
+                           0, 0, 0, 0)
+    srv = faultdot_factory(answer=hook({name: refused_no_question}))
+    d = start_dotp(dotp_factory, [srv])
+    a, _ = ask(d, qwire(name))
+    assert rc(a) == RCODE_REFUSED, describe(a)
+    a, _ = ask(d, qwire(name))
+    assert rc(a) == RCODE_REFUSED, describe(a)
+    settle()
+    assert srv.queries_for(name) == 1, \
+        "a question-less REFUSED was not held: the upstream saw %d queries within 1 s" % (
+            srv.queries_for(name))
+    cache_counters(d)
+
+
 # --------------------------------------------------------------------------
 # 13. TTLs above 2^31-1
 # --------------------------------------------------------------------------
@@ -932,10 +1158,12 @@ def test_upstream_error_held_one_second(dotp_factory, faultdot_factory):
 def test_ttl_above_2_31_not_cached(dotp_factory, faultdot_factory):
     """Answers with TTL 2^31 (one record), and with TTLs 300 and 2^32-1 (two
     records: the smallest counts, and 2^32-1 counts as 0) are not cached:
-    the repeat goes upstream. An answer with TTL 2^31-1 is cached (a hit)
-    and replayed with TTL 2^31-1 (nothing stored a whole second). Fails
-    if a TTL above 2^31-1 is taken as a long lifetime."""
+    the repeat goes upstream; nor is one with TTL 0 (a lifetime of 0). An
+    answer with TTL 2^31-1 is cached (a hit) and replayed with TTL 2^31-1
+    (nothing stored a whole second). Fails if a TTL above 2^31-1 is taken
+    as a long lifetime (or TTL 0 as a lifetime)."""
     srv = faultdot_factory(answer=hook({
+        "zero.example.test": lambda q, n: make_answer(q, answer=[a_rr(0, "198.51.100.1")]),
         "big.example.test": lambda q, n: make_answer(q, answer=[a_rr(2 ** 31, "198.51.100.1")]),
         "mixed.example.test": lambda q, n: make_answer(q, answer=[
             a_rr(300, "198.51.100.1"), a_rr(2 ** 32 - 1, "198.51.100.2")]),
@@ -943,14 +1171,16 @@ def test_ttl_above_2_31_not_cached(dotp_factory, faultdot_factory):
             a_rr(2 ** 31 - 1, "198.51.100.1")]),
     }))
     d = start_dotp(dotp_factory, [srv])
-    for n in ("big", "mixed", "max"):
+    kinds = ("big", "mixed", "zero", "max")
+    for n in kinds:
         ask(d, qwire(n + ".example.test"))
     got = {}
-    for n in ("big", "mixed", "max"):
+    for n in kinds:
         got[n], _ = ask(d, qwire(n + ".example.test"))
     settle()
-    seen = {n: srv.queries_for(n + ".example.test") for n in ("big", "mixed", "max")}
-    assert seen == {"big": 2, "mixed": 2, "max": 1}, "upstream queries per name: %s" % seen
+    seen = {n: srv.queries_for(n + ".example.test") for n in kinds}
+    assert seen == {"big": 2, "mixed": 2, "zero": 2, "max": 1}, \
+        "upstream queries per name: %s" % seen
     assert ttls(got["max"]) == [2 ** 31 - 1], describe(got["max"])
     c = cache_counters(d)
     assert c["cache_hits"] == 1, c
@@ -962,17 +1192,20 @@ def test_ttl_above_2_31_not_cached(dotp_factory, faultdot_factory):
 
 def test_ttl_decrement(dotp_factory, faultdot_factory):
     """An EDNS DO query; the answer has A records TTL 300 and 300, an NS
-    TTL 200 in authority, glue TTL 100, and an OPT with DO. Asked again
-    after ~1.1 s: a hit, every TTL lowered by 1 (299 299 199 99; 2 allowed
-    for a slow machine), never above the original, and the OPT's TTL field
-    (DO bit, extended RCODE, version) unchanged; the rest byte for byte.
-    Fails if TTLs are replayed as stored, lowered too much, or the OPT's
-    TTL field is treated as a TTL."""
+    TTL 200 in authority, glue TTL 100, and an OPT with DO and the response
+    padding (RFC 7830) the upstream adds because dotp padded the query.
+    Asked again after ~1.1 s: a hit, every TTL lowered by 1 (299 299 199
+    99; 2 allowed for a slow machine), never above the original, the OPT's
+    TTL field (DO bit, extended RCODE, version) unchanged, no padding
+    (removed as on the uncached path); the rest byte for byte. Fails if
+    TTLs are replayed as stored, lowered too much, the OPT's TTL field is
+    treated as a TTL, or the upstream's padding is replayed."""
     name = "ttl.example.test"
+    pad = struct.pack("!HH", 12, 40) + b"\0" * 40
     srv = faultdot_factory(answer=hook({name: lambda q, n: make_answer(
         q, answer=[a_rr(300, "198.51.100.1"), a_rr(300, "198.51.100.2")],
         authority=[RR(TYPE_NS, 200, name_wire("ns1.example.test"), "example.test")],
-        additional=[a_rr(100, "198.51.100.53", "ns1.example.test")])}))
+        additional=[a_rr(100, "198.51.100.53", "ns1.example.test")], opt=pad)}))
     d = start_dotp(dotp_factory, [srv])
     a1, _ = ask(d, qwire(name, edns=1232, do=True))
     t1 = time.monotonic()
@@ -985,8 +1218,63 @@ def test_ttl_decrement(dotp_factory, faultdot_factory):
     assert all(t - 2 <= g <= t - 1 for t, g in zip([300, 300, 200, 100], got)), \
         "TTLs after 1.1 s: %s (want 299 299 199 99)" % got
     assert opt_ttl(a2) == 0x8000, "OPT TTL field %#x" % opt_ttl(a2)
+    assert 12 not in opt_codes(a1) and 12 not in opt_codes(a2), describe(a2)
     assert masked(a2) == masked(a1)
     cache_counters(d)
+
+
+def test_lifetime_from_answer_and_authority(dotp_factory, faultdot_factory):
+    """(spec: lifetimes) A NOERROR answer lives for the smallest TTL of its
+    answer and authority records, not the additional ones: A TTL 300 with
+    an NS TTL 1 in authority goes upstream again at 1.3 s; A TTL 300 with
+    glue TTL 1 in additional is still a hit at 1.3 s, the glue replayed
+    with TTL 0 (never below 0, never wrapped). Fails if authority TTLs
+    are ignored or additional ones counted."""
+    ns = lambda ttl: RR(TYPE_NS, ttl, name_wire("ns1.example.test"), "example.test")  # noqa: E731
+    srv = faultdot_factory(answer=hook({
+        "authmin.example.test": lambda q, n: make_answer(
+            q, answer=[a_rr(300, "198.51.100.1")], authority=[ns(1)]),
+        "addmin.example.test": lambda q, n: make_answer(
+            q, answer=[a_rr(300, "198.51.100.1")], authority=[ns(300)],
+            additional=[a_rr(1, "198.51.100.53", "ns1.example.test")]),
+    }))
+    d = start_dotp(dotp_factory, [srv])
+    ask(d, qwire("authmin.example.test"))
+    ask(d, qwire("addmin.example.test"))
+    t1 = time.monotonic()
+    sleep_until(t1 + 1.3)
+    ask(d, qwire("authmin.example.test"))
+    a, _ = ask(d, qwire("addmin.example.test"))
+    settle()
+    assert srv.queries_for("authmin.example.test") == 2, "authority TTL 1 not counted"
+    assert srv.queries_for("addmin.example.test") == 1, "additional TTL 1 counted"
+    assert ttls(a) == [299, 299, 0], describe(a)
+    cache_counters(d)
+
+
+def test_not_cached_tc_and_over_8192(dotp_factory, faultdot_factory):
+    """(spec: never cached) An upstream answer with TC set, and one of 8193
+    bytes (a TXT answer to an OPT-less TCP client), are not cached: each
+    repeat goes upstream; an 8192-byte one is (a hit, replayed whole).
+    Fails if TC answers or answers over 8192 bytes are cached, or 8192 is
+    refused."""
+    tcname = "tc.example.test"
+    srv = faultdot_factory(tag=300, edns=True, sized=True, answer=hook({
+        tcname: lambda q, n: make_answer(q, tc=True)}))
+    d = start_dotp(dotp_factory, [srv])
+    ok, over = sized_query_name(8192), sized_query_name(8193)
+    for _ in range(2):
+        a, _ = ask(d, qwire(tcname))
+        assert tc(a), describe(a)
+        a, _ = ask(d, qwire(ok, "TXT"), tcp=True)
+        assert len(a) == 8192, len(a)
+        a, _ = ask(d, qwire(over, "TXT"), tcp=True)
+        assert len(a) == 8193, len(a)
+    settle()
+    seen = {n: srv.queries_for(n) for n in (tcname, ok, over)}
+    assert seen == {tcname: 2, ok: 1, over: 2}, "upstream queries: %s" % seen
+    c = cache_counters(d)
+    assert c["cache_hits"] == 1, c
 
 
 def test_ttl_clamps(dotp_factory, faultdot_factory):
@@ -1056,6 +1344,26 @@ def test_cache_option_out_of_range(pki, ports, bad, needle):
                   "--ca-file", str(pki.ca_pem)] + bad)
     assert p.returncode == 2, "exit %s for %s\n%s" % (p.returncode, bad, p.stderr)
     assert needle in p.stderr and bad[0] in p.stderr, p.stderr
+
+
+BAD_CACHE_ENV = [
+    ("DOTP_CACHE_SIZE", "2048m"),
+    ("DOTP_CACHE_MIN_TTL", "86401"),
+    ("DOTP_CACHE_MAX_TTL", "0"),
+    ("DOTP_CACHE_NEG_TTL", "0"),
+    ("DOTP_SERVE_STALE", "604801"),
+]
+
+
+@pytest.mark.parametrize("var,value", BAD_CACHE_ENV, ids=[v for v, _ in BAD_CACHE_ENV])
+def test_cache_env_out_of_range(pki, ports, var, value):
+    """(spec: options, env fallback) Each cache option is read from its
+    environment variable: a value out of range there exits 2 naming it.
+    Fails if the variable is ignored (dotp would start)."""
+    p = run_dotp(["-l", "127.0.0.1:%d" % ports.get(), "-u", "127.0.0.1:9#dot.test",
+                  "--ca-file", str(pki.ca_pem)], env={var: value}, timeout=3)
+    assert p.returncode == 2, "exit %s for %s=%s\n%s" % (p.returncode, var, value, p.stderr)
+    assert value in p.stderr, p.stderr
 
 
 def test_cache_size_env_and_bounds_accepted(dotp_factory, faultdot_factory):
