@@ -63,9 +63,11 @@ $(BR)/libbearssl.a: bearssl/build.sh bearssl/deps.sh
 $(BUILD)/ta-raw.h: ca-bundle/mozilla-roots.pem ca-bundle/mkta.sh $(BR)/libbearssl.a
 	sh ca-bundle/mkta.sh $(BR)/brssl ca-bundle/mozilla-roots.pem $@
 
-$(BUILD)/ta.h: $(BUILD)/ta-raw.h ca-bundle/tapack.c
-	$(HOSTCC) -I$(BR)/inc -include $(BUILD)/ta-raw.h -o $(BUILD)/tapack \
-	  ca-bundle/tapack.c
+# tapack is built like dotp (musl, static): a bare machine has no glibc
+# headers for the host compiler (tests/newcomer.sh).
+$(BUILD)/ta.h: $(BUILD)/ta-raw.h ca-bundle/tapack.c $(SPECS)
+	$(CC) -I$(BR)/inc -include $(BUILD)/ta-raw.h -o $(BUILD)/tapack \
+	  ca-bundle/tapack.c -static-pie
 	./$(BUILD)/tapack > $@.tmp && mv $@.tmp $@
 
 # Debian's musl-gcc links dynamically even when asked for -static-pie
