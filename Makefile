@@ -102,13 +102,13 @@ TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython \
 	  libclang-rt-14-dev procps bind9 bind9-utils dnsdist libc6-dev \
 	  debootstrap apt-utils git
 
-$(BUILD)/unit: tests/unit.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+$(BUILD)/unit: tests/unit.c tests/check.h dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \
 	  -o $@ tests/unit.c $(BR)/libbearssl.a
 
 # The upstream engine's state machine against an in-process BearSSL
 # server over unix sockets (tests/engine.c, certificates in tests/engine).
-$(BUILD)/engine: tests/engine.c dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
+$(BUILD)/engine: tests/engine.c tests/check.h dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \
 	  -o $@ tests/engine.c $(BR)/libbearssl.a
 

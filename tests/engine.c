@@ -23,18 +23,7 @@
 #include <sys/wait.h>
 #include <linux/sockios.h>
 
-static int t_pass, t_fail;
-
-#define ok(cond, ...) do {						\
-	if (cond) {							\
-		t_pass++;						\
-	} else {							\
-		t_fail++;						\
-		printf("FAIL %s:%d: ", __FILE__, __LINE__);		\
-		printf(__VA_ARGS__);					\
-		printf("\n");						\
-	}								\
-} while (0)
+#include "check.h"
 
 /* A case that runs longer than this hangs: its child is killed. */
 #define CASE_SECONDS	10

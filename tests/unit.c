@@ -13,18 +13,7 @@
 
 #include <sys/mman.h>
 
-static int t_pass, t_fail;
-
-#define ok(cond, ...) do {						\
-	if (cond) {							\
-		t_pass++;						\
-	} else {							\
-		t_fail++;						\
-		printf("FAIL %s:%d: ", __FILE__, __LINE__);		\
-		printf(__VA_ARGS__);					\
-		printf("\n");						\
-	}								\
-} while (0)
+#include "check.h"
 
 /* Copies len bytes so that they end exactly at a guard page. */
 static unsigned char *
