@@ -387,21 +387,30 @@ srv_seen_max(void)
 }
 
 /* Queues the answer to query m (header and question echoed, QR and RA,
- * NOERROR, an OPT when the query had one) as one frame, or only its
- * first keep bytes. */
+ * NOERROR, one A record with TTL 60, so that dotp may cache it, and an
+ * OPT when the query had one) as one frame, or only its first keep
+ * bytes. */
 static void
 srv_answer(struct sconn *sc, const unsigned char *m, size_t len, size_t keep)
 {
+	static const unsigned char rr[16] = {
+		0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1
+	};
 	struct qinfo qi;
-	unsigned char a[DNS_UDP_MIN];
-	size_t	 n;
+	unsigned char a[DNS_UDP_MIN + 16];
+	size_t	 n, opt;
 
 	if (dns_check_query(m, len, &qi) != QC_OK ||
 	    (n = dns_make_error(m, len, qi.qend, qi.has_opt, 0, a,
-	    sizeof a)) == 0) {
+	    sizeof a - sizeof rr)) == 0) {
 		S.bad_queries++;
 		return;
 	}
+	opt = qi.has_opt ? DNS_OPT_HEADER : 0;	/* dns_make_error's OPT */
+	memmove(a + n - opt + sizeof rr, a + n - opt, opt);
+	memcpy(a + n - opt, rr, sizeof rr);
+	wr16(a + DNS_OFF_ANCOUNT, 1);
+	n += sizeof rr;
 	if (keep == 0 || keep > 2 + n)
 		keep = 2 + n;
 	if (sc->out_off > 0) {
@@ -850,34 +859,42 @@ mkquery(unsigned char *buf, uint16_t id, const char *name)
 }
 
 /*
- * Client cl sends n queries at once. Each asks for a name no other
+ * Client cl sends one query for qname, or (NULL) for a name no other
  * query of the case asks for, so that an answer delivered to the wrong
  * query shows in its question; IDs repeat across clients on purpose.
  */
 static void
-ask(int cl, int n)
+ask_as(int cl, const char *qname)
 {
 	unsigned char frame[2 + T_QMAX];
 	char	 name[64];
 	ssize_t	 w;
+	struct tquery *q = &T.q[T.nq];
 
-	while (n-- > 0) {
-		struct tquery *q = &T.q[T.nq];
-
-		if (T.nq == T_MAX_QUERIES)
-			die("too many queries");
-		q->cl = cl;
-		q->id = T.cl[cl].next_id++;
+	if (T.nq == T_MAX_QUERIES)
+		die("too many queries");
+	q->cl = cl;
+	q->id = T.cl[cl].next_id++;
+	if (qname != NULL)
+		snprintf(name, sizeof name, "%s", qname);
+	else
 		snprintf(name, sizeof name, "q%d.c%d.engine.test", T.nq, cl);
-		q->len = mkquery(q->m, q->id, name);
-		q->sent_at = now_ms();
-		wr16(frame, (uint16_t)q->len);
-		memcpy(frame + 2, q->m, q->len);
-		w = send(T.cl[cl].fd, frame, 2 + q->len, MSG_NOSIGNAL);
-		if (w != (ssize_t)(2 + q->len))
-			die("client send");
-		T.nq++;
-	}
+	q->len = mkquery(q->m, q->id, name);
+	q->sent_at = now_ms();
+	wr16(frame, (uint16_t)q->len);
+	memcpy(frame + 2, q->m, q->len);
+	w = send(T.cl[cl].fd, frame, 2 + q->len, MSG_NOSIGNAL);
+	if (w != (ssize_t)(2 + q->len))
+		die("client send");
+	T.nq++;
+}
+
+/* Client cl asks n queries for names of their own (ask_as). */
+static void
+ask(int cl, int n)
+{
+	while (n-- > 0)
+		ask_as(cl, NULL);
 }
 
 /* One answer frame that reached client cl. */
@@ -1515,11 +1532,52 @@ case_trickle(void)
 
 /* ==== Running the cases ==== */
 
+/*
+ * cache: the real engine with the answer cache. Four clients ask one
+ * name in four letter cases before dotp reads any: one query reaches the
+ * server and the others wait for its answer (coalesced), each client
+ * getting its own ID and its own case (tc_answer compares the question
+ * byte for byte). A fifth client then asks, and is answered from the
+ * cache: the server sees nothing more. Fails without coalescing (four
+ * queries at the server), with a key that does not fold case (four too,
+ * or a miss), or with a replay that keeps the first client's ID or case.
+ */
+static void
+case_cache(void)
+{
+	static const char *const names[] = {
+		"Cache.Engine.Test", "cACHE.engine.test", "cache.ENGINE.test",
+		"cache.engine.TEST", "CACHE.ENGINE.TEST"
+	};
+	int	 c;
+
+	engine_start(NULL);
+	for (c = 0; c < 5; c++)
+		client_new();
+	for (c = 0; c < 4; c++)
+		ask_as(c, names[c]);
+	ok(run_until(all_answered, 2000), "cache: %d of %d answered",
+	    answered_count(), T.nq);
+	ok(srv_sum_received() == 1 && G.ctr[CTR_CACHE_COALESCED] == 3,
+	    "cache: the server saw %d queries (want 1), %lu coalesced "
+	    "(want 3)", srv_sum_received(), G.ctr[CTR_CACHE_COALESCED]);
+	ask_as(4, names[4]);
+	ok(run_until(all_answered, 2000), "cache: the repeat unanswered");
+	ok(srv_sum_received() == 1 && G.ctr[CTR_CACHE_HITS] == 1, "cache: "
+	    "the server saw %d queries (want 1), %lu hits (want 1)",
+	    srv_sum_received(), G.ctr[CTR_CACHE_HITS]);
+	ok(count_rcode(0) == T.nq, "cache: %d NOERROR of %d",
+	    count_rcode(0), T.nq);
+	check_once("cache");
+}
+
+
 static const struct {
 	const char *name;
 	void	(*fn)(void);
 } cases[] = {
 	{ "reverse", case_reverse },
+	{ "cache", case_cache },
 	{ "records", case_records },
 	{ "close-k", case_close_after_k },
 	{ "recycle", case_recycle },
