@@ -1248,9 +1248,11 @@ dns_check_qname(const unsigned char *m, size_t len, size_t pos)
 }
 
 /* Skips one resource record. Returns the offset after it, or 0. Sets
- * *type (if not NULL) to its TYPE. */
+ * *type (if not NULL) to its TYPE and *fixed (if not NULL) to the offset
+ * of its fixed part, just past the owner name (DNS_RR_*). */
 static size_t
-dns_skip_rr(const unsigned char *m, size_t len, size_t pos, unsigned *type)
+dns_skip_rr(const unsigned char *m, size_t len, size_t pos, unsigned *type,
+    size_t *fixed)
 {
 	size_t	 rdlen;
 
@@ -1260,6 +1262,8 @@ dns_skip_rr(const unsigned char *m, size_t len, size_t pos, unsigned *type)
 	rdlen = rd16(m + pos + DNS_RR_RDLEN);
 	if (type != NULL)
 		*type = rd16(m + pos + DNS_RR_TYPE);
+	if (fixed != NULL)
+		*fixed = pos;
 	pos += DNS_RR_FIXED;
 	if (rdlen > len - pos)
 		return 0;
@@ -1284,7 +1288,7 @@ dns_walk_records(const unsigned char *m, size_t len, size_t pos,
 	k = n + rd16(m + DNS_OFF_ARCOUNT);
 	for (i = 0; i < k; i++) {
 		start = pos;
-		if ((pos = dns_skip_rr(m, len, pos, &type)) == 0)
+		if ((pos = dns_skip_rr(m, len, pos, &type, NULL)) == 0)
 			return 0;
 		if (type != DNS_TYPE_OPT)
 			continue;
@@ -2404,8 +2408,7 @@ dns_ttls_apart(const unsigned char *a, size_t alen, size_t qend)
 	n = (unsigned)rd16(a + DNS_OFF_ANCOUNT) + rd16(a + DNS_OFF_NSCOUNT) +
 	    rd16(a + DNS_OFF_ARCOUNT);
 	for (i = 0, pos = qend; i < n; i++) {
-		rr = dns_skip_name(a, alen, pos);
-		if ((pos = dns_skip_rr(a, alen, pos, &type)) == 0)
+		if ((pos = dns_skip_rr(a, alen, pos, &type, &rr)) == 0)
 			return 0;
 		for (k = 0; k < 4 && type != DNS_TYPE_OPT; k++)
 			t[rr + DNS_RR_TTL + k] ^= 0xff;
@@ -2415,7 +2418,7 @@ dns_ttls_apart(const unsigned char *a, size_t alen, size_t qend)
 		if (rr != dns_skip_name(a, alen, pos) ||
 		    !dns_name_same(a, t, alen, pos) ||
 		    memcmp(a + rr, t + rr, DNS_RR_TTL) != 0 ||
-		    (pos = dns_skip_rr(a, alen, pos, &type)) == 0)
+		    (pos = dns_skip_rr(a, alen, pos, &type, NULL)) == 0)
 			return 0;
 	}
 	return 1;
@@ -2451,12 +2454,11 @@ cache_lifetime(const unsigned char *a, size_t alen, size_t qend)
 	neg = rcode == DNS_RCODE_NXDOMAIN || an == 0;
 	n = an + rd16(a + DNS_OFF_NSCOUNT);
 	for (i = 0; i < n + rd16(a + DNS_OFF_ARCOUNT); i++, pos = end) {
-		if ((end = dns_skip_rr(a, alen, pos, &type)) == 0)
+		if ((end = dns_skip_rr(a, alen, pos, &type, &rr)) == 0)
 			return 0;
 		plain = plain && dns_owner_plain(a, pos, qend);
 		if (i >= n)
 			continue;	/* additional: parsed, not counted */
-		rr = dns_skip_name(a, alen, pos);
 		t = rd32(a + rr + DNS_RR_TTL);
 		if (t > 0x7fffffff)	/* RFC 2181 8: counts as 0 */
 			t = 0;
@@ -2505,8 +2507,7 @@ cache_replay(struct centry *e, size_t qend, int64_t now, int stale,
 	n = (unsigned)rd16(out + DNS_OFF_ANCOUNT) + rd16(out + DNS_OFF_NSCOUNT) +
 	    rd16(out + DNS_OFF_ARCOUNT);
 	for (i = 0; i < n; i++, pos = end) {	/* dns_ttls_apart() */
-		rr = dns_skip_name(out, e->alen, pos);
-		if ((end = dns_skip_rr(out, e->alen, pos, &type)) == 0)
+		if ((end = dns_skip_rr(out, e->alen, pos, &type, &rr)) == 0)
 			break;		/* can't happen */
 		if (type == DNS_TYPE_OPT)
 			continue;
@@ -5800,12 +5801,14 @@ opt_env(struct config *cfg, const struct optdef *o)
 	if (s == NULL || (*s == '\0' && o->kind != OPT_SWITCH))
 		return 0;
 	if (o->kind == OPT_SWITCH) {
-		if (strcmp(s, "") && strcmp(s, "0") && strcmp(s, "no") &&
-		    strcmp(s, "false") && strcmp(s, "1") && strcmp(s, "yes") &&
-		    strcmp(s, "true"))
+		int	 on = !strcmp(s, "1") || !strcmp(s, "yes") ||
+		    !strcmp(s, "true");
+
+		if (!on && strcmp(s, "") && strcmp(s, "0") && strcmp(s, "no") &&
+		    strcmp(s, "false"))
 			fatal(2, "bad %s value '%s': expected 1 or 0", o->env,
 			    s);
-		if (!strcmp(s, "1") || !strcmp(s, "yes") || !strcmp(s, "true"))
+		if (on)
 			o->set(cfg, o, s, o->env);
 		return 1;
 	}

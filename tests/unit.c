@@ -36,41 +36,6 @@ guard(const void *data, size_t len)
 	return base + 17 * pg - len;
 }
 
-/* Builds a query for name (dotted, "" for the root) into buf. */
-static size_t
-mkquery(unsigned char *buf, uint16_t id, const char *name, uint16_t type,
-    int edns, uint16_t udp)
-{
-	size_t	 n = DNS_HEADER_LEN;
-	const char *p = name;
-
-	memset(buf, 0, DNS_HEADER_LEN);
-	wr16(buf, id);
-	wr16(buf + DNS_OFF_FLAGS, DNS_FLAG_RD);
-	wr16(buf + DNS_OFF_QDCOUNT, 1);
-	while (*p) {
-		size_t l = strcspn(p, ".");
-		buf[n++] = (unsigned char)l;
-		memcpy(buf + n, p, l);
-		n += l;
-		p += l;
-		if (*p == '.')
-			p++;
-	}
-	buf[n++] = 0;
-	wr16(buf + n, type);
-	wr16(buf + n + 2, 1);
-	n += 4;
-	if (edns) {
-		static const unsigned char opt[11] = { 0, 0, 41 };
-		memcpy(buf + n, opt, sizeof opt);
-		wr16(buf + n + 3, udp);
-		wr16(buf + DNS_OFF_ARCOUNT, 1);
-		n += sizeof opt;
-	}
-	return n;
-}
-
 static void
 test_skip_name(void)
 {
@@ -926,7 +891,7 @@ rr_ttl(const unsigned char *a, size_t len, size_t qend, int k)
 	unsigned type;
 
 	while (k-- > 0)
-		pos = dns_skip_rr(a, len, pos, &type);
+		pos = dns_skip_rr(a, len, pos, &type, NULL);
 	return rd32(a + dns_skip_name(a, len, pos) + DNS_RR_TTL);
 }
 

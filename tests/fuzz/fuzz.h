@@ -78,7 +78,7 @@ fz_walk(const unsigned char *m, size_t len, unsigned *nopt, size_t *opt)
 	    rd16(m + DNS_OFF_ARCOUNT);
 	while (n-- > 0) {
 		o = pos;
-		pos = dns_skip_rr(m, len, pos, &type);
+		pos = dns_skip_rr(m, len, pos, &type, NULL);
 		if (pos == 0)
 			return 0;
 		if (type == DNS_TYPE_OPT) {
@@ -136,7 +136,7 @@ fz_reads(const unsigned char *m, size_t len, size_t from, size_t to)
 	while (n-- > 0) {
 		if (fz_name_reads(m, pos, from, to))
 			return 1;
-		pos = dns_skip_rr(m, len, pos, NULL);
+		pos = dns_skip_rr(m, len, pos, NULL, NULL);
 	}
 	return 0;
 }

@@ -29,7 +29,7 @@ first_ar_opt(const unsigned char *m, size_t len, size_t *end)
 	ar = rd16(m + DNS_OFF_ARCOUNT);
 	for (k = 0; k < n + ar; k++) {
 		start = pos;
-		if ((pos = dns_skip_rr(m, len, pos, NULL)) == 0)
+		if ((pos = dns_skip_rr(m, len, pos, NULL, NULL)) == 0)
 			return 0;
 		t = dns_skip_name(m, len, start);
 		if (k >= n && t == start + 1 && rd16(m + t) == DNS_TYPE_OPT) {

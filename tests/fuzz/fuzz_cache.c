@@ -58,7 +58,7 @@ fz_ttls(const unsigned char *a, size_t len, size_t qend, uint32_t *t,
 	for (i = 0; i < n && i < max; i++) {
 		rr = dns_skip_name(a, len, pos);
 		CHECK(rr != 0);
-		pos = dns_skip_rr(a, len, pos, &type);
+		pos = dns_skip_rr(a, len, pos, &type, NULL);
 		CHECK(pos != 0);
 		t[i] = rd32(a + rr + DNS_RR_TTL);
 		opt[i] = type == DNS_TYPE_OPT;
