@@ -832,32 +832,6 @@ client_new(void)
 	return k;
 }
 
-/* Builds a query (RD, one question, type A, no EDNS) into buf. */
-static size_t
-mkquery(unsigned char *buf, uint16_t id, const char *name)
-{
-	size_t	 n = DNS_HEADER_LEN, l;
-	const char *p = name;
-
-	memset(buf, 0, DNS_HEADER_LEN);
-	wr16(buf, id);
-	wr16(buf + DNS_OFF_FLAGS, DNS_FLAG_RD);
-	wr16(buf + DNS_OFF_QDCOUNT, 1);
-	while (*p) {
-		l = strcspn(p, ".");
-		buf[n++] = (unsigned char)l;
-		memcpy(buf + n, p, l);
-		n += l;
-		p += l;
-		if (*p == '.')
-			p++;
-	}
-	buf[n++] = 0;
-	wr16(buf + n, 1);
-	wr16(buf + n + 2, 1);
-	return n + 4;
-}
-
 /*
  * Client cl sends one query for qname, or (NULL) for a name no other
  * query of the case asks for, so that an answer delivered to the wrong
@@ -879,7 +853,7 @@ ask_as(int cl, const char *qname)
 		snprintf(name, sizeof name, "%s", qname);
 	else
 		snprintf(name, sizeof name, "q%d.c%d.engine.test", T.nq, cl);
-	q->len = mkquery(q->m, q->id, name);
+	q->len = mkquery(q->m, q->id, name, 1, 0, 0);
 	q->sent_at = now_ms();
 	wr16(frame, (uint16_t)q->len);
 	memcpy(frame + 2, q->m, q->len);
