@@ -97,7 +97,7 @@ run: dotp
 
 # libc6-dev: the unit and sanitizer builds use the host compiler and glibc;
 # debootstrap and apt-utils: the newcomer test's fresh Debian root.
-TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython \
+TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython python3-yaml \
 	  python3-pytest openssl iproute2 util-linux buildah clang \
 	  libclang-rt-14-dev procps bind9 bind9-utils dnsdist libc6-dev \
 	  debootstrap apt-utils git

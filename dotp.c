@@ -17,9 +17,15 @@
  *                                     waits for it (coalesced)
  *     -> q_start(), q_lead()          copy into a query slot, draw a
  *                                     random upstream ID, start deadline,
- *                                     leave a pending marker in the cache
- *     -> up_pick(), up_enqueue()      the upstream's tx list (policy:
- *                                     first healthy, or round-robin)
+ *                                     find its zone (zone_of: the longest
+ *                                     --forward zone, else "."), leave a
+ *                                     pending marker in the cache
+ *     -> up_pick(), up_enqueue()      a server of its zone (policy: first
+ *                                     healthy, or round-robin): its tx
+ *                                     list; to a plain DNS server, a
+ *                                     datagram from a socket of its own
+ *                                     (dgram_send; answer: dgram_answer;
+ *                                     truncated: on to tx, over TCP)
  *     -> conn_inject() (SENDAPP)      queued frames go to a ready
  *                                     connection with room, each query
  *                                     its own TLS record; the records
@@ -39,13 +45,18 @@
  *                    G.q[], free list, never malloc'd per query. A query
  *                    is on exactly one list: its upstream's tx (waiting
  *                    for room on a connection), or a connection's fl
- *                    (on the wire) or late list; and on the global age
- *                    list, ordered by deadline.
- *   struct upstream  one per -u: health (down, back-off, probe), RTT
+ *                    (on the wire) or late list, or its plain server's
+ *                    ul or ulate (a datagram out); and on the global
+ *                    age list, ordered by deadline.
+ *   struct zone      "." (-u) and each --forward zone: a range of
+ *                    G.up, DoT or plain DNS.
+ *   struct upstream  one per server of a zone: health (down, back-off,
+ *                    probe), RTT
  *                    estimate, the last TLS session for resumption, the
  *                    tx list, and up to --max-conns connections.
- *   struct conn      one TCP + TLS session to an upstream: socket,
- *                    BearSSL context and buffers, answer assembler.
+ *   struct conn      one TCP + TLS session to an upstream (or plain TCP
+ *                    to a plain DNS server): socket, BearSSL context
+ *                    and buffers, answer assembler.
  *   struct tcpclient one per accepted TCP client; owns its socket, its
  *                    input assembler and a bounded output buffer.
  *   struct listener  one per -l; a UDP socket and a TCP listening socket.
@@ -77,28 +88,32 @@
  * SECTIONS (each opens with what it owns, calls and is called by;
  * each uses only the ones above it)
  *
- *    1 Includes and tunables      9 Upstreams: health, RTT, picking,
- *    2 Types and the global state   learned limits
+ *    1 Includes and tunables      9 Upstreams: zones, health, RTT,
+ *    2 Types and the global state   picking, learned limits
  *    3 Utilities                 10 What happens to a query (the table)
- *    4 DNS wire format           11 Upstream connections
- *    5 Client output             12 Client input
- *    6 Answer cache              13 Event loop
- *    7 Query table               14 Options
- *    8 TLS                       15 Setup, shutdown and main
+ *    4 DNS wire format           11 Plain DNS over UDP
+ *    5 Client output             12 Upstream connections
+ *    6 Answer cache              13 Client input
+ *    7 Query table               14 Event loop
+ *    8 TLS                       15 Options
+ *                                16 Setup, shutdown and main
  *
  * WHERE TO CHANGE WHAT
  *
  *   a new option          a field in struct config and a row of opts[]
- *                         (14); the README's table (a test compares)
+ *                         (15); the README's table (a test compares)
  *   a new counter         a row of DOTP_STATS or DOTP_UP_STATS (2), and
  *                         G.ctr[CTR_X]++ where it happens; the exit line
  *                         and later the metrics follow the table
  *   a new descriptor      a value of enum fd_kind (2), a _pollset and a
- *     kind                _service function, a row of fd_kinds[] (13)
+ *     kind                _service function, a row of fd_kinds[] (14)
  *   a new rule for a      the table of section 10 and the function there
  *     query (re-send,     that applies it (q_retry, conn_end,
  *     hedge, SERVFAIL)    conn_timers, up_tx_timer)
- *   a connection timer    conn_due (11): polling and acting both use it
+ *   a connection timer    conn_due (12): polling and acting both use it
+ *   a zone rule, or how   zone_of, up_pick (9); plain DNS over UDP:
+ *     plain DNS is done   section 11; over TCP: the plain row of
+ *                         conn_ways (12)
  *   a limit               a named constant with its reason (1)
  *   a DNS wire rule       section 4; the fuzz harnesses (tests/fuzz)
  *   what is cached, for   cache_lifetime (6); the key: cache_key (6);
@@ -172,8 +187,40 @@
 #define DOTP_MAX_QUERIES	4096
 #define DOTP_MAX_QUERIES_CAP	16384
 #define DOTP_MAX_LISTEN		16
-/* Upstreams: a query remembers the ones it was sent to in a bitmask. */
-#define DOTP_MAX_UPSTREAMS	8
+/* Servers of one zone (-u, or one --forward entry): more than 8 to fail
+ * over between buys nothing. */
+#define DOTP_MAX_ZONE_SERVERS	8
+/* Servers in all: a query remembers the ones it was sent to in a 32-bit
+ * mask; the default zone's 8 and 24 for --forward. */
+#define DOTP_MAX_UPSTREAMS	32
+#define DOTP_MAX_FWD_SERVERS	(DOTP_MAX_UPSTREAMS - DOTP_MAX_ZONE_SERVERS)
+/* --forward zones (besides the default "."): each query's name is
+ * matched against all of them, so they are few; split DNS needs a
+ * handful (a cluster domain and two reverse trees). */
+#define DOTP_MAX_ZONES		32
+/*
+ * Plain DNS over UDP (RFC 5452 9.2): queries leave from a few sockets,
+ * each bound by the kernel to a random port at its first send and
+ * retired after DOTP_DGRAM_USES queries. A spoofed answer must hit the
+ * random port of an open socket and the random ID of a query on it:
+ * the (port, ID) pairs that would be taken are the queries in flight,
+ * as many as with a socket per query, which costs a socket() and a
+ * close() per query (2.3x the CPU of forwarding over TLS, measured).
+ * SOCKS: open at once, the current one of each family and retired ones
+ * still owed answers; past it the current one serves on. BATCH: the
+ * datagrams of one sendmmsg() or recvmmsg(); READS: recvmmsg() calls per
+ * wake, so that a flood on one socket cannot hold the loop. A datagram
+ * over BUF bytes is cut by the kernel and asked again over TCP.
+ */
+#define DOTP_DGRAM_SOCKS	16
+#define DOTP_DGRAM_USES		64
+#define DOTP_DGRAM_BATCH	32
+#define DOTP_DGRAM_READS	4
+#define DOTP_DGRAM_BUF		4096
+/* The longest log line: the start line, with every zone and each of its
+ * servers (a DoT server's text is up to 64 + 1 + 255 bytes). */
+#define DOTP_LOG_MAX		((1 + DOTP_MAX_ZONES) * (DNS_NAME_MAX + 32 + \
+	DOTP_MAX_ZONE_SERVERS * 340) + 1024)
 /* Connections per upstream (--max-conns) and in-flight queries per
  * connection before another one opens (--conn-queries). unbound serves
  * 100+ pipelined queries per connection by default; public resolvers
@@ -390,11 +437,11 @@ enum log_level { LVL_ERROR, LVL_WARN, LVL_INFO, LVL_DEBUG };
  * The kinds of descriptor in the poll set. Each has a _pollset function,
  * which appends its objects' descriptors (loop_add) and lowers the
  * deadline, and a _service function, called after poll() with an
- * object's index: their table is fd_kinds[] (section 13). Enum order is
+ * object's index: their table is fd_kinds[] (section 14). Enum order is
  * service order: upstream answers free query slots before clients bring
  * new queries, and listeners come last.
  */
-enum fd_kind { FK_CONN, FK_TCP, FK_UDP, FK_ACCEPT, FK_N };
+enum fd_kind { FK_CONN, FK_DGRAM, FK_TCP, FK_UDP, FK_ACCEPT, FK_N };
 
 /* Outcome of validating a client query: drop it, forward it, or answer
  * it at once with an RCODE. */
@@ -472,7 +519,11 @@ struct qlink {
  * ID while the slot lives (the client's ID is kept in client_id).
  * Invariants: a live slot is on the age list and, by state, on exactly
  * one list: Q_QUEUED on its upstream's tx, Q_SENT on its connection's fl,
- * Q_LATE on its connection's late list, Q_FOLLOW on the fol list of the
+ * Q_LATE on its connection's late list, Q_DGRAM on its upstream's ul (in
+ * send order) and Q_DGRAM_LATE on its ulate (tries spent: it waits for
+ * that answer until its deadline), both with usock >= 0, the socket it
+ * left from (else usock == -1);
+ * Q_FOLLOW on the fol list of the
  * query with the same cache key that went upstream (its leader, whose
  * pending marker in the cache names it; Q_LOOSE only inside a function
  * that is moving it). A leader's followers are answered, or fail, with
@@ -480,12 +531,16 @@ struct qlink {
  * from (conn, gen) of the current send or from (pconn, pgen), an earlier
  * send that was hedged to another upstream and may still answer first.
  */
-enum qstate { Q_FREE, Q_LOOSE, Q_QUEUED, Q_SENT, Q_LATE, Q_FOLLOW };
+enum qstate { Q_FREE, Q_LOOSE, Q_QUEUED, Q_SENT, Q_LATE, Q_DGRAM,
+	Q_DGRAM_LATE, Q_FOLLOW };
 struct query {
 	uint8_t	 state;		/* enum qstate */
-	uint8_t	 tries;		/* times injected into a TLS session */
+	uint8_t	 tries;		/* times sent: into a session, or a datagram */
 	uint8_t	 up;		/* upstream of the current attempt */
-	uint8_t	 tried;		/* bitmask of upstreams it was sent to */
+	uint8_t	 zone;		/* the zone its name falls in (G.zone) */
+	uint8_t	 tcp;		/* plain DNS: UDP answer truncated, use TCP */
+	int	 usock;		/* Q_DGRAM*: its socket, G.dsock[usock]; -1 */
+	uint32_t tried;		/* bitmask of upstreams it was sent to */
 	uint8_t	 has_opt;	/* client sent OPT (kept when truncating) */
 	uint8_t	 recycles;	/* re-sends that used no try (q_retry) */
 	uint16_t client_id;	/* ID the client used */
@@ -513,7 +568,9 @@ struct query {
 };
 
 /*
- * struct conn: one TCP + TLS connection to an upstream.
+ * struct conn: one TCP + TLS connection to an upstream, or, to a plain
+ * DNS server, one TCP connection (the engine unused: frames go straight
+ * through out[] and net[]; its row of conn_ways, section 12).
  * Owns: fd, the BearSSL client context and its two buffers, the answer
  * assembler rx[], and the queries on the wire (fl in send order, each
  * with an attempt deadline; late: past it, with nowhere else to go).
@@ -524,7 +581,7 @@ struct query {
  *   C_CONNECTING  fd open, connect() in progress; the engine was reset
  *                 and holds the ClientHello; deadline = connect limit.
  *   C_HANDSHAKE   connected; the engine has not yet offered SENDAPP;
- *                 deadline = handshake limit.
+ *                 deadline = handshake limit. (Plain DNS: never.)
  *   C_READY       the handshake completed; frames flow both ways.
  *
  * gen increments at every connect, so (conn, gen) names one session.
@@ -599,6 +656,12 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 	    "upstream answers for no query in flight on their connection") \
 	X(CTR_MISMATCHED, "mismatched", STAT_COUNTER, \
 	    "upstream answers with an ID in flight but another question") \
+	X(CTR_SPOOFED, "spoofed", STAT_COUNTER, \
+	    "plain DNS datagrams dropped: not the answer to a query in " \
+	    "flight on their socket (another address, port, ID or question, " \
+	    "or late)") \
+	X(CTR_TRUNCATED_RETRIES, "truncated_retries", STAT_COUNTER, \
+	    "plain DNS answers truncated over UDP, asked again over TCP") \
 	X(CTR_TABLE_FULL, "table_full", STAT_COUNTER, \
 	    "queries answered SERVFAIL because the query table was full") \
 	X(CTR_TCP_REFUSED, "tcp_refused", STAT_COUNTER, \
@@ -647,12 +710,15 @@ enum ctr { DOTP_STATS(STAT_ENUM) CTR_N };
 enum up_ctr { DOTP_UP_STATS(STAT_ENUM) UCTR_N };
 
 /*
- * struct upstream: one configured resolver.
+ * struct upstream: one configured resolver, a server of one zone.
  * Owns: its connections G.conn[up * max_conns ...], the tx list of
  * queries waiting for room on one of them, its health and RTT estimate,
  * and the last TLS session (shared by its connections for resumption).
+ * A plain DNS server (plain) also owns the UDP exchanges of ul and
+ * ulate; its tx holds only queries going over TCP.
  * Healthy (down == 0) or down until retry_at, when a probe connection
- * tests it; down upstreams are picked only when all are down.
+ * tests it (a plain one: trial, the next query goes to it); down
+ * upstreams are picked only when all of the zone's are down.
  * Learned from how the server ends connections (conn_learn): cap > 0,
  * the most queries one connection carries; idle_ms > 0, how long the
  * server lets a connection sit idle.
@@ -666,8 +732,14 @@ struct upstream {
 		struct sockaddr_in6	sin6;
 	} addr;
 	socklen_t addrlen;
+	int	 zone;		/* a zone it serves: G.zone[zone] holds the
+				   range of its fellow servers */
+	int	 plain;		/* plain DNS (dns://), not TLS */
 	struct qlist tx;
+	struct qlist ul, ulate;	/* plain: Q_DGRAM, Q_DGRAM_LATE queries */
 	int	 down;
+	int	 trial;		/* plain and down: back-off over, next query
+				   tries it */
 	int	 backoff_ms;	/* current back-off, 0 when healthy */
 	int64_t	 retry_at;	/* end of back-off: probe then */
 	int64_t	 failed_at;	/* last failure, for least-recently-failed */
@@ -723,6 +795,32 @@ struct sockaddr_text {
 
 enum policy { POLICY_FIRST, POLICY_RR };
 
+/* What set the default zone's servers: --forward . and -u exclude each
+ * other, and either replaces the built-in default. */
+enum up_by { UP_BY_NONE, UP_BY_DEFAULT, UP_BY_FLAG, UP_BY_FORWARD };
+
+/* One server as given: -u, or a SERVER of --forward. */
+struct server {
+	struct sockaddr_text a;
+	char	 name[256];	/* certificate name; "" for plain DNS */
+	int	 plain;		/* dns://HOST[:PORT]: plain DNS */
+};
+
+/*
+ * A zone: the names at or under it go to its servers. G.zone[0] is the
+ * default, "." (-u); the others are --forward zones, matched longest
+ * first (zone_of). Zones of one --forward entry share its servers.
+ */
+struct zone {
+	unsigned char name[DNS_NAME_MAX];	/* wire form, lower case */
+	size_t	 len;		/* bytes of name, the root label included */
+	char	 text[DNS_NAME_MAX + 1];	/* as given, for logs */
+	int	 first, n;	/* its servers: G.up[first .. first + n);
+				   in struct config, cfg->fwd[...] */
+	int	 plain;		/* its servers speak plain DNS */
+	int	 rr;		/* round-robin cursor */
+};
+
 /* An --allow entry: an address prefix of either family. */
 struct cidr {
 	int	 family;	/* AF_INET or AF_INET6 */
@@ -733,9 +831,13 @@ struct cidr {
 struct config {
 	struct sockaddr_text listen[DOTP_MAX_LISTEN];
 	int	 nlisten;
-	struct sockaddr_text up[DOTP_MAX_UPSTREAMS];
-	char	 up_name[DOTP_MAX_UPSTREAMS][256];
+	struct server up[DOTP_MAX_ZONE_SERVERS];	/* the zone "." */
 	int	 nup;
+	int	 up_by;		/* what set them (enum up_by) */
+	struct server fwd[DOTP_MAX_FWD_SERVERS];	/* --forward's */
+	int	 nfwd;
+	struct zone zone[DOTP_MAX_ZONES];	/* --forward's, given order */
+	int	 nzone;
 	const char *ca_file;
 	int	 verbosity;	/* enum log_level: the highest printed */
 	int	 policy;	/* enum policy */
@@ -770,6 +872,15 @@ struct cache {
 	int64_t	 evict_log_at;
 };
 
+/* A socket for plain DNS over UDP; fd == -1: a free slot. A socket
+ * other than its family's current one is retired: it closes once no
+ * query waits on it. */
+struct dsock {
+	int	 fd;
+	unsigned uses;		/* queries sent from it */
+	unsigned inflight;	/* Q_DGRAM* queries whose usock it is */
+};
+
 /* The whole process state (kilo's E). */
 struct dotp {
 	struct config cfg;
@@ -778,8 +889,17 @@ struct dotp {
 	int	 nlisten;
 	struct listener lst[DOTP_MAX_LISTEN];
 	int	 nup;
-	struct upstream up[DOTP_MAX_UPSTREAMS];
-	int	 rr;		/* round-robin cursor */
+	struct upstream up[DOTP_MAX_UPSTREAMS];	/* by zone: "." first */
+	int	 nzone;
+	struct zone zone[1 + DOTP_MAX_ZONES];	/* "." first */
+	/* Plain DNS over UDP (section 11): the sockets, the current one of
+	 * each family (0: IPv4, 1: IPv6; -1: none), and the queries whose
+	 * datagrams leave at the end of the pass, all from socket dout_sock
+	 * (dgram_flush). */
+	struct dsock dsock[DOTP_DGRAM_SOCKS];
+	int	 dcur[2];
+	int	 dout_q[DOTP_DGRAM_BATCH];
+	int	 dout_n, dout_sock;
 	struct conn *conn;	/* nup * max_conns, calloc'd at start */
 	int	 nconn;
 	/* TCP clients: max_tcp slots and input buffers, calloc'd at start
@@ -858,7 +978,8 @@ static void
 log_v(enum log_level lvl, int err, const char *fmt, va_list ap)
 {
 	static const char *names[] = { "error", "warn", "info", "debug" };
-	char	 text[768], line[896], *tab;
+	static char text[DOTP_LOG_MAX], line[DOTP_LOG_MAX + 256];
+	char	*tab;
 	size_t	 at = 0;
 	int	 saved = errno;
 
@@ -1728,6 +1849,26 @@ static struct {
 	unsigned char arena[DOTP_UDP_BATCH * DNS_UDP_MIN];
 } udp_out;
 
+/* One sendmmsg() of n datagrams on fd. Returns how many left, or -1
+ * (errno). */
+static int
+send_batch(int fd, struct mmsghdr *mm, unsigned n)
+{
+#if defined(__linux__) && defined(SYS_sendmmsg)
+	/* The system call itself: musl's sendmmsg() is a loop of sendmsg()
+	 * on 64-bit targets, because its msghdr and cmsghdr have socklen_t
+	 * fields plus padding where the kernel has size_t. Callers zero
+	 * every header and control buffer before filling them, so the
+	 * padding is 0 and the kernel reads the same values. */
+	return (int)syscall(SYS_sendmmsg, fd, mm, n, MSG_DONTWAIT |
+	    MSG_NOSIGNAL);
+#else
+	(void)n;
+	return sendmsg(fd, &mm->msg_hdr, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 ?
+	    -1 : 1;
+#endif
+}
+
 /* Sends what udp_out holds. */
 static void
 udp_flush(void)
@@ -1744,19 +1885,7 @@ udp_flush(void)
 		udp_msg(&mm[i].msg_hdr, &iov[i], ctl[i], &udp_out.cl[i],
 		    udp_out.arena + udp_out.off[i], udp_out.len[i]);
 	while (sent < udp_out.n) {
-#if defined(__linux__) && defined(SYS_sendmmsg)
-		/* The system call itself: musl's sendmmsg() is a loop of
-		 * sendmsg() on 64-bit targets, because its msghdr and
-		 * cmsghdr have socklen_t fields plus padding where the
-		 * kernel has size_t. udp_msg() zeroes every header and
-		 * control buffer before filling them, so the padding is 0
-		 * and the kernel reads the same values. */
-		r = (int)syscall(SYS_sendmmsg, fd, mm + sent,
-		    (unsigned)(udp_out.n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
-#else
-		r = sendmsg(fd, &mm[sent].msg_hdr, MSG_DONTWAIT |
-		    MSG_NOSIGNAL) < 0 ? -1 : 1;
-#endif
+		r = send_batch(fd, mm + sent, (unsigned)(udp_out.n - sent));
 		if (r <= 0) {
 			if (r < 0 && errno == EINTR)
 				continue;
@@ -2682,12 +2811,30 @@ q_alloc(void)
 	G.q[i].lk[QL_MAIN].prev = G.q[i].lk[QL_MAIN].next = -1;
 	G.q[i].conn = G.q[i].pconn = -1;
 	G.q[i].tries = G.q[i].tried = G.q[i].recycles = 0;
-	G.q[i].ck = G.q[i].lead = G.q[i].stale = 0;
+	G.q[i].ck = G.q[i].lead = G.q[i].stale = G.q[i].tcp = 0;
+	G.q[i].usock = -1;
 	G.q[i].fol = (struct qlist)QLIST_ZERO;
 	id_insert(i);
 	qlist_push(&G.age, i, QL_AGE);
 	G.qlive++;
 	return i;
+}
+
+/* Gives live query i a fresh upstream ID, unique among live queries
+ * (a datagram sent again). Without randomness it keeps its own. */
+static void
+q_new_id(int i)
+{
+	uint16_t id;
+
+	do {
+		if (rand16(&id) < 0)
+			return;
+	} while (q_find(id) >= 0);
+	id_remove(i);
+	G.q[i].up_id = id;
+	wr16(G.q[i].qbuf + DNS_OFF_ID, id);
+	id_insert(i);
 }
 
 /* The cache key of live query i (it uses the cache: q->ck != 0); its
@@ -2727,16 +2874,27 @@ q_free(int i)
 }
 
 /* Takes query i off whichever list its state puts it on: Q_LOOSE. A
- * connection left with nothing in flight owes no answers. */
+ * connection left with nothing in flight owes no answers; a socket of
+ * plain DNS over UDP owes one less. */
 static void
 q_unlink(int i)
 {
 	struct query *q = &G.q[i];
 	struct conn *c = q->conn >= 0 ? &G.conn[q->conn] : NULL;
 
+	if (q->usock >= 0) {
+		G.dsock[q->usock].inflight--;
+		q->usock = -1;
+	}
 	switch (q->state) {
 	case Q_QUEUED:
 		qlist_remove(&G.up[q->up].tx, i, QL_MAIN);
+		break;
+	case Q_DGRAM:
+		qlist_remove(&G.up[q->up].ul, i, QL_MAIN);
+		break;
+	case Q_DGRAM_LATE:
+		qlist_remove(&G.up[q->up].ulate, i, QL_MAIN);
 		break;
 	case Q_SENT:
 		qlist_remove(&c->fl, i, QL_MAIN);
@@ -3313,14 +3471,16 @@ tls_fields(int err, char *buf, size_t len)
 		snprintf(buf, len, "tls_error=%d", err);
 }
 
-/* ==== 9. Upstreams: health, RTT, picking, learned limits ==== */
+/* ==== 9. Upstreams: zones, health, RTT, picking, learned limits ==== */
 
 /*
- * The policy side of struct upstream: its health (down, back-off), its
- * RTT and attempt timeout, picking one for a query (--policy), queueing
- * a query on it, and what it learns from how its server ends
- * connections (conn_learn: queries per connection, idle time). Nothing
- * here does I/O. Owns struct upstream's health and learned fields.
+ * The policy side of struct upstream: the zone a query's name falls in
+ * (zone_of), its servers' health (down, back-off), RTT and attempt
+ * timeout, picking one of them for a query (--policy), queueing a query
+ * on it (or, to a plain DNS server, its datagram: dgram_send), and what
+ * it learns from how its server ends connections (conn_learn: queries
+ * per connection, idle time). Nothing here does I/O but dgram_send.
+ * Owns struct upstream's health and learned fields, and G.zone.
  * Calls the query table. Called by the fate rules, the connections and
  * client input (up_pick, up_enqueue).
  */
@@ -3388,56 +3548,210 @@ up_rtt_sample(struct upstream *u, int64_t rtt)
 	u->srtt = (7 * u->srtt + r) / 8;
 }
 
-/* Is there an upstream other than ui that is healthy? */
+/*
+ * The zone that query m's name (its question ends at qend) falls in:
+ * the longest --forward zone it is at or under, label by label and
+ * without regard to case, else 0, the default ".". Suffixes are tried
+ * from the whole name down, so the first match is the longest. The name
+ * was validated and is uncompressed (dns_check_query).
+ */
+static int
+zone_of(const unsigned char *m, size_t qend)
+{
+	const unsigned char *name = m + DNS_HEADER_LEN;
+	size_t	 nlen = qend - 4 - DNS_HEADER_LEN, p, k;
+	int	 zi;
+
+	if (G.nzone == 1)
+		return 0;
+	for (p = 0; p < nlen && name[p] != 0; p += 1 + (size_t)name[p])
+		for (zi = 1; zi < G.nzone; zi++) {
+			const struct zone *z = &G.zone[zi];
+
+			if (z->len != nlen - p)
+				continue;
+			for (k = 0; k < z->len && dns_lower(name[p + k]) ==
+			    z->name[k]; k++)
+				;
+			if (k == z->len)
+				return zi;
+		}
+	return 0;
+}
+
+/* An answer, or a completed handshake, showed that u works. */
+static void
+up_alive(struct upstream *u)
+{
+	if (u->down)
+		log_msg(LVL_INFO, "upstream is up again\tupstream=%s",
+		    u->label);
+	u->down = u->trial = 0;
+	u->backoff_ms = 0;
+}
+
+/* Is there a server of ui's zone other than ui that is healthy? */
 static int
 up_other_healthy(int ui)
 {
+	const struct zone *z = &G.zone[G.up[ui].zone];
 	int	 i;
 
-	for (i = 0; i < G.nup; i++)
+	for (i = z->first; i < z->first + z->n; i++)
 		if (i != ui && !G.up[i].down)
 			return 1;
 	return 0;
 }
 
 /*
- * Picks the upstream for a send: by policy (first healthy in -u order,
- * or round-robin over the healthy ones), skipping those in the bitmask
- * skip. If none is healthy and allow_down, the least recently failed of
- * the others. Returns an index, or -1.
+ * Picks the server of zone zi for a send: by policy (first healthy in
+ * the order given, or round-robin over the healthy ones), skipping
+ * those in the bitmask skip; a plain server on trial counts as healthy
+ * for one query.
+ * If none is and allow_down, the least recently failed of the others.
+ * Returns an index into G.up, or -1.
  */
 static int
-up_pick(unsigned skip, int allow_down)
+up_pick(int zi, uint32_t skip, int allow_down)
 {
+	struct zone *z = &G.zone[zi];
 	int	 i, k, best = -1;
 
-	for (k = 0; k < G.nup; k++) {
-		i = G.cfg.policy == POLICY_RR ? (G.rr + k) % G.nup : k;
-		if (!(skip & 1u << i) && !G.up[i].down) {
+	for (k = 0; k < z->n; k++) {
+		i = z->first + (G.cfg.policy == POLICY_RR ?
+		    (z->rr + k) % z->n : k);
+		if (!(skip & 1u << i) && (!G.up[i].down || G.up[i].trial)) {
+			G.up[i].trial = 0;	/* one query tries it */
 			if (G.cfg.policy == POLICY_RR)
-				G.rr = (i + 1) % G.nup;
+				z->rr = (i - z->first + 1) % z->n;
 			return i;
 		}
 	}
 	if (!allow_down)
 		return -1;
-	for (i = 0; i < G.nup; i++)
+	for (i = z->first; i < z->first + z->n; i++)
 		if (!(skip & 1u << i) &&
 		    (best < 0 || G.up[i].failed_at < G.up[best].failed_at))
 			best = i;
 	return best;
 }
 
-/* Queues Q_LOOSE query i on upstream ui; sent_at holds the queueing
- * time until the query is injected. */
+/*
+ * The socket for the next datagram to a server of family af: its
+ * family's current one, or a new one when that has carried
+ * DOTP_DGRAM_USES queries (the old one stays open for the answers it is
+ * owed). The kernel binds a new socket to a random port at its first
+ * send. Returns a slot of G.dsock, or -1 when none can be had.
+ */
+static int
+dsock_get(int af)
+{
+	int	 f = af == AF_INET6, s = G.dcur[f], k, fd;
+
+	if (s >= 0 && G.dsock[s].uses < DOTP_DGRAM_USES)
+		return s;
+	for (k = 0; k < DOTP_DGRAM_SOCKS && G.dsock[k].fd >= 0; k++)
+		;
+	if (k == DOTP_DGRAM_SOCKS || (fd = socket(af, SOCK_DGRAM |
+	    SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0)
+		return s;	/* the current one serves on, if any */
+	G.dsock[k].fd = fd;
+	G.dsock[k].uses = G.dsock[k].inflight = 0;
+	G.dcur[f] = k;
+	return k;
+}
+
+/*
+ * Sends the datagrams of the pass, one sendmmsg() for them all (they
+ * share a socket). One the kernel refuses is lost like a dropped
+ * packet: its attempt timeout sends it again.
+ */
+static void
+dgram_flush(void)
+{
+	static struct mmsghdr mm[DOTP_DGRAM_BATCH];
+	static struct iovec iov[DOTP_DGRAM_BATCH];
+	int	 n = 0, k, r, s = G.dout_sock;
+
+	for (k = 0; k < G.dout_n; k++) {
+		struct query *q = &G.q[G.dout_q[k]];
+		struct upstream *u = &G.up[q->up];
+
+		if (q->state != Q_DGRAM || q->usock != s)
+			continue;	/* answered or moved on: can't happen */
+		iov[n].iov_base = q->qbuf;
+		iov[n].iov_len = q->qlen;
+		memset(&mm[n], 0, sizeof mm[n]);
+		mm[n].msg_hdr.msg_name = &u->addr;
+		mm[n].msg_hdr.msg_namelen = u->addrlen;
+		mm[n].msg_hdr.msg_iov = &iov[n];
+		mm[n].msg_hdr.msg_iovlen = 1;
+		n++;
+	}
+	G.dout_n = 0;
+	for (k = 0; k < n; k += r)
+		if ((r = send_batch(G.dsock[s].fd, mm + k, (unsigned)(n - k))) <=
+		    0) {
+			if (r < 0 && errno == EINTR) {
+				r = 0;
+				continue;
+			}
+			log_errno(LVL_DEBUG, "datagrams to plain DNS servers "
+			    "not sent; they go again after the attempt "
+			    "timeout\tdatagrams=%d", n - k);
+			return;
+		}
+}
+
+/*
+ * Sends Q_LOOSE query i to plain DNS server ui over UDP: from a socket
+ * of the pool (dsock_get), at the end of the pass (dgram_flush); a
+ * datagram sent again gets a new ID. Q_DGRAM on ui's ul. Returns 0, or
+ * -1 when no socket can be had: the query then goes over TCP.
+ */
+static int
+dgram_send(int ui, int i, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	struct query *q = &G.q[i];
+	int	 s = dsock_get(u->addr.sa.sa_family);
+
+	if (s < 0)
+		return -1;
+	if (q->tries > 0) {
+		q_new_id(i);
+		q->pconn = -1;	/* no answer can match it there now */
+	}
+	if (G.dout_n == DOTP_DGRAM_BATCH || (G.dout_n > 0 &&
+	    G.dout_sock != s))
+		dgram_flush();
+	G.dout_sock = s;
+	G.dout_q[G.dout_n++] = i;
+	G.dsock[s].uses++;
+	G.dsock[s].inflight++;
+	q->usock = s;
+	q->state = Q_DGRAM;
+	q->sent_at = now;
+	q->tries++;
+	qlist_push(&u->ul, i, QL_MAIN);
+	u->ctr[UCTR_SENT]++;
+	return 0;
+}
+
+/* Queues Q_LOOSE query i on upstream ui's tx, for a connection; sent_at
+ * holds the queueing time until the query is injected. A query for a
+ * plain DNS server leaves over UDP at once instead (dgram_send), unless
+ * its answer was truncated or no socket is to be had. */
 static void
 up_enqueue(int ui, int i, int64_t now)
 {
 	struct query *q = &G.q[i];
 
 	q->up = (uint8_t)ui;
+	q->tried |= 1u << ui;
+	if (G.up[ui].plain && !q->tcp && dgram_send(ui, i, now) == 0)
+		return;
 	q->sent_at = now;
-	q->tried |= (uint8_t)(1u << ui);
 	q->state = Q_QUEUED;
 	qlist_push(&G.up[ui].tx, i, QL_MAIN);
 	G.kick = 1;
@@ -3516,6 +3830,7 @@ up_down(struct upstream *u, int64_t now, const char *why, const char *fields)
 	    "for it, or get SERVFAIL", u->label, u->name, fields,
 	    *fields ? " " : "", u->backoff_ms);
 	u->down = 1;
+	u->trial = 0;
 }
 
 /*
@@ -3652,9 +3967,10 @@ q_retry(int i, int failed, int stall, int64_t now)
 		return;
 	}
 	if (failed < 0) {
-		if ((ui = up_pick(q->tried, 0)) < 0)
+		if ((ui = up_pick(q->zone, q->tried, 0)) < 0)
 			ui = q->up;
-	} else if ((ui = up_pick(q->tried | 1u << failed, 1)) < 0 && stall) {
+	} else if ((ui = up_pick(q->zone, q->tried | 1u << failed, 1)) < 0 &&
+	    stall) {
 		ui = failed;
 	}
 	if (ui < 0) {
@@ -3774,7 +4090,8 @@ conn_timers(struct conn *c, int64_t now)
 	while ((i = c->fl.head) >= 0 && now - G.q[i].sent_at >= at) {
 		struct query *q = &G.q[i];
 
-		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->tried, 0) : -1;
+		ui = q->tries < DOTP_MAX_TRIES ? up_pick(q->zone, q->tried, 0) :
+		    -1;
 		if (ui < 0) {	/* nowhere else: it waits on, still owed */
 			qlist_remove(&c->fl, i, QL_MAIN);
 			q->state = Q_LATE;
@@ -3807,7 +4124,7 @@ up_tx_timer(int ui, int64_t now)
 	if (u->tx.head < 0 || up_has_ready(ui))
 		return INT64_MAX;
 	while ((i = u->tx.head) >= 0 && now - G.q[i].sent_at >= at) {
-		if ((to = up_pick(G.q[i].tried, 0)) < 0)
+		if ((to = up_pick(G.q[i].zone, G.q[i].tried, 0)) < 0)
 			return INT64_MAX;	/* nowhere better: wait */
 		if (!u->down)
 			up_down(u, now, "no connection ready within the "
@@ -3820,7 +4137,174 @@ up_tx_timer(int ui, int64_t now)
 	return i >= 0 ? G.q[i].sent_at + at : INT64_MAX;
 }
 
-/* ==== 11. Upstream connections ==== */
+/* ==== 11. Plain DNS over UDP ==== */
+
+/*
+ * The UDP exchanges with plain DNS servers (--forward ZONE=dns://...,
+ * RFC 5452): queries leave from a pool of sockets on random ports, each
+ * with its random ID (dgram_send and dgram_flush, section 9); an answer
+ * is taken only for a query in flight on the socket it came to, from
+ * that query's server's address and port, with its ID and question;
+ * anything else is dropped and counted (spoofed). A truncated answer
+ * sends the query to the same server over TCP (a plain connection,
+ * section 12).
+ * No answer within the attempt timeout: the server is down for a
+ * back-off, and the query goes again from a new port to the zone's next
+ * server (q_retry), or to the same one when it has no other; with its
+ * tries spent it waits for the last one until its deadline. A down
+ * server is tried again by one query after its back-off (trial).
+ * Owns closing the retired sockets (dgram_pollset). Calls the fate
+ * rules, the policy and the query table.
+ * Called by the loop (dgram_pollset, dgram_service) and up_kick
+ * (dgram_timers).
+ */
+
+/* Did the datagram from sa (len bytes) come from u's address and port? */
+static int
+dgram_from(const struct upstream *u, const struct sockaddr_storage *sa,
+    socklen_t len)
+{
+	const struct sockaddr_in *a4 = (const struct sockaddr_in *)sa;
+	const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)sa;
+
+	if (len != u->addrlen || sa->ss_family != u->addr.sa.sa_family)
+		return 0;
+	if (sa->ss_family == AF_INET)
+		return a4->sin_port == u->addr.sin.sin_port &&
+		    a4->sin_addr.s_addr == u->addr.sin.sin_addr.s_addr;
+	return a6->sin6_port == u->addr.sin6.sin6_port &&
+	    memcmp(&a6->sin6_addr, &u->addr.sin6.sin6_addr,
+	    sizeof a6->sin6_addr) == 0;
+}
+
+/*
+ * Datagram m (len bytes, from sa; cut: the kernel cut it to fit) came to
+ * socket s. It is an answer only for a query in flight on s, from that
+ * query's server's address and port, with its ID and its question (one
+ * without a question is refused: it would take a guess less to spoof).
+ * A truncated answer sends the query on over TCP with the same try.
+ */
+static void
+dgram_answer(int s, unsigned char *m, size_t len,
+    const struct sockaddr_storage *sa, socklen_t salen, int cut, int64_t now)
+{
+	int	 i = len >= DNS_HEADER_LEN ? q_find(rd16(m + DNS_OFF_ID)) : -1;
+	struct query *q = &G.q[i < 0 ? 0 : i];
+	struct upstream *u = &G.up[q->up];
+
+	if (i < 0 || q->usock != s || !dgram_from(u, sa, salen) ||
+	    rd16(m + DNS_OFF_QDCOUNT) != 1 ||
+	    !dns_check_answer(m, len, q->qbuf, q->qend)) {
+		G.ctr[CTR_SPOOFED]++;
+		log_msg(LVL_DEBUG, "datagram dropped: not the answer to a "
+		    "query in flight on its socket\tbytes=%zu", len);
+		return;
+	}
+	if (q->state == Q_DGRAM && q->tries == 1)	/* Karn, as for TLS */
+		up_rtt_sample(u, now - q->sent_at);
+	up_alive(u);
+	u->ctr[UCTR_ANSWERED]++;
+	q_unlink(i);
+	if (cut || (rd16(m + DNS_OFF_FLAGS) & DNS_FLAG_TC)) {
+		G.ctr[CTR_TRUNCATED_RETRIES]++;
+		q->tcp = 1;
+		q->tries--;	/* the same try, carried on over TCP */
+		up_enqueue(q->up, i, now);
+		return;
+	}
+	q_deliver(i, m, len, now);
+}
+
+/* Before poll(): every socket (a retired one that is owed nothing is
+ * closed instead), and the attempt timeout of each server's oldest
+ * datagram. */
+static void
+dgram_pollset(UNUSED int64_t now, int64_t *deadline)
+{
+	int	 s, ui;
+
+	for (s = 0; s < DOTP_DGRAM_SOCKS; s++) {
+		struct dsock *d = &G.dsock[s];
+
+		if (d->fd < 0)
+			continue;
+		if (d->inflight == 0 && s != G.dcur[0] && s != G.dcur[1])
+			fd_close(&d->fd);
+		else
+			loop_add(FK_DGRAM, s, d->fd, POLLIN);
+	}
+	for (ui = 0; ui < G.nup; ui++)
+		if (G.up[ui].ul.head >= 0)
+			dl_min(deadline, G.q[G.up[ui].ul.head].sent_at +
+			    up_attempt_ms(&G.up[ui]));
+}
+
+/* After poll(), for socket s: up to DOTP_DGRAM_READS recvmmsg() calls,
+ * each datagram to dgram_answer. */
+static void
+dgram_service(int s, int fd, UNUSED short revents, int64_t now)
+{
+	static unsigned char buf[DOTP_DGRAM_BATCH][DOTP_DGRAM_BUF];
+	static struct sockaddr_storage sa[DOTP_DGRAM_BATCH];
+	static struct mmsghdr mm[DOTP_DGRAM_BATCH];
+	static struct iovec iov[DOTP_DGRAM_BATCH];
+	int	 r, k, n = DOTP_DGRAM_BATCH;
+
+	for (r = 0; r < DOTP_DGRAM_READS && n == DOTP_DGRAM_BATCH; r++) {
+		if (G.dsock[s].fd != fd)
+			return;		/* closed since the poll set */
+		for (k = 0; k < DOTP_DGRAM_BATCH; k++) {
+			iov[k].iov_base = buf[k];
+			iov[k].iov_len = sizeof buf[k];
+			memset(&mm[k], 0, sizeof mm[k]);
+			mm[k].msg_hdr.msg_name = &sa[k];
+			mm[k].msg_hdr.msg_namelen = sizeof sa[k];
+			mm[k].msg_hdr.msg_iov = &iov[k];
+			mm[k].msg_hdr.msg_iovlen = 1;
+		}
+		if ((n = recvmmsg(fd, mm, DOTP_DGRAM_BATCH, MSG_DONTWAIT,
+		    NULL)) <= 0)
+			return;
+		for (k = 0; k < n; k++)
+			dgram_answer(s, buf[k], mm[k].msg_len, &sa[k],
+			    mm[k].msg_hdr.msg_namelen,
+			    (mm[k].msg_hdr.msg_flags & MSG_TRUNC) != 0, now);
+	}
+}
+
+/*
+ * Once per loop pass, for plain server ui: its back-off over, a down
+ * one goes on trial; exchanges past the attempt timeout go again
+ * elsewhere, or wait on once their tries are spent. The first to time
+ * out marks the server down, and so does one sent to it since (a trial:
+ * the back-off doubles); the others sent before say nothing new.
+ */
+static void
+dgram_timers(int ui, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	int	 at = up_attempt_ms(u), i;
+
+	if (u->down && !u->trial && now >= u->retry_at)
+		u->trial = 1;
+	while ((i = u->ul.head) >= 0 && now - G.q[i].sent_at >= at) {
+		struct query *q = &G.q[i];
+
+		if (!u->down || q->sent_at >= u->failed_at)
+			up_down(u, now, "no answer over UDP within the "
+			    "attempt timeout", "");
+		if (q->tries >= DOTP_MAX_TRIES) {
+			qlist_remove(&u->ul, i, QL_MAIN);
+			q->state = Q_DGRAM_LATE;
+			qlist_push(&u->ulate, i, QL_MAIN);
+			continue;
+		}
+		q_unlink(i);
+		q_retry(i, ui, 1, now);
+	}
+}
+
+/* ==== 12. Upstream connections ==== */
 
 /*
  * The state machine of struct conn (see its comment), driven from the
@@ -3834,26 +4318,17 @@ up_tx_timer(int ui, int64_t now)
  */
 
 /*
- * Attaches descriptor fd, a stream socket being connected (or already
- * connected) to upstream ui, to free connection c: a new generation, the
- * connect limit, and an engine reset with fresh entropy that offers the
- * upstream's last session, so that the ClientHello waits in SENDREC.
- * Returns 0, or -1 when c failed (conn_fail: fd is closed).
+ * TLS: an engine reset with fresh entropy that offers the upstream's
+ * last session, so that the ClientHello waits in SENDREC. Returns 0, or
+ * -1 when c failed (conn_fail: its fd is closed).
  */
 static int
-conn_attach(struct conn *c, int ui, int fd, int64_t now)
+tls_attach(struct conn *c, int64_t now)
 {
-	struct upstream *u = &G.up[ui];
+	struct upstream *u = &G.up[c->up];
 	unsigned char seed[32];
 
-	c->up = ui;
-	c->fd = fd;
-	c->gen++;
-	c->state = C_CONNECTING;
-	c->deadline = now + G.cfg.connect_ms;
-	c->last_active = now;
 	c->sid_len = 0;
-	set_nodelay(fd);
 	if (fill_random(seed, sizeof seed) < 0) {
 		conn_fail(c, now, "", "getrandom failed: %s", strerror(errno));
 		return -1;
@@ -3872,40 +4347,10 @@ conn_attach(struct conn *c, int ui, int fd, int64_t now)
 	return 0;
 }
 
-/*
- * Opens connection c to upstream ui: a non-blocking socket, attached
- * (conn_attach), then connect(). Returns 0 (c may have failed at once:
- * it is free again and ui is down), or -1 if no socket could be had
- * (EMFILE: not the upstream's fault; the next try waits
- * DOTP_FD_WAIT_MS).
- */
+/* Plain DNS: nothing to prepare. */
 static int
-conn_open(int ui, struct conn *c, int64_t now)
+plain_attach(UNUSED struct conn *c, UNUSED int64_t now)
 {
-	struct upstream *u = &G.up[ui];
-	int	 fd;
-
-	fd = socket(u->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
-	    SOCK_CLOEXEC, 0);
-	if (fd < 0) {
-		if (!G.connect_burst)
-			log_errno(LVL_WARN, "no socket for the upstream; "
-			    "retrying every %d ms\tupstream=%s",
-			    DOTP_FD_WAIT_MS, u->label);
-		G.connect_burst = 1;
-		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
-		return -1;
-	}
-	G.connect_burst = 0;
-	if (conn_attach(c, ui, fd, now) < 0)
-		return 0;
-	if (connect(fd, &u->addr.sa, u->addrlen) < 0 &&
-	    errno != EINPROGRESS) {
-		conn_fail(c, now, "", "connect failed: %s", strerror(errno));
-		return 0;
-	}
-	log_msg(LVL_DEBUG, "upstream connecting%s\t" CONN_FMT,
-	    conn_inflight(c) || u->tx.n ? "" : " (probe)", CONN_ARGS(c));
 	return 0;
 }
 
@@ -3930,11 +4375,7 @@ conn_ready(struct conn *c, int64_t now)
 	log_msg(LVL_DEBUG, "upstream ready\t" CONN_FMT " suite=0x%04x "
 	    "handshake=%s", CONN_ARGS(c), u->sess.cipher_suite,
 	    resumed ? "resumed" : "full");
-	if (u->down)
-		log_msg(LVL_INFO, "upstream is up again\tupstream=%s",
-		    u->label);
-	u->down = 0;
-	u->backoff_ms = 0;
+	up_alive(u);
 }
 
 /* Dispatches one answer frame (msg, len) that arrived on c. An answer
@@ -3971,6 +4412,8 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 	}
 	if (cur && q->tries == 1)	/* Karn: only unambiguous samples */
 		up_rtt_sample(&G.up[c->up], now - q->sent_at);
+	if (G.up[c->up].plain)	/* TLS: the handshake told (conn_ready) */
+		up_alive(&G.up[c->up]);
 	G.up[c->up].ctr[UCTR_ANSWERED]++;
 	c->answered++;
 	c->last_answer = now;
@@ -3980,34 +4423,25 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 	q_deliver(i, msg, len, now);
 }
 
-/*
- * Injects the next query waiting on c's upstream into SENDAPP and seals
- * it as a record of its own, if c has room under --conn-queries and the
- * learned count. Returns 1 if it injected one.
- */
+/* The next query waiting on c's upstream, if c has room for it under
+ * --conn-queries and the learned count; else -1. */
 static int
-conn_inject(struct conn *c, int64_t now)
+conn_next(const struct conn *c)
 {
-	br_ssl_engine_context *eng = &c->cc.eng;
-	struct upstream *u = &G.up[c->up];
-	struct query *q;
-	unsigned char *buf;
-	size_t	 avail, need;
-	int	 i = u->tx.head;
-
-	if (i < 0 || conn_inflight(c) >= (unsigned)G.cfg.conn_queries ||
+	if (conn_inflight(c) >= (unsigned)G.cfg.conn_queries ||
 	    !conn_has_cap(c))
-		return 0;
-	q = &G.q[i];
-	need = 2 + (size_t)q->qlen;
-	buf = br_ssl_engine_sendapp_buf(eng, &avail);
-	if (buf == NULL || need > avail)
-		return 0;	/* can't happen: a record holds any query */
-	wr16(buf, q->qlen);
-	memcpy(buf + 2, q->qbuf, q->qlen);
-	br_ssl_engine_sendapp_ack(eng, need);
-	br_ssl_engine_flush(eng, 0);
-	/* Committed: these bytes belong to this session now. */
+		return -1;
+	return G.up[c->up].tx.head;
+}
+
+/* Query i went on the wire of c (its frame is committed to the
+ * session): Q_SENT on c's fl, a try used. */
+static void
+conn_sent(struct conn *c, int i, int64_t now)
+{
+	struct upstream *u = &G.up[c->up];
+	struct query *q = &G.q[i];
+
 	q_unlink(i);
 	q->state = Q_SENT;
 	q->conn = (int)(c - G.conn);
@@ -4020,29 +4454,89 @@ conn_inject(struct conn *c, int64_t now)
 	c->sent++;
 	c->last_active = now;
 	u->ctr[UCTR_SENT]++;
+}
+
+/* TLS: injects the next query into SENDAPP and seals it as a record of
+ * its own. Returns 1 if it injected one. */
+static int
+tls_inject(struct conn *c, int64_t now)
+{
+	br_ssl_engine_context *eng = &c->cc.eng;
+	struct query *q;
+	unsigned char *buf;
+	size_t	 avail, need;
+	int	 i = conn_next(c);
+
+	if (i < 0)
+		return 0;
+	q = &G.q[i];
+	need = 2 + (size_t)q->qlen;
+	buf = br_ssl_engine_sendapp_buf(eng, &avail);
+	if (buf == NULL || need > avail)
+		return 0;	/* can't happen: a record holds any query */
+	wr16(buf, q->qlen);
+	memcpy(buf + 2, q->qbuf, q->qlen);
+	br_ssl_engine_sendapp_ack(eng, need);
+	br_ssl_engine_flush(eng, 0);
+	conn_sent(c, i, now);	/* committed to this session */
 	return 1;
 }
 
-/* Pump step: moves the decrypted bytes into the frame assembler and
- * dispatches every complete frame. Returns 1 on progress, -1 when a bad
- * frame ended c. */
-static int
-conn_take_answers(struct conn *c, int64_t now)
+/* Room for len more bytes at the end of c's out[], moving what is
+ * unsent to the front when that makes room. Returns the room. */
+static size_t
+conn_out_room(struct conn *c, size_t len)
 {
-	br_ssl_engine_context *eng = &c->cc.eng;
-	unsigned char *buf;
-	size_t	 len, room, off = 0;
+	if (c->out_off > 0 && sizeof c->out - c->out_len < len) {
+		memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+		c->out_len -= c->out_off;
+		c->out_off = 0;
+	}
+	return sizeof c->out - c->out_len;
+}
+
+/* Plain DNS: puts the next query's frame in out[]. Returns 1 if it put
+ * one. */
+static int
+plain_inject(struct conn *c, int64_t now)
+{
+	struct query *q;
+	int	 i = conn_next(c);
+
+	if (i < 0)
+		return 0;
+	q = &G.q[i];
+	if (conn_out_room(c, 2 + (size_t)q->qlen) < 2 + (size_t)q->qlen)
+		return 0;	/* out[] is full: the socket is */
+	wr16(c->out + c->out_len, q->qlen);
+	memcpy(c->out + c->out_len + 2, q->qbuf, q->qlen);
+	c->out_len += 2 + (size_t)q->qlen;
+	conn_sent(c, i, now);
+	return 1;
+}
+
+/* Copies up to len bytes of the stream (buf) into c's frame assembler.
+ * Returns how many it took: 0 only when len is. */
+static size_t
+conn_rx_take(struct conn *c, const unsigned char *buf, size_t len)
+{
+	size_t	 room = sizeof c->rx - c->rx_have;
+
+	if (len > room)
+		len = room;	/* room > 0: a frame always fits */
+	memcpy(c->rx + c->rx_have, buf, len);
+	c->rx_have += len;
+	return len;
+}
+
+/* Dispatches every complete frame in c's assembler. Returns 1, or -1
+ * when a bad frame ended c. */
+static int
+conn_frames(struct conn *c, int64_t now)
+{
+	size_t	 off = 0;
 	long	 fl;
 
-	buf = br_ssl_engine_recvapp_buf(eng, &len);
-	room = sizeof c->rx - c->rx_have;
-	if (len > room)
-		len = room;
-	if (len == 0)
-		return 0;	/* can't happen: a frame always fits */
-	memcpy(c->rx + c->rx_have, buf, len);
-	br_ssl_engine_recvapp_ack(eng, len);
-	c->rx_have += len;
 	while ((fl = frame_complete(c->rx + off, c->rx_have - off,
 	    DNS_HEADER_LEN, DNS_MSG_MAX)) > 0) {
 		conn_answer(c, c->rx + off + 2, (size_t)fl - 2, now);
@@ -4058,6 +4552,32 @@ conn_take_answers(struct conn *c, int64_t now)
 		c->rx_have -= off;
 	}
 	return 1;
+}
+
+/* TLS pump step: the decrypted bytes into the frame assembler, and the
+ * frames out. Returns 1 on progress, -1 when a bad frame ended c. */
+static int
+tls_take_answers(struct conn *c, int64_t now)
+{
+	br_ssl_engine_context *eng = &c->cc.eng;
+	unsigned char *buf;
+	size_t	 len;
+
+	buf = br_ssl_engine_recvapp_buf(eng, &len);
+	if ((len = conn_rx_take(c, buf, len)) == 0)
+		return 0;
+	br_ssl_engine_recvapp_ack(eng, len);
+	return conn_frames(c, now);
+}
+
+/* Plain pump step: the bytes read ahead into the frame assembler, and
+ * the frames out. Returns 1 on progress, -1 when a bad frame ended c. */
+static int
+plain_take_answers(struct conn *c, int64_t now)
+{
+	c->net_off += conn_rx_take(c, c->net + c->net_off,
+	    c->net_len - c->net_off);
+	return conn_frames(c, now);
 }
 
 /*
@@ -4183,13 +4703,7 @@ conn_take_records(struct conn *c)
 	buf = br_ssl_engine_sendrec_buf(&c->cc.eng, &len);
 	if (buf == NULL)
 		return 0;
-	if (c->out_off > 0 && sizeof c->out - c->out_len < len) {
-		memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
-		c->out_len -= c->out_off;
-		c->out_off = 0;
-	}
-	room = sizeof c->out - c->out_len;
-	if (room == 0)
+	if ((room = conn_out_room(c, len)) == 0)
 		return 0;
 	if (len > room)
 		len = room;
@@ -4236,25 +4750,14 @@ conn_send(struct conn *c, int64_t now)
 	return r;
 }
 
-/* Pump step: feeds RECVREC from the read-ahead buffer, refilled by one
- * recv() of many records when empty. Returns 1 on progress, 0 when the
- * socket is empty, -1 when EOF or an error ended c (conn_lost). */
+/* Refills c's empty read-ahead buffer with one recv() of all there is
+ * (up to DOTP_NET_BUF). Returns 1 on progress, 0 when the socket is
+ * empty, -1 when EOF or an error ended c (conn_lost). */
 static int
-conn_feed(struct conn *c, int64_t now)
+conn_recv(struct conn *c, int64_t now)
 {
-	unsigned char *buf;
-	size_t	 len;
 	ssize_t	 n;
 
-	buf = br_ssl_engine_recvrec_buf(&c->cc.eng, &len);
-	if (c->net_off < c->net_len) {
-		if (len > c->net_len - c->net_off)
-			len = c->net_len - c->net_off;
-		memcpy(buf, c->net + c->net_off, len);
-		c->net_off += len;
-		br_ssl_engine_recvrec_ack(&c->cc.eng, len);
-		return 1;
-	}
 	if (!c->readable)
 		return 0;	/* poll() tells when there is more */
 	n = recv(c->fd, c->net, sizeof c->net, 0);
@@ -4279,8 +4782,27 @@ conn_feed(struct conn *c, int64_t now)
 	return -1;
 }
 
+/* TLS pump step: feeds RECVREC from the read-ahead buffer, refilled by
+ * one recv() of many records when empty. Returns as conn_recv. */
+static int
+tls_feed(struct conn *c, int64_t now)
+{
+	unsigned char *buf;
+	size_t	 len;
+
+	if (c->net_off == c->net_len)
+		return conn_recv(c, now);
+	buf = br_ssl_engine_recvrec_buf(&c->cc.eng, &len);
+	if (len > c->net_len - c->net_off)
+		len = c->net_len - c->net_off;
+	memcpy(buf, c->net + c->net_off, len);
+	c->net_off += len;
+	br_ssl_engine_recvrec_ack(&c->cc.eng, len);
+	return 1;
+}
+
 /*
- * One step of the pump: the first of these that makes progress, in
+ * One step of the TLS pump: the first of these that makes progress, in
  * BearSSL's order (STYLE.md 1.3), with the engine state read afresh:
  *   end of stream   CLOSED: a last send, then conn_closed (ends c);
  *   send records    SENDREC: sealed records into out[];
@@ -4292,7 +4814,7 @@ conn_feed(struct conn *c, int64_t now)
  * block), -1 when c ended (each step ends it where the error arises).
  */
 static int
-conn_step(struct conn *c, int64_t now)
+tls_step(struct conn *c, int64_t now)
 {
 	unsigned st = br_ssl_engine_current_state(&c->cc.eng);
 	int	 r;
@@ -4306,22 +4828,164 @@ conn_step(struct conn *c, int64_t now)
 		conn_ready(c, now);
 	if ((st & BR_SSL_SENDREC) && conn_take_records(c))
 		return 1;
-	if ((st & BR_SSL_RECVAPP) && (r = conn_take_answers(c, now)) != 0)
+	if ((st & BR_SSL_RECVAPP) && (r = tls_take_answers(c, now)) != 0)
 		return r;
-	if ((st & BR_SSL_RECVREC) && (r = conn_feed(c, now)) != 0)
+	if ((st & BR_SSL_RECVREC) && (r = tls_feed(c, now)) != 0)
 		return r;
 	if ((st & BR_SSL_SENDAPP) && c->state == C_READY &&
-	    conn_inject(c, now))
+	    tls_inject(c, now))
 		return 1;
 	return conn_send(c, now);
 }
 
-/* Runs the engine of c until a step makes no progress or c ends. */
+/*
+ * One step of a plain DNS connection (RFC 7766), in the same order
+ * without the engine: take answers from the bytes read ahead; read; put
+ * the next query in out[]; send. Returns as tls_step.
+ */
+static int
+plain_step(struct conn *c, int64_t now)
+{
+	int	 r;
+
+	if (c->net_off < c->net_len)
+		return plain_take_answers(c, now);
+	if ((r = conn_recv(c, now)) != 0)
+		return r;
+	if (plain_inject(c, now))
+		return 1;
+	return conn_send(c, now);
+}
+
+/* TLS: the poll interest of open connection c: what the engine wants
+ * (STYLE.md 1.4), and POLLOUT while sealed records wait in out[]. */
+static short
+tls_events(const struct conn *c)
+{
+	unsigned st = br_ssl_engine_current_state(&c->cc.eng);
+	short	 ev = 0;
+
+	if ((st & BR_SSL_SENDREC) || c->out_off < c->out_len)
+		ev |= POLLOUT;
+	if (st & BR_SSL_RECVREC)
+		ev |= POLLIN;
+	return ev;
+}
+
+/* Plain DNS: always reading (answers, or the server's close), and
+ * POLLOUT while frames wait in out[]. */
+static short
+plain_events(const struct conn *c)
+{
+	return (short)(POLLIN | (c->out_off < c->out_len ? POLLOUT : 0));
+}
+
+/* TLS: connected, on to the handshake. */
+static void
+tls_connected(struct conn *c, int64_t now)
+{
+	c->state = C_HANDSHAKE;
+	c->deadline = now + G.cfg.handshake_ms;
+}
+
+/* Plain DNS: connected is ready. The server's health is told by its
+ * answers (conn_answer), not by a connect. */
+static void
+plain_connected(struct conn *c, int64_t now)
+{
+	c->state = C_READY;
+	c->last_active = now;
+	log_msg(LVL_DEBUG, "upstream ready (plain DNS over TCP)\t" CONN_FMT,
+	    CONN_ARGS(c));
+}
+
+/*
+ * The ways a connection carries DNS frames, by upstream kind (index:
+ * struct upstream's plain): through the TLS engine (RFC 7858), or
+ * straight over TCP to a plain DNS server (RFC 7766). Each row: what
+ * to prepare when a socket is attached, what connected means, one pump
+ * step, and the poll interest once connected.
+ */
+static const struct conn_way {
+	int	(*attach)(struct conn *, int64_t);
+	void	(*connected)(struct conn *, int64_t);
+	int	(*step)(struct conn *, int64_t);
+	short	(*events)(const struct conn *);
+} conn_ways[2] = {
+	{ tls_attach, tls_connected, tls_step, tls_events },
+	{ plain_attach, plain_connected, plain_step, plain_events },
+};
+
+/* The row of conn_ways for c. */
+static const struct conn_way *
+conn_way(const struct conn *c)
+{
+	return &conn_ways[G.up[c->up].plain ? 1 : 0];
+}
+
+/*
+ * Attaches descriptor fd, a stream socket being connected (or already
+ * connected) to upstream ui, to free connection c: a new generation,
+ * the connect limit, and what its way prepares (TLS: the ClientHello).
+ * Returns 0, or -1 when c failed (conn_fail: fd is closed).
+ */
+static int
+conn_attach(struct conn *c, int ui, int fd, int64_t now)
+{
+	c->up = ui;
+	c->fd = fd;
+	c->gen++;
+	c->state = C_CONNECTING;
+	c->deadline = now + G.cfg.connect_ms;
+	c->last_active = now;
+	set_nodelay(fd);
+	return conn_way(c)->attach(c, now);
+}
+
+/*
+ * Opens connection c to upstream ui: a non-blocking socket, attached
+ * (conn_attach), then connect(). Returns 0 (c may have failed at once:
+ * it is free again and ui is down), or -1 if no socket could be had
+ * (EMFILE: not the upstream's fault; the next try waits
+ * DOTP_FD_WAIT_MS).
+ */
+static int
+conn_open(int ui, struct conn *c, int64_t now)
+{
+	struct upstream *u = &G.up[ui];
+	int	 fd;
+
+	fd = socket(u->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
+	    SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		if (!G.connect_burst)
+			log_errno(LVL_WARN, "no socket for the upstream; "
+			    "retrying every %d ms\tupstream=%s",
+			    DOTP_FD_WAIT_MS, u->label);
+		G.connect_burst = 1;
+		G.fd_wait_until = now + DOTP_FD_WAIT_MS;
+		return -1;
+	}
+	G.connect_burst = 0;
+	if (conn_attach(c, ui, fd, now) < 0)
+		return 0;
+	if (connect(fd, &u->addr.sa, u->addrlen) < 0 &&
+	    errno != EINPROGRESS) {
+		conn_fail(c, now, "", "connect failed: %s", strerror(errno));
+		return 0;
+	}
+	log_msg(LVL_DEBUG, "upstream connecting%s\t" CONN_FMT,
+	    conn_inflight(c) || u->tx.n ? "" : " (probe)", CONN_ARGS(c));
+	return 0;
+}
+
+/* Runs c until a step makes no progress or c ends. */
 static void
 conn_pump(struct conn *c, int64_t now)
 {
-	while (c->fd >= 0 && c->state != C_CONNECTING &&
-	    conn_step(c, now) > 0)
+	const struct conn_way *w = conn_way(c);
+
+	while (c->fd >= 0 && c->state != C_CONNECTING && w->step(c, now) > 0)
 		;
 }
 
@@ -4370,23 +5034,12 @@ conn_due(const struct conn *c, enum conn_timer *what)
 	return t;
 }
 
-/* The poll interest of open connection c: POLLOUT while connecting;
- * then what the engine wants (STYLE.md 1.4), and POLLOUT while sealed
- * records wait in out[]. */
+/* The poll interest of open connection c: POLLOUT while connecting,
+ * then its way's. */
 static short
 conn_events(const struct conn *c)
 {
-	unsigned st;
-	short	 ev = 0;
-
-	if (c->state == C_CONNECTING)
-		return POLLOUT;
-	st = br_ssl_engine_current_state(&c->cc.eng);
-	if ((st & BR_SSL_SENDREC) || c->out_off < c->out_len)
-		ev |= POLLOUT;
-	if (st & BR_SSL_RECVREC)
-		ev |= POLLIN;
-	return ev;
+	return c->state == C_CONNECTING ? POLLOUT : conn_way(c)->events(c);
 }
 
 /* Before poll(): every open connection, with its deadline. */
@@ -4406,8 +5059,8 @@ conn_pollset(UNUSED int64_t now, int64_t *deadline)
 	}
 }
 
-/* The connect of c finished (POLLOUT): on to the handshake, or fail it.
- * Returns 0, or -1 when c failed. */
+/* The connect of c finished (POLLOUT): on to the handshake (plain DNS:
+ * ready), or fail it. Returns 0, or -1 when c failed. */
 static int
 conn_connected(struct conn *c, int64_t now)
 {
@@ -4422,8 +5075,7 @@ conn_connected(struct conn *c, int64_t now)
 		    "address or port?)" : "");
 		return -1;
 	}
-	c->state = C_HANDSHAKE;
-	c->deadline = now + G.cfg.handshake_ms;
+	conn_way(c)->connected(c, now);
 	return 0;
 }
 
@@ -4445,14 +5097,15 @@ conn_service(int ci, int fd, short revents, int64_t now)
 	conn_pump(c, now);
 }
 
-/* Closes ready connection c on dotp's side (close_notify). */
+/* Closes ready connection c on dotp's side (TLS: close_notify). */
 static void
 conn_close(struct conn *c, const char *why, int64_t now)
 {
 	log_msg(LVL_DEBUG, "closing upstream connection: %s\t" CONN_FMT
 	    " sent=%u answered=%u", why, CONN_ARGS(c), c->sent, c->answered);
 	c->closing = 1;
-	br_ssl_engine_close(&c->cc.eng);
+	if (!G.up[c->up].plain)
+		br_ssl_engine_close(&c->cc.eng);
 	conn_pump(c, now);
 	if (c->fd >= 0)
 		conn_end(c, NULL, "", now);
@@ -4538,9 +5191,9 @@ up_open(int ui, int open, int opening, unsigned room, int64_t now)
 		if (u->tx.n > room && (parallel || opening == 0) &&
 		    (now >= u->alone_until || open == 0)) {
 			/* queries wait: all full or none ready */
-		} else if (!(u->down && open == 0 && opening == 0 &&
-		    !G.draining && now >= u->retry_at)) {
-			return;	/* nor is a probe due */
+		} else if (!(u->down && !u->plain && open == 0 &&
+		    opening == 0 && !G.draining && now >= u->retry_at)) {
+			return;	/* nor is a probe due (plain: a trial) */
 		}
 		if (conn_open(ui, c, now) < 0 || c->state == C_FREE)
 			return;	/* no socket, or failed at once: down */
@@ -4551,7 +5204,8 @@ up_open(int ui, int open, int opening, unsigned room, int64_t now)
 }
 
 /*
- * Once per loop pass, for every upstream: kick its connections
+ * Once per loop pass, for every upstream: the timers of its UDP
+ * exchanges (dgram_timers), kick its connections
  * (conn_kick), move queries that wait in vain (up_tx_timer), forget old
  * learned limits, and open connections for what waits (up_open).
  */
@@ -4566,6 +5220,8 @@ up_kick(int64_t now)
 		unsigned room = 0;
 		int	 open = 0, opening = 0;
 
+		if (G.up[ui].plain)
+			dgram_timers(ui, now);
 		for (k = 0; k < G.cfg.max_conns; k++) {
 			struct conn *c = conn_of(ui, k);
 
@@ -4586,7 +5242,7 @@ up_kick(int64_t now)
 	}
 }
 
-/* ==== 12. Client input ==== */
+/* ==== 13. Client input ==== */
 
 /*
  * What clients send: the ACL, one query checked and queued
@@ -4681,7 +5337,8 @@ q_start(const unsigned char *m, size_t len, const struct qinfo *qi,
 	q->client_id = rd16(m);
 	wr16(q->qbuf + DNS_OFF_ID, q->up_id);
 	q->padded = PAD_NONE;
-	if (!G.cfg.no_pad) {
+	q->zone = (uint8_t)zone_of(m, qi->qend);
+	if (!G.cfg.no_pad && !G.zone[q->zone].plain) {	/* RFC 8467: TLS */
 		enum pad_how how;
 
 		q->qlen = (uint16_t)dns_pad_query(q->qbuf, len, sizeof q->qbuf,
@@ -4714,7 +5371,7 @@ q_lead(int i, int ck, const struct ckey *k, int stale, int64_t now)
 		}
 	}
 	/* Never -1: with every upstream down, the least recently failed. */
-	up_enqueue(up_pick(0, 1), i, now);
+	up_enqueue(up_pick(q->zone, 0, 1), i, now);
 }
 
 /*
@@ -5135,7 +5792,7 @@ tcp_service(int j, int fd, short revents, int64_t now)
 		tcp_read(j, now);
 }
 
-/* ==== 13. Event loop ==== */
+/* ==== 14. Event loop ==== */
 
 /*
  * One poll() loop, table-driven: each pass rebuilds the poll set from
@@ -5254,6 +5911,7 @@ static const struct fd_ops {
 	void	(*service)(int idx, int fd, short revents, int64_t now);
 } fd_kinds[FK_N] = {
 	[FK_CONN] = { conn_pollset, conn_service },
+	[FK_DGRAM] = { dgram_pollset, dgram_service },
 	[FK_TCP] = { tcp_pollset, tcp_service },
 	[FK_UDP] = { udp_pollset, udp_service },
 	[FK_ACCEPT] = { accept_pollset, accept_service },
@@ -5305,8 +5963,8 @@ loop_poll(int64_t now, int timeout, int few)
  * One pass of the loop, sleeping at most max_sleep ms: build the poll
  * set, sleep until the nearest deadline, service each descriptor that
  * has events by its kind (fd_kinds), then expire, then feed upstreams
- * (so the queries of one pass leave in one send()), then send the UDP
- * answers of the pass.
+ * (so the queries of one pass leave in one send()), then send the
+ * pass's datagrams to plain DNS servers and its UDP answers.
  */
 static void
 loop_pass(int64_t max_sleep)
@@ -5329,6 +5987,7 @@ loop_pass(int64_t max_sleep)
 			    G.pfd[i].revents, now);
 	expire(now);
 	up_kick(now);
+	dgram_flush();
 	udp_flush();
 }
 
@@ -5348,7 +6007,7 @@ loop_run(void)
 	}
 }
 
-/* ==== 14. Options ==== */
+/* ==== 15. Options ==== */
 
 /*
  * Every option is one row of opts[]: short and long name, environment
@@ -5563,35 +6222,263 @@ opt_listen(struct config *cfg, UNUSED const struct optdef *o, const char *v,
 	cfg->nlisten++;
 }
 
-/* One -u value. */
-static void
-opt_upstream(struct config *cfg, UNUSED const struct optdef *o, const char *v,
-    const char *what)
+/* The forms of a server and of a --forward entry, for error lines. */
+#define DOT_FORM	"HOST[:PORT]#NAME, e.g. 1.1.1.1:853#cloudflare-dns.com"
+#define FWD_FORM	"ZONE[,ZONE...]=SERVER[,SERVER...] with SERVER " \
+	"HOST[:PORT]#NAME (DNS over TLS) or dns://HOST[:PORT] (plain DNS), " \
+	"e.g. cluster.local=dns://10.96.0.10"
+
+/*
+ * Parses server v: DNS over TLS as HOST[:PORT]#NAME (port 853), or, when
+ * plain_ok, plain DNS as dns://HOST[:PORT] (port 53). Returns NULL, or
+ * what is wrong, in the user's words.
+ */
+static const char *
+parse_server(const char *v, int plain_ok, struct server *sv)
 {
 	char	 addr[80];
 	const char *hash = strchr(v, '#');
 	size_t	 al;
 
-	if (cfg->nup == DOTP_MAX_UPSTREAMS)
-		fatal(2, "too many %s values (at most %d)", what,
-		    DOTP_MAX_UPSTREAMS);
+	memset(sv, 0, sizeof *sv);
+	if (strncmp(v, "dns://", 6) == 0) {
+		sv->plain = 1;
+		if (!plain_ok)
+			return "-u takes DNS-over-TLS servers; plain DNS "
+			    "servers go in --forward ZONE=dns://HOST[:PORT]";
+		if (parse_addr(v + 6, 53, &sv->a) < 0)
+			return "the HOST of dns://HOST[:PORT] must be an IPv4 "
+			    "or [IPv6] address";
+		return NULL;
+	}
 	if (hash == NULL)
-		fatal(2, "bad %s value '%s': the certificate name is missing; "
-		    "expected HOST[:PORT]#NAME, e.g. 1.1.1.1:853#"
-		    "cloudflare-dns.com", what, v);
+		return plain_ok ? "a server is DNS over TLS (with #NAME) or "
+		    "plain DNS (with dns://): plain DNS is never assumed" :
+		    "the certificate name is missing; expected " DOT_FORM;
 	al = (size_t)(hash - v);
 	if (al >= sizeof addr)
 		al = sizeof addr - 1;
 	memcpy(addr, v, al);
 	addr[al] = '\0';
-	if (parse_addr(addr, 853, &cfg->up[cfg->nup]) < 0)
-		fatal(2, "bad %s value '%s': expected HOST[:PORT]#NAME with HOST "
-		    "an IPv4 or [IPv6] address", what, v);
+	if (parse_addr(addr, 853, &sv->a) < 0)
+		return "expected HOST[:PORT]#NAME with HOST an IPv4 or [IPv6] "
+		    "address";
 	if (!valid_cert_name(hash + 1))
-		fatal(2, "bad %s value '%s': '%s' is not a DNS name to check "
-		    "the certificate against", what, v, hash + 1);
-	str_copy(cfg->up_name[cfg->nup], sizeof cfg->up_name[0], hash + 1);
+		return "the name after # is not a DNS name to check the "
+		    "certificate against";
+	str_copy(sv->name, sizeof sv->name, hash + 1);
+	return NULL;
+}
+
+/* One -u value. The built-in default gives way to --forward . */
+static void
+opt_upstream(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
+{
+	const char *why;
+	int	 by = strcmp(what, "default") ? UP_BY_FLAG : UP_BY_DEFAULT;
+
+	if (cfg->up_by == UP_BY_FORWARD && by == UP_BY_DEFAULT)
+		return;
+	if (cfg->up_by == UP_BY_FORWARD)
+		fatal(2, "bad %s value '%s': the zone \".\" is set by "
+		    "--forward too; use one of them", what, v);
+	if (cfg->nup == DOTP_MAX_ZONE_SERVERS)
+		fatal(2, "too many %s values (at most %d)", what,
+		    DOTP_MAX_ZONE_SERVERS);
+	if ((why = parse_server(v, 0, &cfg->up[cfg->nup])) != NULL)
+		fatal(2, "bad %s value '%s': %s", what, v, why);
+	cfg->up_by = by;
 	cfg->nup++;
+}
+
+/* The next item of list *s, split at sep, with the white space around
+ * it trimmed; *s moves past it. NULL when the list is done. */
+static char *
+list_next(char **s, const char *sep)
+{
+	char	*item = *s, *end;
+	size_t	 n;
+
+	if (item == NULL)
+		return NULL;
+	n = strcspn(item, sep);
+	*s = item[n] ? item + n + 1 : NULL;
+	item[n] = '\0';
+	item += strspn(item, " \t\r");
+	for (end = item + strlen(item); end > item && strchr(" \t\r", end[-1]);)
+		*--end = '\0';
+	return item;
+}
+
+/*
+ * Parses zone name v into z (wire form, lower case, and the text): a
+ * DNS name of letters, digits, '-' and '_', a trailing dot optional;
+ * "." is the root. Returns NULL, or what is wrong.
+ */
+static const char *
+parse_zone(const char *v, struct zone *z)
+{
+	size_t	 n, at = 0, k;
+
+	memset(z, 0, sizeof *z);
+	if (*v == '\0')
+		return "the zone is empty";
+	str_copy(z->text, sizeof z->text, v);
+	if (strcmp(v, ".") != 0)
+		for (; *v; v += n + (v[n] == '.')) {
+			n = strspn(v, "abcdefghijklmnopqrstuvwxyz"
+			    "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_");
+			if (v[n] != '\0' && v[n] != '.')
+				return "a zone is a DNS name of letters, "
+				    "digits, '-' and '_'";
+			if (n == 0 || n > 63)
+				return "a label of the zone is empty or longer "
+				    "than 63 bytes";
+			if (at + 1 + n + 1 > DNS_NAME_MAX)
+				return "the zone is longer than 255 bytes";
+			z->name[at++] = (unsigned char)n;
+			for (k = 0; k < n; k++)
+				z->name[at++] = dns_lower((unsigned char)v[k]);
+		}
+	z->name[at++] = 0;
+	z->len = at;
+	return NULL;
+}
+
+/* Ends dotp for a bad --forward entry e: why (formatted), and the
+ * expected form. */
+static void
+fwd_fatal(const char *what, const char *e, const char *fmt, ...)
+	__attribute__((noreturn, format(printf, 3, 4)));
+
+static void
+fwd_fatal(const char *what, const char *e, const char *fmt, ...)
+{
+	char	 why[200];
+	va_list	 ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof why, fmt, ap);
+	va_end(ap);
+	fatal(2, "bad %s value '%s': %s; expected " FWD_FORM, what, e, why);
+}
+
+/* The servers of --forward entry e (text after '=') into sv; all of one
+ * kind. Returns how many. */
+static int
+fwd_servers(const char *what, const char *e, char *list, struct server *sv)
+{
+	const char *why;
+	char	*item;
+	int	 n = 0;
+
+	while ((item = list_next(&list, ",")) != NULL) {
+		if (*item == '\0')
+			fwd_fatal(what, e, "%s", list || n ? "a server is empty" :
+			    "the zone is mapped to no server");
+		if (n == DOTP_MAX_ZONE_SERVERS)
+			fwd_fatal(what, e, "more than %d servers for a zone",
+			    DOTP_MAX_ZONE_SERVERS);
+		if ((why = parse_server(item, 1, &sv[n])) != NULL)
+			fwd_fatal(what, e, "%s", why);
+		if (sv[n].plain != sv[0].plain)
+			fwd_fatal(what, e, "a zone's servers are all DNS over "
+			    "TLS or all plain DNS: plain DNS is never a "
+			    "fallback");
+		n++;
+	}
+	return n;
+}
+
+/* Is zone z given already (a --forward zone, or "." by --forward)? */
+static int
+fwd_seen(const struct config *cfg, const struct zone *z)
+{
+	int	 i;
+
+	if (z->len == 1)
+		return cfg->up_by == UP_BY_FORWARD;
+	for (i = 0; i < cfg->nzone; i++)
+		if (cfg->zone[i].len == z->len &&
+		    memcmp(cfg->zone[i].name, z->name, z->len) == 0)
+			return 1;
+	return 0;
+}
+
+/* Sets zone z's servers sv[0..n): "." takes the place of -u's. */
+static void
+fwd_add(struct config *cfg, const char *what, const char *e, struct zone *z,
+    const struct server *sv, int n)
+{
+	if (z->len == 1) {
+		if (cfg->up_by == UP_BY_FLAG)
+			fwd_fatal(what, e, "the zone \".\" is set by -u too; "
+			    "use one of them");
+		memcpy(cfg->up, sv, (size_t)n * sizeof *sv);
+		cfg->nup = n;
+		cfg->up_by = UP_BY_FORWARD;
+		return;
+	}
+	if (cfg->nzone == DOTP_MAX_ZONES)
+		fwd_fatal(what, e, "more than %d zones", DOTP_MAX_ZONES);
+	z->first = cfg->nfwd;
+	z->n = n;
+	z->plain = sv[0].plain;
+	cfg->zone[cfg->nzone++] = *z;
+}
+
+/* One --forward entry e: ZONE[,ZONE...]=SERVER[,SERVER...]. */
+static void
+fwd_entry(struct config *cfg, const char *what, char *e)
+{
+	struct server sv[DOTP_MAX_ZONE_SERVERS];
+	struct zone z;
+	char	 shown[512], *eq = strchr(e, '='), *zones = e, *item;
+	const char *why;
+	int	 n, fwd = 0;
+
+	str_copy(shown, sizeof shown, e);
+	if (eq == NULL)
+		fwd_fatal(what, shown, "no '=': the zone is mapped to nothing");
+	*eq = '\0';
+	n = fwd_servers(what, shown, eq + 1, sv);
+	while ((item = list_next(&zones, ",")) != NULL) {
+		if ((why = parse_zone(item, &z)) != NULL)
+			fwd_fatal(what, shown, "%s", why);
+		if (fwd_seen(cfg, &z))
+			fwd_fatal(what, shown, "this zone is given twice");
+		fwd_add(cfg, what, shown, &z, sv, n);
+		fwd += z.len > 1;
+	}
+	if (fwd == 0)
+		return;
+	if (cfg->nfwd + n > DOTP_MAX_FWD_SERVERS)
+		fwd_fatal(what, shown, "more than %d --forward servers in all",
+		    DOTP_MAX_FWD_SERVERS);
+	memcpy(cfg->fwd + cfg->nfwd, sv, (size_t)n * sizeof *sv);
+	cfg->nfwd += n;
+}
+
+/* One --forward value: entries separated by ';' or newlines. */
+static void
+opt_forward(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
+{
+	char	 list[4096], *s = list, *e;
+	int	 n = 0;
+
+	if (strlen(v) >= sizeof list)
+		fatal(2, "bad %s value: longer than %zu bytes", what,
+		    sizeof list - 1);
+	str_copy(list, sizeof list, v);
+	while ((e = list_next(&s, ";\n")) != NULL)
+		if (*e != '\0') {
+			fwd_entry(cfg, what, e);
+			n++;
+		}
+	if (n == 0)
+		fwd_fatal(what, v, "no entry");
 }
 
 /* One --allow prefix. */
@@ -5694,6 +6581,11 @@ static const struct optdef opts[] = {
 	    "1.0.0.1#cloudflare-dns.com",
 	    "DoT resolver: IP literal, port (853), and the name its "
 	    "certificate must carry (repeatable)"),
+	VALUE(0, OPT_VALUE, "forward", "DOTP_FORWARD",
+	    "ZONE[,ZONE...]=SERVER[,SERVER...]", opt_forward, NULL,
+	    "names at or under ZONE go to these servers: DoT as for -u, or "
+	    "plain DNS as dns://HOST[:PORT] (repeatable; ';' separates "
+	    "entries)"),
 	VALUE(0, OPT_VALUE, "ca-file", "DOTP_CA_FILE", "PEM", opt_ca_file,
 	    NULL, "trust these CAs instead of the embedded Mozilla roots"),
 	NUM("timeout", "DOTP_TIMEOUT", MS, 1, 600000, DOTP_TIMEOUT_MS,
@@ -5925,7 +6817,7 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	    LVL_INFO;
 }
 
-/* ==== 15. Setup, shutdown and main ==== */
+/* ==== 16. Setup, shutdown and main ==== */
 
 /*
  * Start-up (trust anchors, tables, listeners; errors through fatal()),
@@ -6073,6 +6965,46 @@ setup_anchors(void)
 	G.ntas = (size_t)n;
 }
 
+/* Upstream u, a server of zone zi, as given by sv. */
+static void
+setup_upstream(struct upstream *u, const struct server *sv, int zi)
+{
+	u->tx = u->ul = u->ulate = (struct qlist)QLIST_ZERO;
+	memcpy(&u->addr, &sv->a.u, sizeof u->addr);
+	u->addrlen = sv->a.len;
+	str_copy(u->label, sizeof u->label, sv->a.text);
+	str_copy(u->name, sizeof u->name, sv->name);
+	u->plain = sv->plain;
+	u->zone = zi;
+}
+
+/* The zones and their servers: "." and -u's (or --forward .'s) first,
+ * then each --forward zone, whose servers follow. Zones of one entry
+ * share its servers. */
+static void
+setup_zones(void)
+{
+	struct config *cfg = &G.cfg;
+	struct zone *z = &G.zone[0];
+	int	 i, k;
+
+	z->len = 1;		/* name[0] == 0: the root */
+	str_copy(z->text, sizeof z->text, ".");
+	z->n = cfg->nup;
+	z->plain = cfg->up[0].plain;
+	for (i = 0; i < cfg->nup; i++)
+		setup_upstream(&G.up[i], &cfg->up[i], 0);
+	for (k = 0; k < cfg->nzone; k++) {
+		z = &G.zone[1 + k];
+		*z = cfg->zone[k];
+		z->first += cfg->nup;
+		for (i = z->first; i < z->first + z->n; i++)
+			setup_upstream(&G.up[i], &cfg->fwd[i - cfg->nup], 1 + k);
+	}
+	G.nzone = 1 + cfg->nzone;
+	G.nup = cfg->nup + cfg->nfwd;
+}
+
 /* The tables, sized once from the options: queries, connections (each
  * with its TLS context), TCP client slots, the poll set; and the
  * upstreams. Exits when out of memory. */
@@ -6083,8 +7015,13 @@ setup_tables(void)
 	size_t	 npfd;
 	int	 i;
 
-	G.nconn = cfg->nup * cfg->max_conns;
-	npfd = (size_t)(G.nconn + cfg->max_tcp + 2 * cfg->nlisten);
+	setup_zones();
+	for (i = 0; i < DOTP_DGRAM_SOCKS; i++)
+		G.dsock[i].fd = -1;
+	G.dcur[0] = G.dcur[1] = -1;
+	G.nconn = G.nup * cfg->max_conns;
+	npfd = (size_t)(G.nconn + DOTP_DGRAM_SOCKS + cfg->max_tcp +
+	    2 * cfg->nlisten);
 	G.conn = calloc((size_t)G.nconn, sizeof *G.conn);
 	G.tcp = calloc((size_t)cfg->max_tcp, sizeof *G.tcp);
 	G.tcprx = calloc((size_t)cfg->max_tcp, 2 + DOTP_QUERY_MAX);
@@ -6098,16 +7035,6 @@ setup_tables(void)
 	    G.pfd == NULL || G.pkind == NULL || G.pidx == NULL)
 		fatal(1, "out of memory for %d queries, %d connections and %d "
 		    "TCP clients", cfg->max_queries, G.nconn, cfg->max_tcp);
-	for (i = 0; i < cfg->nup; i++) {
-		struct upstream *u = &G.up[i];
-
-		u->tx = (struct qlist)QLIST_ZERO;
-		memcpy(&u->addr, &cfg->up[i].u, sizeof u->addr);
-		u->addrlen = cfg->up[i].len;
-		str_copy(u->label, sizeof u->label, cfg->up[i].text);
-		str_copy(u->name, sizeof u->name, cfg->up_name[i]);
-	}
-	G.nup = cfg->nup;
 	for (i = 0; i < G.nconn; i++) {
 		struct conn *c = &G.conn[i];
 
@@ -6182,30 +7109,53 @@ static void
 setup(void)
 {
 	setup_core();
-	fd_limit_raise(G.nconn + G.cfg.max_tcp + 2 * G.cfg.nlisten + 16);
+	fd_limit_raise(G.nconn + DOTP_DGRAM_SOCKS + G.cfg.max_tcp +
+	    2 * G.cfg.nlisten + 16);
 	/* Held in reserve for accept() under EMFILE (tcp_shed). */
 	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	setup_listeners();
 }
 
-/* The start line: what runs, where, trusting what. */
+/* Appends zone z's servers to buf (at *at), as given: "," between. */
+static void
+log_servers(char *buf, size_t len, size_t *at, const struct zone *z)
+{
+	int	 i;
+
+	for (i = z->first; i < z->first + z->n && *at < len; i++)
+		*at += (size_t)snprintf(buf + *at, len - *at, "%s%s%s%s%s",
+		    i > z->first ? "," : "", G.up[i].plain ? "dns://" : "",
+		    G.up[i].label, G.up[i].plain ? "" : "#", G.up[i].name);
+}
+
+/* The start line: what runs, where, trusting what; every zone with its
+ * servers, and whether they are reached encrypted. */
 static void
 log_start(void)
 {
-	char	 ls[DOTP_MAX_LISTEN * 50], us[DOTP_MAX_UPSTREAMS * 330];
-	size_t	 a = 0, b = 0;
-	int	 i;
+	char	 ls[DOTP_MAX_LISTEN * 50], us[DOTP_MAX_ZONE_SERVERS * 330];
+	char	 zs[(1 + DOTP_MAX_ZONES) * 300 + DOTP_MAX_UPSTREAMS * 330];
+	size_t	 a = 0, b = 0, c = 0;
+	int	 i, k;
 
-	ls[0] = us[0] = '\0';
+	ls[0] = zs[0] = '\0';
 	for (i = 0; i < G.nlisten; i++)
 		a += (size_t)snprintf(ls + a, sizeof ls - a, "%s%s",
 		    i ? "," : "", G.lst[i].label);
-	for (i = 0; i < G.nup; i++)
-		b += (size_t)snprintf(us + b, sizeof us - b, "%s%s#%s",
-		    i ? "," : "", G.up[i].label, G.up[i].name);
+	log_servers(us, sizeof us, &b, &G.zone[0]);
+	for (k = 1; k <= G.nzone && c < sizeof zs; k++) {
+		const struct zone *z = &G.zone[k % G.nzone];	/* "." last */
+
+		c += (size_t)snprintf(zs + c, sizeof zs - c, "%s%s=",
+		    k > 1 ? "; " : "", z->text);
+		log_servers(zs, sizeof zs, &c, z);
+		if (c < sizeof zs)
+			c += (size_t)snprintf(zs + c, sizeof zs - c, " (%s)",
+			    z->plain ? "plain, unencrypted" : "tls");
+	}
 	log_msg(LVL_INFO, "dotp listening\tversion=%s listen=%s upstreams=%s "
-	    "anchors=%zu source=%s timeout_ms=%d", DOTP_VERSION, ls, us,
-	    G.ntas, G.cfg.ca_file ? G.cfg.ca_file : "embedded",
+	    "zones=\"%s\" anchors=%zu source=%s timeout_ms=%d", DOTP_VERSION,
+	    ls, us, zs, G.ntas, G.cfg.ca_file ? G.cfg.ca_file : "embedded",
 	    G.cfg.timeout_ms);
 }
 

@@ -409,13 +409,13 @@ test_cfg_parse(void)
 	cfg_parse(&cfg, 8, argv1);
 	ok(cfg.nlisten == 1 && !strcmp(cfg.listen[0].text, "127.0.0.1:5300"),
 	    "flag listen wins over env");
-	ok(cfg.nup == 1 && !strcmp(cfg.up[0].text, "[::1]:8853") &&
-	    !strcmp(cfg.up_name[0], "dot.test"), "flag upstream");
+	ok(cfg.nup == 1 && !strcmp(cfg.up[0].a.text, "[::1]:8853") &&
+	    !strcmp(cfg.up[0].name, "dot.test"), "flag upstream");
 	ok(cfg.timeout_ms == 1500 && cfg.verbosity == LVL_ERROR, "timeout, -q");
 	optind = 1;
 	cfg_parse(&cfg, 1, argv0);
-	ok(cfg.nup == 2 && !strcmp(cfg.up[1].text, "127.0.0.3:54") &&
-	    !strcmp(cfg.up_name[1], "b.test"), "env upstream list");
+	ok(cfg.nup == 2 && !strcmp(cfg.up[1].a.text, "127.0.0.3:54") &&
+	    !strcmp(cfg.up[1].name, "b.test"), "env upstream list");
 	ok(cfg.nlisten == 1 && !strcmp(cfg.listen[0].text, "127.0.0.9:53"),
 	    "env listen");
 	unsetenv("DOTP_UPSTREAM");
@@ -424,8 +424,8 @@ test_cfg_parse(void)
 	cfg_parse(&cfg, 1, argv0);
 	ok(cfg.nlisten == 2 && !strcmp(cfg.listen[1].text, "[::1]:53"),
 	    "default listen");
-	ok(cfg.nup == 2 && !strcmp(cfg.up[0].text, "1.1.1.1:853") &&
-	    !strcmp(cfg.up_name[0], "cloudflare-dns.com"), "default upstream");
+	ok(cfg.nup == 2 && !strcmp(cfg.up[0].a.text, "1.1.1.1:853") &&
+	    !strcmp(cfg.up[0].name, "cloudflare-dns.com"), "default upstream");
 	ok(cfg.timeout_ms == DOTP_TIMEOUT_MS, "default timeout");
 }
 
@@ -1038,6 +1038,89 @@ test_cache(void)
 	G.ctr[CTR_CACHE_EVICTIONS] = 0;
 }
 
+/* Zone of the query for name under the zones set up from cfg. */
+static int
+zone_for(const char *name)
+{
+	unsigned char q[300];
+	size_t	 n = mkquery(q, 1, name, 1, 0, 0);
+
+	return zone_of(guard(q, n), n);
+}
+
+static void
+test_forward(void)
+{
+	struct config cfg;
+	static char a0[] = "dotp", a1[] = "--forward", a2[] =
+	    "cluster.local,In-Addr.Arpa.=dns://127.0.0.1:5300,dns://[::1];"
+	    " b.example = 127.0.0.2#dot.test ", a3[] = "--forward",
+	    a4[] = "a.b.example=dns://127.0.0.3", a5[] = "-u",
+	    a6[] = "127.0.0.9#up.test";
+	char	*argv1[] = { a0, a1, a2, a3, a4, a5, a6, NULL };
+	char	*argv2[] = { a0, NULL };
+	struct zone z;
+
+	ok(parse_zone("Example.COM.", &z) == NULL && z.len == 13 &&
+	    memcmp(z.name, "\7example\3com", 13) == 0, "zone lower wire");
+	ok(parse_zone(".", &z) == NULL && z.len == 1 && z.name[0] == 0,
+	    "root zone");
+	ok(parse_zone("a..b", &z) != NULL, "empty label");
+	ok(parse_zone("", &z) != NULL, "empty zone");
+	ok(parse_zone("a b", &z) != NULL && parse_zone("a/b", &z) != NULL,
+	    "bad characters");
+	ok(parse_zone("a234567890123456789012345678901234567890123456789012"
+	    "345678901234", &z) != NULL, "label of 64");
+	optind = 1;
+	cfg_parse(&cfg, 7, argv1);
+	ok(cfg.nzone == 4 && cfg.nfwd == 4 && cfg.nup == 1, "zones, servers");
+	ok(cfg.zone[0].first == 0 && cfg.zone[0].n == 2 &&
+	    cfg.zone[1].first == 0 && cfg.zone[1].n == 2 &&
+	    cfg.zone[0].plain && cfg.zone[1].plain, "one entry, two zones");
+	ok(!strcmp(cfg.fwd[1].a.text, "[::1]:53") && cfg.fwd[1].plain,
+	    "plain default port 53");
+	ok(cfg.zone[2].first == 2 && cfg.zone[2].n == 1 &&
+	    !cfg.zone[2].plain && !strcmp(cfg.fwd[2].a.text, "127.0.0.2:853") &&
+	    !strcmp(cfg.fwd[2].name, "dot.test"), "DoT zone, spaces trimmed");
+	G.cfg = cfg;
+	setup_zones();
+	ok(G.nup == 5 && G.nzone == 5 && G.zone[1].first == 1 &&
+	    G.up[1].plain && !G.up[0].plain && G.up[4].zone == 4,
+	    "runtime zones");
+	ok(zone_for("my-svc.default.svc.cluster.local") == 1, "under zone");
+	ok(zone_for("MY-SVC.Default.SVC.Cluster.LOCAL") == 1, "any case");
+	ok(zone_for("cluster.local") == 1, "the zone itself");
+	ok(zone_for("xcluster.local") == 0 && zone_for("local") == 0,
+	    "label-wise only");
+	ok(zone_for("5.5.96.10.in-addr.arpa") == 2, "reverse zone");
+	ok(zone_for("c.a.b.example") == 4 && zone_for("a.b.example") == 4,
+	    "longest zone wins");
+	ok(zone_for("b.b.example") == 3 && zone_for("b.example") == 3,
+	    "shorter zone");
+	ok(zone_for("example") == 0 && zone_for("") == 0, "default zone");
+	/* up_pick stays within the zone: the DoT zone's one server, and
+	 * the reverse zone's two, skipping a tried one. */
+	ok(up_pick(3, 0, 1) == 3 && up_pick(0, 0, 1) == 0, "pick in zone");
+	ok(up_pick(2, 1u << 1, 0) == 2 && up_pick(2, 3u << 1, 0) == -1,
+	    "pick skips tried");
+	G.up[1].down = 1;
+	ok(up_pick(1, 0, 0) == 2 && !up_other_healthy(2), "down skipped");
+	G.up[1].trial = 1;
+	ok(up_pick(1, 0, 0) == 1 && up_pick(1, 0, 0) == 2,
+	    "trial: picked again, by one query");
+	G.up[1].down = G.up[1].trial = 0;
+	/* "." by --forward takes the built-in default's place; the env
+	 * splits entries at ';' and newlines. */
+	setenv("DOTP_FORWARD", ".=dns://127.0.0.4\nlan=dns://127.0.0.5;", 1);
+	optind = 1;
+	cfg_parse(&cfg, 1, argv2);
+	ok(cfg.nup == 1 && cfg.up[0].plain && cfg.up_by == UP_BY_FORWARD &&
+	    cfg.nzone == 1 && !strcmp(cfg.fwd[0].a.text, "127.0.0.5:53"),
+	    "env: root and a zone");
+	unsetenv("DOTP_FORWARD");
+	memset(&G, 0, sizeof G);
+}
+
 int
 main(void)
 {
@@ -1050,6 +1133,7 @@ main(void)
 	test_idtab();
 	test_config();
 	test_cfg_parse();
+	test_forward();
 	test_tls_errors();
 	test_learn();
 	test_padding();
