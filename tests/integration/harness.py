@@ -329,6 +329,28 @@ class _PlainDns:
         self._out.close()
 
 
+def unbound_head(workdir, log, plain_port, ipv6=False):
+    """The first lines of an unbound.conf for a test server: foreground,
+    one thread, no chroot, logging to `log`, plain DNS on `plain_port`."""
+    return [
+        "server:",
+        "  verbosity: 1",
+        "  num-threads: 1",
+        '  username: ""',
+        '  chroot: ""',
+        '  directory: "%s"' % workdir,
+        '  pidfile: ""',
+        "  do-daemonize: no",
+        "  use-syslog: no",
+        '  logfile: "%s"' % log,
+        "  do-ip4: yes",
+        "  do-ip6: %s" % ("yes" if ipv6 else "no"),
+        "  do-udp: yes",
+        "  do-tcp: yes",
+        "  port: %d" % plain_port,
+    ]
+
+
 class Unbound(_PlainDns):
     name = "unbound"
 
@@ -341,22 +363,7 @@ class Unbound(_PlainDns):
         self.log = self.dir / "unbound.log"
         self.conf = self.dir / "unbound.conf"
         hosts = ["127.0.0.1"] + (["::1"] if ipv6 else [])
-        lines = [
-            "server:",
-            "  verbosity: 1",
-            "  num-threads: 1",
-            '  username: ""',
-            '  chroot: ""',
-            '  directory: "%s"' % self.dir,
-            '  pidfile: ""',
-            "  do-daemonize: no",
-            "  use-syslog: no",
-            '  logfile: "%s"' % self.log,
-            "  do-ip4: yes",
-            "  do-ip6: %s" % ("yes" if ipv6 else "no"),
-            "  do-udp: yes",
-            "  do-tcp: yes",
-            "  port: %d" % plain_port,
+        lines = unbound_head(self.dir, self.log, plain_port, ipv6) + [
             "  tls-port: %d" % tls_port,
             '  tls-service-key: "%s"' % key,
             '  tls-service-pem: "%s"' % cert,
