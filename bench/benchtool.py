@@ -1330,6 +1330,132 @@ def cache_markdown(cache, meta):
     return L
 
 
+# the plain forwarding runs (run.sh section 9): target names in the runs
+FWD_TARGETS = (
+    ("dotp-plain-forward", "dotp, --forward zone", "plain UDP"),
+    ("unbound-forward-zone", "unbound, forward-zone", "plain UDP"),
+    ("dotp-forward-tls", "dotp, same process, names outside the zone", "TLS"),
+)
+
+
+def forward_report(meta, agg, verdict):
+    """The plain forwarding runs (run.sh section 9): dotp with a --forward
+    zone to a plain DNS server against unbound with a forward-zone to the
+    same server, and dotp's TLS path in the same rounds (the same process,
+    names outside the zone); adds dotp's forward_cpu verdict: plain costs
+    no more CPU per query than TLS. {} when the runs did not happen."""
+    f = meta.get("forward") or {}
+    if not f.get("enabled"):
+        return {}
+    out = {"zone": f.get("zone"), "server": f.get("server"),
+           "config": f.get("config") or {}, "runs": {}}
+    for t, _, _ in FWD_TARGETS:
+        x = (agg.get(t) or {}).get("udp/unique")
+        if x:
+            out["runs"][t] = x
+    main = (agg.get("dotp") or {}).get("udp/unique")
+    if main:
+        out["dotp_tls_uncached"] = main
+    procs = f.get("proc") or {}
+    out["procs"] = procs
+    pd = procs.get("dotp") or {}
+    if pd.get("exit_line"):
+        out["dotp_counters"] = exit_counters(pd["exit_line"])
+    if pd.get("upstream_lines"):
+        out["dotp_upstreams"] = [exit_counters(s) for s in
+                                 str(pd["upstream_lines"]).split("|") if s]
+    cpu = lambda x: (x or {}).get("cpu_us_per_query")
+    d = cpu(out["runs"].get("dotp-plain-forward"))
+    u = cpu(out["runs"].get("unbound-forward-zone"))
+    tl = cpu(out["runs"].get("dotp-forward-tls"))
+    tm = cpu(main)
+    ratio = lambda a, b: round(a / b, 3) if a is not None and b else None
+    out["ratio_dotp_unbound"] = ratio(d, u)
+    out["ratio_plain_tls"] = ratio(d, tl)
+    out["ratio_plain_tls_uncached"] = ratio(d, tm)
+    tgt = ("plain forward zone: CPU per query <= over TLS (the same dotp, "
+           "same rounds)")
+    if d is not None and tl is not None:
+        lost = (out["runs"]["dotp-plain-forward"].get("lost_total"))
+        verdict("forward_cpu", d <= tl,
+                "dotp plain-forward %.2f us/query vs unbound forward-zone %s "
+                "us/query (ratio %s); dotp over TLS %.2f us/query in the same "
+                "rounds (plain/TLS %.2f)%s; plain lost %s"
+                % (d, fmt(u, 2), fmt(out["ratio_dotp_unbound"], 2), tl, d / tl,
+                   "" if tm is None else ", %.2f us/query in the uncached runs "
+                   "(plain/TLS %.2f)" % (tm, d / tm), fmt(lost)), tgt)
+    else:
+        verdict("forward_cpu", None, "not measured", tgt)
+    return out
+
+
+def forward_markdown(fwd, meta):
+    s = meta.get("settings") or {}
+    L = ["## Plain forwarding (--forward to a plain DNS server)\n"]
+    L.append("dotp with `--forward %s=%s --no-cache` (every query under the "
+             "zone forwarded over plain UDP from a pool of sockets on random ports; `-u` "
+             "the TLS upstream as everywhere) against unbound with a "
+             "forward-zone for the same zone to the same server (otherwise "
+             "the uncached runs' unbound: \".\" over TLS, caches as small as "
+             "they go). The server is the upstream unbound's plain port: the "
+             "same local data as over DoT. Both are new processes after every "
+             "other run. dnsperf `-c %s -q %s -l %s` over UDP, unique names "
+             "under the zone (fresh each round, the same file for both: "
+             "every query misses; upstream received ≈ sent shows each one "
+             "was forwarded); dotp over TLS: the same dotp process with "
+             "unique names outside the zone, in the same rounds. Medians over "
+             "rounds; CPU µs/query: utime+stime of the process (all threads) over "
+             "the run / answered queries.\n" % (fwd.get("zone"), fwd.get("server"),
+                              s.get("clients"), s.get("outstanding"),
+                              s.get("duration_s")))
+    L.append("| target | to the server | QPS | CPU µs/query | upstream CPU µs/q | "
+             "avg µs | p50 µs | p99 µs | lost | upstream received / sent | "
+             "TLS conns max | peak RSS KiB | rounds |")
+    L.append("|---|---|" + "---:|" * 11)
+    rows = [(t, label, path, fwd["runs"].get(t)) for t, label, path in FWD_TARGETS]
+    if fwd.get("dotp_tls_uncached"):
+        rows.append(("dotp", "the uncached runs above", "TLS",
+                     fwd["dotp_tls_uncached"]))
+    for t, label, path, x in rows:
+        if not x:
+            continue
+        rcv = x.get("upstream_queries_total")
+        L.append("| %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            t, label, path, fmt(x.get("qps")), fmt(x.get("cpu_us_per_query"), 2),
+            fmt(x.get("upstream_cpu_us_per_query"), 2), fmt(x.get("avg_us")),
+            fmt(x.get("p50_us")), fmt(x.get("p99_us")), fmt(x.get("lost_total")),
+            "-" if rcv is None else "%s / %s" % (fmt(rcv), fmt(x.get("sent_total"))),
+            fmt(x.get("tls_conns_max")), fmt(x.get("peak_rss_kib_max")),
+            "%d%s" % (x["rounds"], " (%d failed)" % x["rounds_failed"]
+                      if x["rounds_failed"] else "")))
+    cpu = lambda t: (fwd["runs"].get(t) or {}).get("cpu_us_per_query")
+    d, u, tl = cpu("dotp-plain-forward"), cpu("unbound-forward-zone"), \
+        cpu("dotp-forward-tls")
+    tm = (fwd.get("dotp_tls_uncached") or {}).get("cpu_us_per_query")
+    if d is not None:
+        L.append("\n**CPU per query, plain forward zone**: dotp %s µs, unbound "
+                 "forward-zone %s µs (dotp/unbound %s); dotp over TLS %s µs in "
+                 "the same rounds (plain/TLS %s)%s.\n" % (
+                     fmt(d, 2), fmt(u, 2), fmt(fwd.get("ratio_dotp_unbound"), 2),
+                     fmt(tl, 2), fmt(fwd.get("ratio_plain_tls"), 2),
+                     "" if tm is None else ", %s µs in the uncached runs above "
+                     "(plain/TLS %s)" % (fmt(tm, 2),
+                                         fmt(fwd.get("ratio_plain_tls_uncached"), 2))))
+    else:
+        L.append("")
+    ups = fwd.get("dotp_upstreams")
+    if ups or fwd.get("dotp_counters"):
+        parts = []
+        for x in ups or []:
+            parts.append("%s: %s" % (x.get("upstream", "?"), ", ".join(
+                "%s=%s" % kv for kv in x.items() if kv[0] != "upstream")))
+        if fwd.get("dotp_counters"):
+            parts.append("process: " + ", ".join(
+                "%s=%s" % kv for kv in fwd["dotp_counters"].items()))
+        L.append("dotp's exit lines after these runs: " + "; ".join(parts) + ".\n")
+    return L
+
+
 def do_report(a):
     cg = None
     if a.from_json:
@@ -1591,6 +1717,7 @@ def do_report(a):
                 "exactly 1 TLS connection to the upstream")
 
     cache = cache_report(meta, agg, light_agg, runs, verdict)
+    forward = forward_report(meta, agg, verdict)
 
     for kind in ("load", "light", "resperf"):
         stolen = [r for r in runs if r["kind"] == kind
@@ -1630,6 +1757,7 @@ def do_report(a):
             auto.append("resperf %s: the query file wrapped (names repeated)" % k)
     result = {"meta": meta, "summary": agg, "light": light_agg,
               "cache": cache,
+              "forward": forward,
               "resperf": resperf_agg,
               "per_target": per_target, "callgrind": cg, "verdicts": V,
               "caveats_from_data": auto, "runs": runs}
@@ -1667,6 +1795,7 @@ def do_report(a):
             return fmt(x.get("p50_us"), 1)
         return "%s (%+.1f)" % (fmt(x.get("p50_us"), 1), x["added_p50_us"])
 
+    main_at = len(L)       # the uncached comparison's tables start here
     L.append("## Summary (UDP, unique names: every query misses every cache)\n")
     def resperf_cell(x):
         if not x or x.get("peak_qps") is None:
@@ -1831,8 +1960,16 @@ def do_report(a):
                                         " (dotp p50 %+.1f µs over plain UDP "
                                         "straight to the upstream, separate runs)"
                                         % (lp - lu2)))
+    if not targets:
+        # BENCH_ONLY=forward: no uncached comparison ran, no empty tables
+        del L[main_at:]
+        L.append("Only the plain forwarding runs (BENCH_ONLY=forward): no "
+                 "comparison with the other forwarders, no resperf, cache or "
+                 "light-load runs.\n")
     if cache:
         L.extend(cache_markdown(cache, meta))
+    if forward:
+        L.extend(forward_markdown(forward, meta))
     if cg:
         L.append("## Instructions (callgrind)\n")
         if "error" in cg:

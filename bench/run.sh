@@ -23,9 +23,14 @@
 #      plain UDP port, and a Zipf stream for the hit ratio (queries the
 #      upstream received, from its control socket); dotp's RSS idle and
 #      with the cache full;
-#   8. counts dotp's instructions per query under callgrind
+#   8. plain forwarding (section 9 below): dotp with a --forward zone to
+#      the upstream's plain DNS port (--no-cache) against unbound with a
+#      forward-zone for the same zone to the same port, unique names under
+#      the zone (every query a miss), CPU per query; beside it dotp's TLS
+#      path in the same rounds (the same process, names outside the zone);
+#   9. counts dotp's instructions per query under callgrind
 #      (bench/callgrind.sh), the binary and the image size;
-#   9. writes results.json and results.md to BENCH_OUT (build/bench; `make
+#  10. writes results.json and results.md to BENCH_OUT (build/bench; `make
 #      bench-publish` copies them to bench/), prints the table and
 #      the dotp target verdicts (as measured; the exit status does not
 #      depend on them).
@@ -61,6 +66,12 @@
 #   BENCH_ZIPF_UNIQUE=10      % of its queries for names never asked before
 #   BENCH_ZIPF_WARM=50000     queries that fill the cache first (cold ratio)
 #   BENCH_ZIPF_QUERIES=200000 queries the hit ratio is taken over
+#   BENCH_FORWARD=1      0 skips the plain forwarding runs (3 runs of the
+#                        load-run length per round, on top of BENCH_TIME)
+#   BENCH_ONLY=forward   only the plain forwarding runs (no peers, resperf,
+#                        cache runs, callgrind or image); results go to
+#                        build/bench/forward unless BENCH_OUT says otherwise,
+#                        so that `make bench-publish` never sees them
 #   DOTP_BIN=./dotp      the dotp binary measured (e.g. a copy, while ./dotp
 #                        is being rebuilt)
 #   BENCH_OUT=build/bench  where results.json and results.md are written
@@ -73,8 +84,16 @@ REPO=$(dirname "$BENCH_DIR")
 case ${DOTP_BIN:-} in '' | /*) ;; *) DOTP_BIN=$(pwd)/$DOTP_BIN ;; esac
 cd "$REPO"
 DOTP_BIN=${DOTP_BIN:-$REPO/dotp}
-# BENCH_OUT relative to the repository; tracked files are never written
-case ${BENCH_OUT:-} in '' ) BENCH_OUT=$REPO/build/bench ;; /*) ;; *) BENCH_OUT=$REPO/$BENCH_OUT ;; esac
+# BENCH_OUT relative to the repository; tracked files are never written.
+# BENCH_ONLY=forward: a partial run, kept apart from the full one's results
+case ${BENCH_ONLY:-} in '' | forward) ;; *)
+	echo "bench: BENCH_ONLY must be empty or forward" >&2; exit 1 ;;
+esac
+case ${BENCH_OUT:-} in
+'') BENCH_OUT=$REPO/build/bench${BENCH_ONLY:+/$BENCH_ONLY} ;;
+/*) ;;
+*) BENCH_OUT=$REPO/$BENCH_OUT ;;
+esac
 mkdir -p "$BENCH_OUT"
 export DOTP_BIN BENCH_OUT
 
@@ -82,14 +101,16 @@ if [ "${BENCH_INNER:-0}" != 1 ]; then
 	# --- outside the namespace: check the tools, then re-exec inside -----
 	[ -x "$DOTP_BIN" ] || { echo "bench: $DOTP_BIN missing: run 'make dotp'" >&2; exit 1; }
 	rp=; [ "${BENCH_RESPERF:-1}" = 0 ] || rp=resperf
-	for c in unbound unbound-checkconf unbound-control stubby kresd kres-cache-gc \
-	    dnsdist dnsperf $rp valgrind \
+	peers="stubby kresd kres-cache-gc dnsdist $rp valgrind"
+	# BENCH_ONLY=forward: unbound and dnsperf are all it runs
+	[ -z "${BENCH_ONLY:-}" ] || peers=
+	for c in unbound unbound-checkconf unbound-control $peers dnsperf \
 	    openssl ss ip unshare /usr/bin/python3; do
 		command -v "$c" >/dev/null 2>&1 ||
 		    { echo "bench: $c is not installed (make bench installs it)" >&2; exit 1; }
 	done
 	BENCH_T0=$(date +%s)
-	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP}${BENCH_CACHE:+ BENCH_CACHE=$BENCH_CACHE})"
+	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP}${BENCH_CACHE:+ BENCH_CACHE=$BENCH_CACHE}${BENCH_FORWARD:+ BENCH_FORWARD=$BENCH_FORWARD}${BENCH_ONLY:+ BENCH_ONLY=$BENCH_ONLY})"
 	export BENCH_T0 BENCH_CMD
 fi
 . "$BENCH_DIR/lib.sh"
@@ -103,6 +124,16 @@ enter_netns "$BENCH_DIR/run.sh" "$@"
 : "${BENCH_CACHE:=1}" "${BENCH_CACHE_SIZE:=1048576}" "${BENCH_CACHE_NAMES:=100}"
 : "${BENCH_ZIPF_NAMES:=200000}" "${BENCH_ZIPF_QUERIES:=200000}"
 : "${BENCH_ZIPF_WARM:=50000}" "${BENCH_ZIPF_UNIQUE:=10}" "${BENCH_ZIPF_S:=1.0}"
+: "${BENCH_FORWARD:=1}" "${BENCH_ONLY:=}"
+case $BENCH_FORWARD in 0 | 1) ;; *) die "BENCH_FORWARD must be 0 or 1" ;; esac
+# BENCH_ONLY=forward: the plain forwarding runs alone. The uncached
+# comparison runs no round (MAIN_ROUNDS 0, no targets started), and
+# resperf, the cache runs, callgrind and the image are off.
+MAIN_ROUNDS=$BENCH_ROUNDS
+if [ "$BENCH_ONLY" = forward ]; then
+	BENCH_FORWARD=1 BENCH_RESPERF=0 BENCH_CACHE=0 BENCH_CG_QUERIES=0 BENCH_IMAGE=0
+	MAIN_ROUNDS=0
+fi
 case $BENCH_CACHE in 0 | 1) ;; *) die "BENCH_CACHE must be 0 or 1" ;; esac
 for _v in BENCH_CACHE_SIZE BENCH_CACHE_NAMES BENCH_ZIPF_NAMES BENCH_ZIPF_QUERIES \
     BENCH_ZIPF_WARM; do
@@ -161,6 +192,9 @@ else
 	D=$1 L=$2
 fi
 NAMES=$((150000 * D))     # unique names per file: > any rate seen here x D
+# BENCH_ONLY=forward: no peers started (the per-run time is still derived
+# from the whole list, as in a full run)
+[ "$BENCH_ONLY" != forward ] || BENCH_TARGETS=
 
 T=$(mktemp -d /tmp/dotp-bench.XXXXXX)
 trap 'bench_cleanup' EXIT
@@ -183,9 +217,21 @@ else
 	caveat "$DOTP_BIN has no answer cache (no --no-cache option): measured as it is, left out of the cache runs"
 fi
 
+# dotp's split forwarding (section 9): a dotp without --forward is left
+# out of the plain forwarding runs
+if "$DOTP_BIN" --help 2>&1 | grep -q -e '--forward'; then
+	DOTP_HAS_FORWARD=1
+else
+	DOTP_HAS_FORWARD=0
+	[ "$BENCH_ONLY" != forward ] ||
+	    die "BENCH_ONLY=forward: $DOTP_BIN has no --forward option"
+	[ "$BENCH_FORWARD" = 0 ] ||
+	    caveat "$DOTP_BIN has no --forward option: the plain forwarding runs are skipped"
+fi
+
 log "budget ${BENCH_TIME} min, $BENCH_ROUNDS rounds, ${D} s per load run," \
     "${L} s per light run, dnsperf -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING," \
-    "targets: $BENCH_TARGETS (temp dir $T)"
+    "targets: ${BENCH_TARGETS:-none (BENCH_ONLY=forward)} (temp dir $T)"
 
 # the binary measured; it is checked again at the end (a rebuild during the
 # run would mix two binaries)
@@ -255,12 +301,20 @@ start_stubby() {
 	start stubby stubby -C "$T/stubby.yml"
 }
 start_unbound() {
-	_d=$T/unbound-fwd
+	# PORT [INSTANCE [ZONE]]: with an instance name alone, its answer
+	# cache is on (section 8); with a ZONE too, the caches are as small as
+	# in the uncached runs and ZONE is forwarded to the upstream's plain
+	# DNS port, everything else over TLS as always (section 9)
+	_d=$T/unbound-fwd _zone=
 	_cache=$(printf '%s\n    ' \
 	    '# caching cannot be turned off: smallest caches, no prefetch' \
 	    'msg-cache-size: 0' 'rrset-cache-size: 0' 'key-cache-size: 0' \
 	    'neg-cache-size: 0')
-	if [ -n "${2:-}" ]; then
+	if [ -n "${3:-}" ]; then
+		_d=$T/$2
+		_zone=$(printf '%s\n' 'forward-zone:' "    name: \"$3.\"" \
+		    "    forward-addr: 127.0.0.1@$UP_PLAIN_PORT")
+	elif [ -n "${2:-}" ]; then
 		# cache on: CACHE_BYTES split 1:2 between the message and the
 		# RRset caches (unbound's own default ratio, 4m:8m); both are
 		# needed for an answer
@@ -301,6 +355,7 @@ start_unbound() {
 	    name: "."
 	    forward-addr: 127.0.0.1@$UP_TLS_PORT#$UP_NAME
 	    forward-tls-upstream: yes
+	$_zone
 	EOF
 	unbound-checkconf "$_d/unbound.conf" >/dev/null || return 1
 	start "${2:-unbound}" unbound -d -c "$_d/unbound.conf"
@@ -379,12 +434,14 @@ check_names() (
 	done
 	for _p in $(tac "$T/pids" | cut -d' ' -f1); do stop "$_p" 30; done
 )
-check_names >"$T/check.txt"
-while read -r t v; do
-	meta "name_check.$t" "$v"
-	[ "$v" = rejected ] || caveat "$t answered through an upstream whose certificate does not match its configured name"
-done <"$T/check.txt"
-log "name check (wrong.bench expected, upstream.bench presented):" $(tr '\n' ' ' <"$T/check.txt")
+if [ -n "$BENCH_TARGETS" ]; then
+	check_names >"$T/check.txt"
+	while read -r t v; do
+		meta "name_check.$t" "$v"
+		[ "$v" = rejected ] || caveat "$t answered through an upstream whose certificate does not match its configured name"
+	done <"$T/check.txt"
+	log "name check (wrong.bench expected, upstream.bench presented):" $(tr '\n' ' ' <"$T/check.txt")
+fi
 
 port=5301 MEASURED=
 for t in $BENCH_TARGETS; do
@@ -429,7 +486,9 @@ PID_upstream=$UP_PID
 # The hop floor for the light-load table: bench/relay.c, a blocking UDP
 # relay with no parsing and no TLS, in front of the upstream's plain port.
 PORT_relay=5399 PID_relay=
-if cc -O2 -o "$T/relay" "$BENCH_DIR/relay.c" 2>"$T/relay-cc.log"; then
+if [ "$MAIN_ROUNDS" = 0 ]; then
+	:	# BENCH_ONLY=forward: no light-load runs
+elif cc -O2 -o "$T/relay" "$BENCH_DIR/relay.c" 2>"$T/relay-cc.log"; then
 	start relay "$T/relay" $PORT_relay $UP_PLAIN_PORT
 	PID_relay=$LAST_PID
 	$BENCH_TOOL wait --port $PORT_relay --timeout 10 ||
@@ -452,7 +511,7 @@ measure() { # TARGET TRANSPORT NAMES PORT DATAFILE LINES ROUND [extra]
 }
 
 r=1
-while [ $r -le "$BENCH_ROUNDS" ]; do
+while [ $r -le "$MAIN_ROUNDS" ]; do
 	log "round $r of $BENCH_ROUNDS"
 	# fresh unique names for this round: no forwarder ever sees one twice
 	$BENCH_TOOL names --out "$T/udp.txt" --digits 9 --count $NAMES \
@@ -505,12 +564,16 @@ while [ $r -le "$BENCH_ROUNDS" ]; do
 	r=$((r + 1))
 done
 
+# final_rss KEY PID: records the RSS and peak RSS of PID as KEY.final_*.
+final_rss() {
+	set -- "$1" $($BENCH_TOOL rss "$2")
+	meta "$1.final_rss_kib" "$2"
+	meta "$1.final_hwm_kib" "$3"
+}
+
 # --- final state of the forwarders, then stop them ---------------------------
 for t in $MEASURED; do
-	pid=$(eval echo "\$PID_$t")
-	set -- $($BENCH_TOOL rss "$pid")
-	meta "processes.$t.final_rss_kib" "$1"
-	meta "processes.$t.final_hwm_kib" "$2"
+	final_rss "processes.$t" "$(eval echo "\$PID_$t")"
 done
 
 # --- highest rate with under 1% loss (resperf) -------------------------------
@@ -548,10 +611,12 @@ if [ "$BENCH_RESPERF" = 1 ]; then
 		r=$((r + 1))
 	done
 fi
-stop "$PID_dotp" 50
-meta dotp.exit_status "$STOP_RC"
-meta dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp.log" | tail -n 1)"
-[ "$STOP_RC" = 0 ] || caveat "dotp exited with status $STOP_RC on SIGTERM"
+if [ -n "${PID_dotp:-}" ]; then
+	stop "$PID_dotp" 50
+	meta dotp.exit_status "$STOP_RC"
+	meta dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp.log" | tail -n 1)"
+	[ "$STOP_RC" = 0 ] || caveat "dotp exited with status $STOP_RC on SIGTERM"
+fi
 for t in $MEASURED; do
 	[ $t = dotp ] || stop "$(eval echo "\$PID_$t")" 50
 done
@@ -641,9 +706,7 @@ if [ "$BENCH_CACHE" = 1 ]; then
 	done
 	for t in $CMEASURED; do
 		pid=$(eval echo "\$PIDC_$t")
-		set -- $($BENCH_TOOL rss "$pid")
-		meta "cached.proc.$t.final_rss_kib" "$1"
-		meta "cached.proc.$t.final_hwm_kib" "$2"
+		final_rss "cached.proc.$t" "$pid"
 		stop "$pid" 50
 		[ $t != dotp ] ||
 		    meta cached.proc.dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp-cached.log" | tail -n 1)"
@@ -716,6 +779,101 @@ if [ "$BENCH_CACHE" = 1 ]; then
 	rm -f "$T/zipf.txt" "$T/zipf-warm.txt" "$T/zipf.seen"
 fi
 
+# --- 9. plain forwarding (--forward) -------------------------------------------
+# Issue 13: forwarding a zone to a plain DNS server costs no more CPU per
+# query than forwarding over TLS. Two new processes, after every other run:
+#  - dotp --forward FWD_ZONE=dns://127.0.0.1:5300 --no-cache, -u the TLS
+#    upstream as in every other run: names under the zone go to the
+#    upstream's plain port over UDP (a pool of sockets on random ports), the rest
+#    over TLS; no cache, so every query is forwarded;
+#  - unbound, configured as in the uncached runs ("." over TLS, caches as
+#    small as they go) plus a forward-zone for FWD_ZONE to the same port.
+# The same backend for both: the upstream unbound answers every name under
+# bench.test. from local data on its plain port too. Each round: dotp and
+# unbound with unique names under the zone (fresh per round, the same
+# file for both: every query misses), then dotp again with unique names
+# outside it (its TLS path: the same process, in the same rounds, the
+# figure plain is judged against). UDP from dnsperf, D s per run, CPU per
+# query from /proc as everywhere; the upstream's received queries (its
+# control socket) show that every query was forwarded.
+FWD_ZONE=fwd.bench.test
+FWD_SERVER=dns://127.0.0.1:$UP_PLAIN_PORT
+FMEASURED=
+if [ "$BENCH_FORWARD" = 1 ] && [ "$DOTP_HAS_FORWARD" = 1 ]; then
+	for t in dotp unbound; do
+		case $t in
+		dotp)
+			port=5331 inst=dotp-plain-forward
+			start $inst "$DOTP_BIN" -l "127.0.0.1:$port" -u "$UPSTREAM" \
+			    --ca-file "$CA" --forward "$FWD_ZONE=$FWD_SERVER" $DOTP_NOCACHE ;;
+		unbound)
+			port=5332 inst=unbound-forward-zone
+			if ! start_unbound $port $inst $FWD_ZONE; then
+				caveat "$inst: configuration rejected, not measured"; continue
+			fi ;;
+		esac
+		pid=$LAST_PID
+		# an answer through the zone (plain) and one outside it (TLS)
+		if wait_listen $port 20 &&
+		    $BENCH_TOOL wait --port $port --name ready.$FWD_ZONE --timeout 20 &&
+		    $BENCH_TOOL wait --port $port --timeout 20; then
+			sleep 0.5
+			set -- $($BENCH_TOOL rss $pid)
+			meta "forward.proc.$t.idle_rss_kib" "$1"
+			eval "PIDF_$t=$pid PORTF_$t=$port"
+			FMEASURED="$FMEASURED $t"
+			log "$inst pid $pid on 127.0.0.1:$port (idle RSS $1 KiB)"
+		else
+			caveat "$inst did not answer on 127.0.0.1:$port within 20 s; not measured ($(tail -n 2 "$T/$inst.log" | tr '\n' ' '))"
+			stop $pid
+		fi
+	done
+	FMEASURED=${FMEASURED# }
+	meta forward.targets "$FMEASURED"
+	fmeasure() { # TARGET PORT PID DATAFILE ROUND
+		$BENCH_TOOL measure --target "$1" --transport udp --names unique \
+		    --port "$2" --pid "$3" --datafile "$4" --datafile-lines "$NAMES" \
+		    --round "$5" --upstream-pid "$UP_PID" --upstream-control "$UP_CONF" \
+		    --duration "$D" --clients "$BENCH_CLIENTS" \
+		    --outstanding "$BENCH_OUTSTANDING" --tmp "$T" --out "$RUNS" \
+		    --count-conns || caveat "measure $1 udp unique round $5 failed"
+	}
+	r=1
+	while [ -n "$FMEASURED" ] && [ $r -le "$BENCH_ROUNDS" ]; do
+		log "forward round $r of $BENCH_ROUNDS: unique names under $FWD_ZONE"
+		$BENCH_TOOL names --out "$T/fwd.txt" --prefix f --digits 9 \
+		    --count $NAMES --start $(( (r - 1) * NAMES )) --zone $FWD_ZONE
+		for t in $FMEASURED; do
+			case $t in
+			dotp) tn=dotp-plain-forward ;;
+			unbound) tn=unbound-forward-zone ;;
+			esac
+			fmeasure $tn "$(eval echo "\$PORTF_$t")" "$(eval echo "\$PIDF_$t")" \
+			    "$T/fwd.txt" $r
+		done
+		rm -f "$T/fwd.txt"
+		case " $FMEASURED " in *" dotp "*)
+			# dotp's TLS path in the same process: names outside the zone
+			$BENCH_TOOL names --out "$T/fwd-tls.txt" --prefix g --digits 9 \
+			    --count $NAMES --start $(( (r - 1) * NAMES ))
+			fmeasure dotp-forward-tls "$PORTF_dotp" "$PIDF_dotp" "$T/fwd-tls.txt" $r
+			rm -f "$T/fwd-tls.txt" ;;
+		esac
+		r=$((r + 1))
+	done
+	for t in $FMEASURED; do
+		pid=$(eval echo "\$PIDF_$t")
+		final_rss "forward.proc.$t" "$pid"
+		stop "$pid" 50
+		[ $t = dotp ] || continue
+		meta forward.proc.dotp.exit_status "$STOP_RC"
+		meta forward.proc.dotp.start_line "$(grep -o 'dotp listening.*' "$T/dotp-plain-forward.log" | head -n 1)"
+		meta forward.proc.dotp.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp-plain-forward.log" | tail -n 1)"
+		meta forward.proc.dotp.upstream_lines "$(grep -o 'upstream summary.*' "$T/dotp-plain-forward.log" | tr '\n' '|')"
+		[ "$STOP_RC" = 0 ] || caveat "dotp-plain-forward exited with status $STOP_RC on SIGTERM"
+	done
+fi
+
 # --- 6. callgrind, binary, image ---------------------------------------------
 if [ "$BENCH_CG_QUERIES" -gt 0 ]; then
 	log "callgrind: $BENCH_CG_QUERIES queries"
@@ -764,7 +922,10 @@ meta settings.clients "$BENCH_CLIENTS"
 meta settings.outstanding "$BENCH_OUTSTANDING"
 meta settings.unique_names_per_file "$NAMES"
 meta settings.dnsperf "dnsperf -m udp|tcp|dot -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING -l $D -t 2 -v (per-query latencies from -v)"
-meta settings.order "each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load$([ "$BENCH_RESPERF" = 0 ] || echo "; after all rounds, resperf rounds: $MEASURED, upstream UDP, upstream DoT")$([ "$BENCH_CACHE" = 0 ] || echo "; then the cache runs (forwarders restarted with caches on): each round all-hits load then light load over ${CMEASURED:-none}; then one Zipf stream per target, each a fresh process")"
+_order=
+[ "$MAIN_ROUNDS" = 0 ] || _order="each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load$([ "$BENCH_RESPERF" = 0 ] || echo "; after all rounds, resperf rounds: $MEASURED, upstream UDP, upstream DoT")$([ "$BENCH_CACHE" = 0 ] || echo "; then the cache runs (forwarders restarted with caches on): each round all-hits load then light load over ${CMEASURED:-none}; then one Zipf stream per target, each a fresh process")"
+[ -z "$FMEASURED" ] || _order="${_order:+$_order; then }${BENCH_ONLY:+BENCH_ONLY=forward: }the plain forwarding runs (two new processes): each round, UDP, unique names under $FWD_ZONE to $(echo " $FMEASURED" | sed -e 's/ dotp/ dotp-plain-forward/' -e 's/ unbound/ unbound-forward-zone/' -e 's/^ //'), then unique names outside the zone to the same dotp (dotp-forward-tls)"
+meta settings.order "$_order"
 meta settings.resperf.enabled "$([ "$BENCH_RESPERF" = 1 ] && echo true || echo false)"
 if [ "$BENCH_RESPERF" = 1 ]; then
 	meta settings.resperf.command "resperf -M udp|dot -C $BENCH_CLIENTS -m $BENCH_RESPERF_QPS -r $BENCH_RESPERF_RAMP -i $RP_INTERVAL -t $RP_TIMEOUT -L 1 -F $RP_FALL -b $RP_BUF"
@@ -807,6 +968,15 @@ if [ "$BENCH_CACHE" = 1 ]; then
 	caveat "cache runs: every cached forwarder is a new process started after the uncached runs (equal memory: $CACHE_BYTES bytes where the size is in bytes; dnsdist's packet cache is sized in entries, $DNSDIST_CACHE_ENTRIES x ~$DNSDIST_ENTRY_BYTES bytes); names under c.bench.test., TTL 3600, so nothing expires during them"
 	caveat "cache runs: the queries the upstream received are read from its control socket (unbound-control stats_noreset, total.num.queries) before and after each run; they include dnsdist's health checks (one a second, checkName bench.test.), so dnsdist's hit ratios are low by about 1/QPS"
 fi
+meta forward.enabled "$([ -n "$FMEASURED" ] && echo true || echo false)"
+if [ -n "$FMEASURED" ]; then
+	meta forward.zone "$FWD_ZONE"
+	meta forward.server "$FWD_SERVER"
+	meta forward.config.dotp-plain-forward "-u $UPSTREAM --forward $FWD_ZONE=$FWD_SERVER $DOTP_NOCACHE (names under the zone over plain UDP from a pool of sockets on random ports)"
+	meta forward.config.unbound-forward-zone "as the uncached unbound (forward-zone \".\" over TLS, msg/rrset/key/neg-cache-size 0, prefetch off) plus forward-zone \"$FWD_ZONE.\" forward-addr 127.0.0.1@$UP_PLAIN_PORT (plain)"
+	meta forward.config.dotp-forward-tls "the same dotp process, unique names outside $FWD_ZONE (its default zone: TLS to $UPSTREAM)"
+	caveat "plain forwarding runs: new processes after every other run (dotp-plain-forward on 127.0.0.1:5331, unbound-forward-zone on :5332), both forwarding $FWD_ZONE to the upstream unbound's plain port $UP_PLAIN_PORT (the same local data as over DoT); unique names, the same file for both in a round; dotp-forward-tls is the same dotp with names outside the zone (its TLS path), measured in the same rounds"
+fi
 caveat "2 cores shared by dnsperf, the forwarder under test and the upstream unbound (2 threads): every figure is for this contended setup, not a forwarder alone"
 caveat "forwarders run their default threading: dotp, stubby, kresd and unbound (num-threads 1) one thread each for queries; dnsdist uses its own threads (CPU/query counts all threads)"
 caveat "dnsperf -m dot does not verify the upstream certificate; every forwarder does (test CA, name upstream.bench)"
@@ -826,4 +996,4 @@ meta command "$BENCH_CMD"
 $BENCH_TOOL report --runs "$RUNS" --meta "$META" --callgrind "$T/callgrind.json" \
     --out-json "$BENCH_OUT/results.json" --out-md "$BENCH_OUT/results.md"
 log "done in $(( $(date +%s) - BENCH_T0 )) s: $BENCH_OUT/results.md, $BENCH_OUT/results.json" \
-    "('make bench-publish' copies them to bench/)"
+    "$([ "$BENCH_OUT" != "$REPO/build/bench" ] || echo "('make bench-publish' copies them to bench/)")"
