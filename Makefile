@@ -96,11 +96,12 @@ run: dotp
 # --- tests ------------------------------------------------------------------
 
 # libc6-dev: the unit and sanitizer builds use the host compiler and glibc;
-# debootstrap and apt-utils: the newcomer test's fresh Debian root.
-TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython python3-yaml \
+# debootstrap and apt-utils: the newcomer test's fresh Debian root; nodejs:
+# tests/deploy.sh (which installs npm when node came without it).
+TEST_PKGS = unbound bind9-dnsutils knot-dnsutils python3 python3-dnspython python3-yaml prometheus \
 	  python3-pytest openssl iproute2 util-linux buildah clang \
 	  libclang-rt-14-dev procps bind9 bind9-utils dnsdist libc6-dev \
-	  debootstrap apt-utils git
+	  debootstrap apt-utils git docker.io curl nodejs
 
 $(BUILD)/unit: tests/unit.c tests/check.h dotp.c $(BR)/libbearssl.a $(BUILD)/ta.h
 	$(HOSTCC) $(WARN) -Wno-cast-qual -Wno-unused-function $(SAN) -I$(BR)/inc -I$(BUILD) \

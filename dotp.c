@@ -94,19 +94,20 @@
  *    4 DNS wire format           11 Plain DNS over UDP
  *    5 Client output             12 Upstream connections
  *    6 Answer cache              13 Client input
- *    7 Query table               14 Event loop
- *    8 TLS                       15 Options
- *                                16 Setup, shutdown and main
+ *    7 Query table               14 Metrics and health over HTTP
+ *    8 TLS                       15 Event loop
+ *                                16 Options
+ *                                17 Setup, shutdown and main
  *
  * WHERE TO CHANGE WHAT
  *
  *   a new option          a field in struct config and a row of opts[]
- *                         (15); the README's table (a test compares)
+ *                         (16); the README's table (a test compares)
  *   a new counter         a row of DOTP_STATS or DOTP_UP_STATS (2), and
  *                         G.ctr[CTR_X]++ where it happens; the exit line
- *                         and later the metrics follow the table
+ *                         and /metrics (14) follow the table
  *   a new descriptor      a value of enum fd_kind (2), a _pollset and a
- *     kind                _service function, a row of fd_kinds[] (14)
+ *     kind                _service function, a row of fd_kinds[] (15)
  *   a new rule for a      the table of section 10 and the function there
  *     query (re-send,     that applies it (q_retry, conn_end,
  *     hedge, SERVFAIL)    conn_timers, up_tx_timer)
@@ -217,6 +218,29 @@
 #define DOTP_DGRAM_BATCH	32
 #define DOTP_DGRAM_READS	4
 #define DOTP_DGRAM_BUF		4096
+/*
+ * --metrics: HTTP connections at once (Prometheus, a probe, a person
+ * with curl; more are closed at accept), the request head's size, and
+ * the time a whole exchange may take (a client sending a byte a second
+ * is closed then). A response is at most METRICS_MAX bytes: 32 servers
+ * with every family and histogram take about a third of it.
+ */
+#define DOTP_HTTP_MAX		4
+#define DOTP_HTTP_HEAD_MAX	4096
+#define DOTP_HTTP_MS		2000
+#define DOTP_METRICS_MAX	(256 * 1024)
+#define DOTP_METRICS_PORT	9253	/* NodeLocal DNSCache's */
+/* `dotp healthcheck` gives up after this. */
+#define DOTP_HEALTH_MS		2000
+/* --log-queries writes at most this many lines a second: a flood cannot
+ * fill a disk (about 200 bytes a line: 200 KB/s at most). */
+#define DOTP_QLOG_PER_S		1000
+/* Latency histogram buckets, in milliseconds (the clock's resolution):
+ * from loopback to a slow resolver across the world. */
+#define DOTP_HIST_BOUNDS	{ 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, \
+	2000, 5000 }
+#define DOTP_HIST_N		12
+
 /* The longest log line: the start line, with every zone and each of its
  * servers (a DoT server's text is up to 64 + 1 + 255 bytes). */
 #define DOTP_LOG_MAX		((1 + DOTP_MAX_ZONES) * (DNS_NAME_MAX + 32 + \
@@ -437,11 +461,12 @@ enum log_level { LVL_ERROR, LVL_WARN, LVL_INFO, LVL_DEBUG };
  * The kinds of descriptor in the poll set. Each has a _pollset function,
  * which appends its objects' descriptors (loop_add) and lowers the
  * deadline, and a _service function, called after poll() with an
- * object's index: their table is fd_kinds[] (section 14). Enum order is
+ * object's index: their table is fd_kinds[] (section 15). Enum order is
  * service order: upstream answers free query slots before clients bring
  * new queries, and listeners come last.
  */
-enum fd_kind { FK_CONN, FK_DGRAM, FK_TCP, FK_UDP, FK_ACCEPT, FK_N };
+enum fd_kind { FK_CONN, FK_DGRAM, FK_TCP, FK_UDP, FK_ACCEPT, FK_HTTP,
+	FK_HTTP_LISTEN, FK_N };
 
 /* Outcome of validating a client query: drop it, forward it, or answer
  * it at once with an RCODE. */
@@ -522,14 +547,14 @@ struct qlink {
  * Q_LATE on its connection's late list, Q_DGRAM on its upstream's ul (in
  * send order) and Q_DGRAM_LATE on its ulate (tries spent: it waits for
  * that answer until its deadline), both with usock >= 0, the socket it
- * left from (else usock == -1);
- * Q_FOLLOW on the fol list of the
- * query with the same cache key that went upstream (its leader, whose
- * pending marker in the cache names it; Q_LOOSE only inside a function
- * that is moving it). A leader's followers are answered, or fail, with
- * it; their deadlines are later than its. Its up_id is in the ID table. An answer is taken
- * from (conn, gen) of the current send or from (pconn, pgen), an earlier
- * send that was hedged to another upstream and may still answer first.
+ * left from (else usock == -1); Q_FOLLOW on the fol list of the query
+ * with the same cache key that went upstream (its leader, whose pending
+ * marker in the cache names it; Q_LOOSE only inside a function that is
+ * moving it). A leader's followers are answered, or fail, with it; their
+ * deadlines are later than its. Its up_id is in the ID table. An answer
+ * is taken from (conn, gen) of the current send or from (pconn, pgen), an
+ * earlier send that was hedged to another upstream and may still answer
+ * first.
  */
 enum qstate { Q_FREE, Q_LOOSE, Q_QUEUED, Q_SENT, Q_LATE, Q_DGRAM,
 	Q_DGRAM_LATE, Q_FOLLOW };
@@ -560,6 +585,7 @@ struct query {
 	uint8_t	 ck;		/* its cache key's flag byte | CK_ON; 0:
 				   it bypasses the cache */
 	uint32_t chash;		/* its cache key's hash */
+	int64_t	 t0_us;		/* --log-queries: when it came (us) */
 	uint8_t	 lead;		/* it has a pending marker in the cache */
 	uint8_t	 stale;		/* a stale answer may be served for it */
 	int	 leader;	/* Q_FOLLOW: the query it waits for */
@@ -709,6 +735,13 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 enum ctr { DOTP_STATS(STAT_ENUM) CTR_N };
 enum up_ctr { DOTP_UP_STATS(STAT_ENUM) UCTR_N };
 
+/* A latency histogram: counts by DOTP_HIST_BOUNDS (the last: above
+ * them all), and the sum of the samples in milliseconds. */
+struct hist {
+	unsigned long n[DOTP_HIST_N + 1];
+	unsigned long sum_ms;
+};
+
 /*
  * struct upstream: one configured resolver, a server of one zone.
  * Owns: its connections G.conn[up * max_conns ...], the tx list of
@@ -755,6 +788,7 @@ struct upstream {
 	int64_t	 alone_until;	/* an extra connection failed: until then
 				   no other opens while one is ready */
 	unsigned long ctr[UCTR_N];	/* the counters of up_stat_defs */
+	struct hist rtt;	/* answer times (--metrics) */
 };
 
 /* struct tcpclient: one accepted TCP client.
@@ -846,8 +880,11 @@ struct config {
 	int	 udp_size, tcp_idle_ms, max_tcp, udp_rcvbuf;
 	int	 no_pad;	/* --no-pad: do not pad queries (RFC 8467) */
 	int	 verbose, quiet;	/* -v, -q: make verbosity */
+	struct sockaddr_text metrics;	/* --metrics, if have_metrics */
+	int	 have_metrics;
 	int	 no_cache, cache_size, cache_min_ttl, cache_max_ttl;
 	int	 cache_neg_ttl, serve_stale;
+	int	 log_queries;	/* --log-queries */
 	struct cidr allow[DOTP_MAX_ALLOW];
 	int	 nallow;
 };
@@ -870,6 +907,18 @@ struct cache {
 	unsigned long entries, bytes;	/* live answers, their bytes */
 	unsigned long evict_logged;	/* evictions at the last -v line */
 	int64_t	 evict_log_at;
+};
+
+/* One HTTP connection to --metrics: it reads a request head into req,
+ * then writes the response out[out_off..out_len) and closes. fd == -1:
+ * a free slot; out != NULL: writing. */
+struct httpconn {
+	int	 fd;
+	int64_t	 deadline;	/* the whole exchange ends by then */
+	size_t	 have;		/* bytes in req */
+	char	 req[DOTP_HTTP_HEAD_MAX];
+	char	*out;		/* malloc'd, at most DOTP_METRICS_MAX + head */
+	size_t	 out_len, out_off;
 };
 
 /* A socket for plain DNS over UDP; fd == -1: a free slot. A socket
@@ -935,6 +984,14 @@ struct dotp {
 	int	 accept_burst;	/* EMFILE on accept() logged, until one works */
 	int	 spare_fd;	/* closed to accept() and drop under EMFILE */
 	unsigned long ctr[CTR_N];	/* the counters of stat_defs */
+	/* For --metrics: queries by transport (enum client_kind), what
+	 * clients were answered by RCODE, the time from a query to its
+	 * upstream answer, the start time and the HTTP side. */
+	unsigned long queries_by[2], rcodes[16];
+	struct hist answer_time;
+	int64_t	 started_at;	/* CLOCK_REALTIME seconds */
+	int	 http_fd;	/* the --metrics listener, or -1 */
+	struct httpconn http[DOTP_HTTP_MAX];
 	struct cache cache;
 	struct qlist stale;	/* queries with q->stale, arrival order */
 	int64_t	 malformed_logged;	/* last "malformed input" line */
@@ -1145,16 +1202,40 @@ str_copy(char *dst, size_t len, const char *src)
 	dst[n] = '\0';
 }
 
-/* The rows of DOTP_STATS and DOTP_UP_STATS as data. */
+/*
+ * The rows of DOTP_STATS and then DOTP_UP_STATS as data: their names
+ * and help texts as one block of strings, and their kinds, unpacked into
+ * stat_defs at start (stat_defs_init). A table of pointers would cost a
+ * relocation of 24 bytes per string in the static PIE binary.
+ */
 struct stat_def {
 	const char *name, *help;
 	enum stat_kind kind;
 };
-#define STAT_DEF(id, name, kind, help)	{ name, help, kind },
-static const struct stat_def stat_defs[CTR_N] = { DOTP_STATS(STAT_DEF) };
-static const struct stat_def up_stat_defs[UCTR_N] = {
-	DOTP_UP_STATS(STAT_DEF)
+#define STAT_TEXT(id, name, kind, help)	name "\0" help "\0"
+#define STAT_KIND(id, name, kind, help)	kind,
+static const char stat_text[] = DOTP_STATS(STAT_TEXT)
+	DOTP_UP_STATS(STAT_TEXT);
+static const uint8_t stat_kinds[CTR_N + UCTR_N] = {
+	DOTP_STATS(STAT_KIND) DOTP_UP_STATS(STAT_KIND)
 };
+static struct stat_def stat_defs[CTR_N + UCTR_N];
+#define up_stat_defs	(stat_defs + CTR_N)
+
+static void
+stat_defs_init(void)
+{
+	const char *t = stat_text;
+	int	 k;
+
+	for (k = 0; k < CTR_N + UCTR_N; k++) {
+		stat_defs[k].name = t;
+		t += strlen(t) + 1;
+		stat_defs[k].help = t;
+		t += strlen(t) + 1;
+		stat_defs[k].kind = stat_kinds[k];
+	}
+}
 
 /* The value of upstream stat k of u: its counter, or the level a gauge
  * reports, read from where the engine keeps it. */
@@ -1196,6 +1277,19 @@ stat_append(char *buf, size_t len, size_t *at, const char *name,
 		return;
 	n = snprintf(buf + *at, len - *at, " %s=%lu", name, v);
 	*at += n > 0 ? (size_t)n : 0;
+}
+
+/* Adds a sample of ms milliseconds to histogram h. */
+static void
+hist_add(struct hist *h, int64_t ms)
+{
+	static const int bound[DOTP_HIST_N] = DOTP_HIST_BOUNDS;
+	int	 k;
+
+	for (k = 0; k < DOTP_HIST_N && ms > bound[k]; k++)
+		;
+	h->n[k]++;
+	h->sum_ms += ms > 0 ? (unsigned long)ms : 0;
 }
 
 /* Formats an address as "1.2.3.4:53" or "[::1]:53". */
@@ -2024,6 +2118,96 @@ tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
 		tcp_close(c);
 }
 
+/* Microseconds of CLOCK_MONOTONIC, for the query log. */
+static int64_t
+now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Where the answers sent next come from, for the query log: a source
+ * ("cache", "stale", an upstream; "dotp" by default: its own errors)
+ * and when their query came (us). Set by who answers (qlog_from). */
+static const char *qlog_src = "dotp";
+static int64_t qlog_t0;
+
+static void
+qlog_from(const char *src, int64_t t0)
+{
+	qlog_src = src;
+	qlog_t0 = t0;
+}
+
+/* The text of the question name of msg (a name dotp checked or an
+ * answer's echo of it), dig-style escapes, into buf (>= 4 * 255). */
+static void
+qlog_name(const unsigned char *msg, size_t len, char *buf)
+{
+	size_t	 p = DNS_HEADER_LEN, at = 0, k;
+
+	for (; p < len && msg[p] != 0 && msg[p] < 64 && p + msg[p] < len;
+	    p += 1 + msg[p])
+		for (k = 1; k <= msg[p]; k++) {
+			unsigned char c = msg[p + k];
+
+			at += (size_t)sprintf(buf + at, c > ' ' && c < 127 &&
+			    c != '.' && c != '\\' ? "%c" : "\\%03u", c);
+			if (k == msg[p])
+				buf[at++] = '.';
+		}
+	if (at == 0)
+		buf[at++] = '.';
+	buf[at] = '\0';
+}
+
+/*
+ * --log-queries: one line for message msg to client cl. At most
+ * DOTP_QLOG_PER_S lines a second; the lines over it are counted, and
+ * the count is logged when the second is over.
+ */
+static void
+qlog(const struct client *cl, const unsigned char *msg, size_t len)
+{
+	static int64_t second;
+	static unsigned long lines, over;
+	static const char *rc[8] = { "NOERROR", "FORMERR", "SERVFAIL",
+	    "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "OTHER" };
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof ss;
+	char	 who[64] = "?", name[4 * DNS_NAME_MAX + 2];
+	int64_t	 t = now_us();
+	size_t	 q;
+
+	if (t / 1000000 != second) {
+		if (over > 0)
+			log_msg(LVL_WARN, "query log: lines over %d a second "
+			    "left out\tleft_out=%lu", DOTP_QLOG_PER_S, over);
+		second = t / 1000000;
+		lines = over = 0;
+	}
+	if (++lines > DOTP_QLOG_PER_S) {
+		over++;
+		return;
+	}
+	if (cl->kind == CK_UDP)
+		addr_text(&cl->peer.sa, who, sizeof who);
+	else if (getpeername(G.tcp[cl->idx].fd, (struct sockaddr *)&ss,
+	    &sl) == 0)
+		addr_text((struct sockaddr *)&ss, who, sizeof who);
+	qlog_name(msg, len, name);
+	q = dns_skip_name(msg, len, DNS_HEADER_LEN);
+	log_msg(LVL_INFO, "query\tclient=%s transport=%s name=\"%s\" "
+	    "type=%u rcode=%s from=%s latency_us=%lld size=%zu", who,
+	    cl->kind == CK_UDP ? "udp" : "tcp", name, q && q + 2 <= len ?
+	    rd16(msg + q) : 0, rc[(msg[DNS_OFF_FLAGS + 1] & 0xf) < 7 ?
+	    msg[DNS_OFF_FLAGS + 1] & 0xf : 7], qlog_src,
+	    (long long)(qlog_t0 ? t - qlog_t0 : 0), len);
+	qlog_from("dotp", 0);	/* each answer says where it is from */
+}
+
 /* Sends one message to a client. UDP: as is (callers truncate). TCP:
  * framed and queued, if the client is still the same one. */
 static void
@@ -2031,6 +2215,11 @@ client_send(const struct client *cl, const unsigned char *msg, size_t len)
 {
 	if (cl->kind == CK_NONE)
 		return;		/* a refresh: nobody waits */
+	if (len < DNS_HEADER_LEN)
+		return;		/* can't happen: callers build answers */
+	G.rcodes[msg[DNS_OFF_FLAGS + 1] & 0xf]++;
+	if (G.cfg.log_queries)
+		qlog(cl, msg, len);
 	if (cl->kind == CK_UDP) {
 		udp_queue(cl, msg, len);
 		return;
@@ -2914,12 +3103,21 @@ q_unlink(int i)
 	q->state = Q_LOOSE;
 }
 
-/* Answers query i (Q_LOOSE) with msg, and frees it. */
+/* When query i came: all share one timeout. */
+static int64_t
+q_arrival(int i)
+{
+	return G.q[i].deadline - G.cfg.timeout_ms;
+}
+
+/* Answers query i (Q_LOOSE) with msg from src (the query log's
+ * from=), and frees it. */
 static void
-q_reply(int i, unsigned char *msg, size_t len)
+q_reply(int i, unsigned char *msg, size_t len, const char *src)
 {
 	struct query *q = &G.q[i];
 
+	qlog_from(src, q->t0_us);
 	client_answer(&q->cl, q->qbuf, q->qend, q->client_id, q->udp_limit,
 	    q->has_opt, msg, len);
 	q_free(i);
@@ -2969,11 +3167,14 @@ q_deliver(int i, unsigned char *msg, size_t len, int64_t now)
 	while ((f = q->fol.head) >= 0) {
 		q_unlink(f);
 		G.ctr[CTR_ANSWERS]++;
-		q_reply(f, msg, len);
+		hist_add(&G.answer_time, now - q_arrival(f));
+		q_reply(f, msg, len, G.up[q->up].label);
 	}
-	if (q->cl.kind != CK_NONE)	/* not a refresh nobody waits for */
+	if (q->cl.kind != CK_NONE) {	/* not a refresh nobody waits for */
 		G.ctr[CTR_ANSWERS]++;
-	q_reply(i, msg, len);
+		hist_add(&G.answer_time, now - q_arrival(i));
+	}
+	q_reply(i, msg, len, G.up[q->up].label);
 }
 
 /*
@@ -3000,7 +3201,7 @@ q_serve_stale(int i, int64_t now, int keep)
 	while ((f = q->fol.head) >= 0) {
 		q_unlink(f);
 		G.ctr[CTR_CACHE_STALE]++;
-		q_reply(f, out, n);
+		q_reply(f, out, n, "stale");
 	}
 	if (q->cl.kind != CK_NONE)
 		G.ctr[CTR_CACHE_STALE]++;
@@ -3009,9 +3210,10 @@ q_serve_stale(int i, int64_t now, int keep)
 		q->stale = 0;
 	}
 	if (!keep) {
-		q_reply(i, out, n);
+		q_reply(i, out, n, "stale");
 		return 1;
 	}
+	qlog_from("stale", q->t0_us);
 	client_answer(&q->cl, q->qbuf, q->qend, q->client_id, q->udp_limit,
 	    q->has_opt, out, n);
 	if (q->cl.kind == CK_TCP)
@@ -3041,6 +3243,7 @@ q_servfail(int i, int64_t now)
 	wr16(q->qbuf + DNS_OFF_ID, q->client_id);
 	n = dns_make_error(q->qbuf, q->qlen, q->qend, q->has_opt,
 	    DNS_RCODE_SERVFAIL, out, sizeof out);
+	qlog_from("dotp", q->t0_us);
 	if (n > 0)
 		client_send(&q->cl, out, n);
 	G.ctr[CTR_SERVFAIL]++;
@@ -3319,7 +3522,18 @@ tls_setup(struct conn *c)
 	br_ssl_engine_set_prf_sha256(eng, &br_tls12_sha256_prf);
 	br_ssl_engine_set_prf_sha384(eng, &br_tls12_sha384_prf);
 	br_ssl_engine_set_default_aes_gcm(eng);
+#if defined(__x86_64__)
+	/* SSE2 and 64x64->128 multiplies are x86-64's baseline: the
+	 * portable ChaCha20 and Poly1305 that the default setter keeps as
+	 * fallbacks would be 3 KB of dead code. setup_anchors() checks
+	 * that BearSSL was built with these two. */
+	br_ssl_engine_set_chapol(eng, &br_sslrec_in_chapol_vtable,
+	    &br_sslrec_out_chapol_vtable);
+	br_ssl_engine_set_chacha20(eng, br_chacha20_sse2_get());
+	br_ssl_engine_set_poly1305(eng, br_poly1305_ctmulq_get());
+#else
 	br_ssl_engine_set_default_chapol(eng);
+#endif
 	br_ssl_engine_set_ec(eng, &br_ec_all_m31);
 	br_ssl_engine_set_rsavrfy(eng, &br_rsa_i31_pkcs1_vrfy);
 	br_ssl_engine_set_ecdsa(eng, &br_ecdsa_i31_vrfy_asn1);
@@ -3345,104 +3559,105 @@ tls_setup(struct conn *c)
  * What BearSSL's error codes mean for the user: the engine's own codes,
  * the certificate checks, and the alerts a server sends (BearSSL adds
  * BR_ERR_RECV_FATAL_ALERT to their number). The text is the log's
- * message; the code is kept as a field (tls_fields).
+ * message; the code is kept as a field (tls_fields). Codes and texts
+ * are two tables without pointers (see stat_text).
  */
-struct tls_why {
-	uint16_t code;
-	const char *text;
-};
-static const struct tls_why tls_whys[] = {
-	{ BR_ERR_UNSUPPORTED_VERSION,
-	    "server chose a TLS version dotp does not speak (dotp speaks "
-	    "TLS 1.2)" },
-	{ BR_ERR_BAD_VERSION, "server changed TLS version mid-session" },
-	{ BR_ERR_BAD_LENGTH, "server sent a malformed record: is it a DoT "
-	    "server?" },
-	{ BR_ERR_TOO_LARGE, "server sent a record too large" },
-	{ BR_ERR_BAD_MAC, "record failed authentication: corrupted or "
-	    "tampered with in transit" },
-	{ BR_ERR_UNKNOWN_TYPE, "server sent a record of unknown type: is it "
-	    "a DoT server?" },
-	{ BR_ERR_UNEXPECTED, "server sent an unexpected handshake message" },
-	{ BR_ERR_BAD_HANDSHAKE, "server sent a malformed handshake message" },
-	{ BR_ERR_BAD_CIPHER_SUITE, "server chose a cipher suite dotp did "
-	    "not offer" },
-	{ BR_ERR_BAD_SNI, "server sent a malformed name extension" },
-	{ BR_ERR_LIMIT_EXCEEDED, "server's handshake exceeds dotp's limits" },
-	{ BR_ERR_BAD_FINISHED, "handshake integrity check failed" },
-	{ BR_ERR_RESUME_MISMATCH, "server resumed a session with other "
-	    "parameters" },
-	{ BR_ERR_INVALID_ALGORITHM, "server signed with an algorithm dotp "
-	    "did not offer" },
-	{ BR_ERR_BAD_SIGNATURE, "server's handshake signature is invalid" },
-	{ BR_ERR_WRONG_KEY_USAGE, "server's certificate key may not be used "
-	    "that way" },
-	{ BR_ERR_X509_EMPTY_CHAIN, "server sent no certificate" },
-	{ BR_ERR_X509_UNSUPPORTED, "certificate uses an unsupported "
-	    "algorithm" },
-	{ BR_ERR_X509_WRONG_KEY_TYPE, "certificate key type does not match "
-	    "the cipher suite" },
-	{ BR_ERR_X509_BAD_SIGNATURE, "certificate signature invalid or "
-	    "unsupported" },
-	{ BR_ERR_X509_TIME_UNKNOWN, "certificate validity not checkable: no "
-	    "clock" },
-	{ BR_ERR_X509_EXPIRED, "certificate expired or not yet valid" },
-	{ BR_ERR_X509_DN_MISMATCH, "certificate chain out of order" },
-	{ BR_ERR_X509_BAD_SERVER_NAME, "certificate name mismatch: the name "
-	    "after # is not in the server's certificate" },
-	{ BR_ERR_X509_CRITICAL_EXTENSION, "certificate has an unsupported "
-	    "critical extension" },
-	{ BR_ERR_X509_NOT_CA, "certificate chain has a non-CA issuer" },
-	{ BR_ERR_X509_FORBIDDEN_KEY_USAGE, "certificate key usage forbids "
-	    "TLS server use" },
-	{ BR_ERR_X509_WEAK_PUBLIC_KEY, "certificate key too weak" },
-	{ BR_ERR_X509_NOT_TRUSTED, "certificate not trusted: no known CA "
-	    "(see --ca-file)" },
-	/* Alerts from the server. */
-	{ BR_ERR_RECV_FATAL_ALERT + 0, "server closed with close_notify "
-	    "during the handshake" },
-	{ BR_ERR_RECV_FATAL_ALERT + 10, "server received an unexpected "
-	    "message" },
-	{ BR_ERR_RECV_FATAL_ALERT + 20, "server saw a record fail "
-	    "authentication" },
-	{ BR_ERR_RECV_FATAL_ALERT + 40, "no cipher suite or curve in common "
-	    "with the server" },
-	{ BR_ERR_RECV_FATAL_ALERT + 42, "server requires a client "
-	    "certificate" },
-	{ BR_ERR_RECV_FATAL_ALERT + 47, "server rejected a handshake "
-	    "parameter" },
-	{ BR_ERR_RECV_FATAL_ALERT + 49, "server denied access" },
-	{ BR_ERR_RECV_FATAL_ALERT + 50, "server could not decode dotp's "
-	    "handshake" },
-	{ BR_ERR_RECV_FATAL_ALERT + 51, "server failed to verify the "
-	    "handshake" },
-	{ BR_ERR_RECV_FATAL_ALERT + 70, "server requires TLS 1.3 (dotp "
-	    "speaks TLS 1.2)" },
-	{ BR_ERR_RECV_FATAL_ALERT + 71, "server requires stronger security "
-	    "than dotp offers" },
-	{ BR_ERR_RECV_FATAL_ALERT + 80, "server had an internal error" },
-	{ BR_ERR_RECV_FATAL_ALERT + 86, "server refused a fallback" },
-	{ BR_ERR_RECV_FATAL_ALERT + 90, "server cancelled the handshake" },
-	{ BR_ERR_RECV_FATAL_ALERT + 109, "server requires a TLS 1.3 "
-	    "extension: it may require TLS 1.3" },
-	{ BR_ERR_RECV_FATAL_ALERT + 112, "server does not serve the name "
-	    "after # (SNI)" },
-	{ BR_ERR_RECV_FATAL_ALERT + 116, "server requires a client "
-	    "certificate" },
-	{ BR_ERR_RECV_FATAL_ALERT + 120, "server requires an ALPN protocol "
-	    "dotp does not offer" },
-};
+#define TLS_WHYS(X) \
+	X(BR_ERR_UNSUPPORTED_VERSION, "server chose a TLS version dotp does " \
+	    "not speak (dotp speaks TLS 1.2)") \
+	X(BR_ERR_BAD_VERSION, "server changed TLS version mid-session") \
+	X(BR_ERR_BAD_LENGTH, "server sent a malformed record: is it a DoT " \
+	    "server?") \
+	X(BR_ERR_TOO_LARGE, "server sent a record too large") \
+	X(BR_ERR_BAD_MAC, "record failed authentication: corrupted or " \
+	    "tampered with in transit") \
+	X(BR_ERR_UNKNOWN_TYPE, "server sent a record of unknown type: is it " \
+	    "a DoT server?") \
+	X(BR_ERR_UNEXPECTED, "server sent an unexpected handshake message") \
+	X(BR_ERR_BAD_HANDSHAKE, "server sent a malformed handshake message") \
+	X(BR_ERR_BAD_CIPHER_SUITE, "server chose a cipher suite dotp did " \
+	    "not offer") \
+	X(BR_ERR_BAD_SNI, "server sent a malformed name extension") \
+	X(BR_ERR_LIMIT_EXCEEDED, "server's handshake exceeds dotp's limits") \
+	X(BR_ERR_BAD_FINISHED, "handshake integrity check failed") \
+	X(BR_ERR_RESUME_MISMATCH, "server resumed a session with other " \
+	    "parameters") \
+	X(BR_ERR_INVALID_ALGORITHM, "server signed with an algorithm dotp " \
+	    "did not offer") \
+	X(BR_ERR_BAD_SIGNATURE, "server's handshake signature is invalid") \
+	X(BR_ERR_WRONG_KEY_USAGE, "server's certificate key may not be used " \
+	    "that way") \
+	X(BR_ERR_X509_EMPTY_CHAIN, "server sent no certificate") \
+	X(BR_ERR_X509_UNSUPPORTED, "certificate uses an unsupported " \
+	    "algorithm") \
+	X(BR_ERR_X509_WRONG_KEY_TYPE, "certificate key type does not match " \
+	    "the cipher suite") \
+	X(BR_ERR_X509_BAD_SIGNATURE, "certificate signature invalid or " \
+	    "unsupported") \
+	X(BR_ERR_X509_TIME_UNKNOWN, "certificate validity not checkable: no " \
+	    "clock") \
+	X(BR_ERR_X509_EXPIRED, "certificate expired or not yet valid") \
+	X(BR_ERR_X509_DN_MISMATCH, "certificate chain out of order") \
+	X(BR_ERR_X509_BAD_SERVER_NAME, "certificate name mismatch: the name " \
+	    "after # is not in the server's certificate") \
+	X(BR_ERR_X509_CRITICAL_EXTENSION, "certificate has an unsupported " \
+	    "critical extension") \
+	X(BR_ERR_X509_NOT_CA, "certificate chain has a non-CA issuer") \
+	X(BR_ERR_X509_FORBIDDEN_KEY_USAGE, "certificate key usage forbids " \
+	    "TLS server use") \
+	X(BR_ERR_X509_WEAK_PUBLIC_KEY, "certificate key too weak") \
+	X(BR_ERR_X509_NOT_TRUSTED, "certificate not trusted: no known CA " \
+	    "(see --ca-file)") \
+	X(BR_ERR_RECV_FATAL_ALERT + 0, "server closed with close_notify " \
+	    "during the handshake") \
+	X(BR_ERR_RECV_FATAL_ALERT + 10, "server received an unexpected " \
+	    "message") \
+	X(BR_ERR_RECV_FATAL_ALERT + 20, "server saw a record fail " \
+	    "authentication") \
+	X(BR_ERR_RECV_FATAL_ALERT + 40, "no cipher suite or curve in common " \
+	    "with the server") \
+	X(BR_ERR_RECV_FATAL_ALERT + 42, "server requires a client " \
+	    "certificate") \
+	X(BR_ERR_RECV_FATAL_ALERT + 47, "server rejected a handshake " \
+	    "parameter") \
+	X(BR_ERR_RECV_FATAL_ALERT + 49, "server denied access") \
+	X(BR_ERR_RECV_FATAL_ALERT + 50, "server could not decode dotp's " \
+	    "handshake") \
+	X(BR_ERR_RECV_FATAL_ALERT + 51, "server failed to verify the " \
+	    "handshake") \
+	X(BR_ERR_RECV_FATAL_ALERT + 70, "server requires TLS 1.3 (dotp " \
+	    "speaks TLS 1.2)") \
+	X(BR_ERR_RECV_FATAL_ALERT + 71, "server requires stronger security " \
+	    "than dotp offers") \
+	X(BR_ERR_RECV_FATAL_ALERT + 80, "server had an internal error") \
+	X(BR_ERR_RECV_FATAL_ALERT + 86, "server refused a fallback") \
+	X(BR_ERR_RECV_FATAL_ALERT + 90, "server cancelled the handshake") \
+	X(BR_ERR_RECV_FATAL_ALERT + 109, "server requires a TLS 1.3 " \
+	    "extension: it may require TLS 1.3") \
+	X(BR_ERR_RECV_FATAL_ALERT + 112, "server does not serve the name " \
+	    "after # (SNI)") \
+	X(BR_ERR_RECV_FATAL_ALERT + 116, "server requires a client " \
+	    "certificate") \
+	X(BR_ERR_RECV_FATAL_ALERT + 120, "server requires an ALPN protocol " \
+	    "dotp does not offer")
+#define WHY_CODE(code, text)	code,
+#define WHY_TEXT(code, text)	text "\0"
+static const uint16_t tls_why_code[] = { TLS_WHYS(WHY_CODE) };
+static const char tls_why_text[] = TLS_WHYS(WHY_TEXT);
 
 /* The user's words for BearSSL error err; buf (len bytes) holds the
- * text for a code not in tls_whys. */
+ * text for a code not in TLS_WHYS. */
 static const char *
 tls_strerror(int err, char *buf, size_t len)
 {
+	const char *t = tls_why_text;
 	size_t	 k;
 
-	for (k = 0; k < sizeof tls_whys / sizeof tls_whys[0]; k++)
-		if (tls_whys[k].code == err)
-			return tls_whys[k].text;
+	for (k = 0; k < sizeof tls_why_code / sizeof tls_why_code[0]; k++) {
+		if (tls_why_code[k] == err)
+			return t;
+		t += strlen(t) + 1;
+	}
 	if (err >= BR_ERR_SEND_FATAL_ALERT)
 		snprintf(buf, len, "dotp sent fatal alert %d",
 		    err - BR_ERR_SEND_FATAL_ALERT);
@@ -4202,6 +4417,7 @@ dgram_answer(int s, unsigned char *m, size_t len,
 	}
 	if (q->state == Q_DGRAM && q->tries == 1)	/* Karn, as for TLS */
 		up_rtt_sample(u, now - q->sent_at);
+	hist_add(&u->rtt, now - q->sent_at);
 	up_alive(u);
 	u->ctr[UCTR_ANSWERED]++;
 	q_unlink(i);
@@ -4412,6 +4628,8 @@ conn_answer(struct conn *c, unsigned char *msg, size_t len, int64_t now)
 	}
 	if (cur && q->tries == 1)	/* Karn: only unambiguous samples */
 		up_rtt_sample(&G.up[c->up], now - q->sent_at);
+	if (cur)
+		hist_add(&G.up[c->up].rtt, now - q->sent_at);
 	if (G.up[c->up].plain)	/* TLS: the handshake told (conn_ready) */
 		up_alive(&G.up[c->up]);
 	G.up[c->up].ctr[UCTR_ANSWERED]++;
@@ -5346,6 +5564,7 @@ q_start(const unsigned char *m, size_t len, const struct qinfo *qi,
 		q->padded = (uint8_t)how;
 	}
 	q->deadline = now + G.cfg.timeout_ms;
+	q->t0_us = qlog_t0;	/* set by client_query with --log-queries */
 	q->cl = *cl;
 	if (cl->kind == CK_TCP)
 		G.tcp[cl->idx].pending++;
@@ -5392,6 +5611,7 @@ cache_hit(struct centry *e, const unsigned char *m, size_t len,
 
 	G.ctr[CTR_CACHE_HITS]++;
 	e->flags |= CE_REF;
+	qlog_from("cache", qlog_t0);
 	client_answer(cl, m, qi->qend, rd16(m), dns_udp_limit(qi,
 	    (uint16_t)G.cfg.udp_size), qi->has_opt, out, n);
 	if ((e->flags & CE_PREFETCHED) || e->ttl < DOTP_PREFETCH_MIN_TTL ||
@@ -5460,6 +5680,9 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 	int	 r, i, ck = 0, stale = 0;
 
 	G.ctr[CTR_QUERIES]++;
+	G.queries_by[cl->kind == CK_TCP]++;
+	if (G.cfg.log_queries)
+		qlog_from("dotp", now_us());
 	r = dns_check_query(m, len, &qi);
 	if (r != QC_OK) {
 		if (r == QC_DROP)
@@ -5792,7 +6015,487 @@ tcp_service(int j, int fd, short revents, int64_t now)
 		tcp_read(j, now);
 }
 
-/* ==== 14. Event loop ==== */
+/* ==== 14. Metrics and health over HTTP ==== */
+
+/*
+ * --metrics ADDR[:PORT]: a small HTTP/1.1 server in the loop, one
+ * request per connection (Connection: close). GET or HEAD of
+ *   /metrics  the Prometheus text format (0.0.4), from the counter
+ *             tables (DOTP_STATS, DOTP_UP_STATS) and a few levels;
+ *   /health   200 while the loop runs (liveness);
+ *   /ready    200 while a server of the default zone is not marked
+ *             down and dotp is not draining, else 503 and the reason.
+ * Anything else gets 400, 404, 405 or 431. Bounded: DOTP_HTTP_MAX
+ * connections (more are closed at accept), a head of DOTP_HTTP_HEAD_MAX
+ * bytes, DOTP_HTTP_MS for the whole exchange. Its clients must pass
+ * --allow like DNS clients: one list to get right, and the metrics of a
+ * dotp on a public address are not public either. Nothing here touches
+ * a query. Owns the listener and struct httpconn. Calls the counter
+ * tables. Called by the loop (http_pollset, http_service,
+ * hlisten_pollset, hlisten_service).
+ */
+
+/* A response being built: at most cap bytes; over: it did not fit. */
+struct wbuf {
+	char	*p;
+	size_t	 len, cap;
+	int	 over;
+};
+
+/* Appends formatted text to b. */
+static void
+wb_printf(struct wbuf *b, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void
+wb_printf(struct wbuf *b, const char *fmt, ...)
+{
+	va_list	 ap;
+	int	 n;
+
+	if (b->over)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= b->cap - b->len)
+		b->over = 1;
+	else
+		b->len += (size_t)n;
+}
+
+/* "# HELP" and "# TYPE" of family dotp_NAME (or NAME when it has its
+ * own prefix, "process_..."). */
+static void
+wb_family(struct wbuf *b, const char *name, const char *type,
+    const char *help)
+{
+	const char *pre = strncmp(name, "process_", 8) ? "dotp_" : "";
+
+	wb_printf(b, "# HELP %s%s %s\n# TYPE %s%s %s\n", pre, name, help,
+	    pre, name, type);
+}
+
+/* The samples of histogram h of family dotp_NAME, labels lab ("" or
+ * "k=\"v\",..."), in seconds. */
+static void
+wb_hist(struct wbuf *b, const char *name, const char *lab,
+    const struct hist *h)
+{
+	static const int bound[DOTP_HIST_N] = DOTP_HIST_BOUNDS;
+	unsigned long n = 0;
+	int	 k;
+
+	char	 le[16];
+
+	for (k = 0; k <= DOTP_HIST_N; k++) {
+		n += h->n[k];
+		if (k < DOTP_HIST_N)
+			snprintf(le, sizeof le, "%d.%03d", bound[k] / 1000,
+			    bound[k] % 1000);
+		wb_printf(b, "dotp_%s_bucket{%s%sle=\"%s\"} %lu\n", name, lab,
+		    *lab ? "," : "", k < DOTP_HIST_N ? le : "+Inf", n);
+	}
+	wb_printf(b, "dotp_%s_sum%s%s%s %lu.%03lu\ndotp_%s_count%s%s%s %lu\n",
+	    name, *lab ? "{" : "", lab, *lab ? "}" : "", h->sum_ms / 1000,
+	    h->sum_ms % 1000, name, *lab ? "{" : "", lab, *lab ? "}" : "", n);
+}
+
+/* The process's resident set (/proc/self/statm) and open descriptors
+ * (/proc/self/fd), read at each scrape; -1 when /proc is not there. */
+static void
+proc_figures(long *rss, long *fds)
+{
+	char	 buf[1024], *sp;
+	ssize_t	 n;
+	long	 off;
+	int	 fd;
+
+	*rss = *fds = -1;
+	if ((fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)) >= 0) {
+		n = read(fd, buf, sizeof buf - 1);
+		close(fd);
+		buf[n > 0 ? n : 0] = '\0';
+		if ((sp = strchr(buf, ' ')) != NULL)	/* size, then resident */
+			*rss = strtol(sp + 1, NULL, 10) * sysconf(_SC_PAGESIZE);
+	}
+	if ((fd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY |
+	    O_CLOEXEC)) < 0)
+		return;
+	*fds = -3;	/* ".", ".." and this one */
+	while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0)
+		for (off = 0; off < n; (*fds)++)	/* d_reclen at 16 */
+			off += (long)(uint16_t)((buf[off + 16] & 0xff) |
+			    (buf[off + 17] & 0xff) << 8);
+	close(fd);
+}
+
+/* The process families: the counter table's rows, then the levels. */
+static void
+metrics_process(struct wbuf *b)
+{
+	static const char *rcode[16] = { "NOERROR", "FORMERR", "SERVFAIL",
+	    "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET", "NXRRSET",
+	    "NOTAUTH", "NOTZONE", "DSOTYPENI", "12", "13", "14", "15" };
+	long	 rss, fds;
+	int	 k;
+
+	char	 name[64];
+
+	for (k = 0; k < CTR_N; k++) {
+		int	 gauge = stat_defs[k].kind == STAT_GAUGE;
+
+		snprintf(name, sizeof name, "%s%s", stat_defs[k].name,
+		    gauge ? "" : "_total");
+		wb_family(b, name, gauge ? "gauge" : "counter",
+		    stat_defs[k].help);
+		wb_printf(b, "dotp_%s %lu\n", name, stat_value(k));
+	}
+	wb_family(b, "queries_by_transport_total", "counter", "messages "
+	    "received from clients, by transport");
+	wb_printf(b, "dotp_queries_by_transport_total{transport=\"udp\"} %lu\n"
+	    "dotp_queries_by_transport_total{transport=\"tcp\"} %lu\n",
+	    G.queries_by[0], G.queries_by[1]);
+	wb_family(b, "responses_total", "counter", "messages sent to clients, "
+	    "by RCODE (upstream, cache and dotp's own)");
+	for (k = 0; k < 16; k++)
+		if (G.rcodes[k] > 0 || k <= DNS_RCODE_REFUSED)
+			wb_printf(b, "dotp_responses_total{rcode=\"%s\"} %lu\n",
+			    rcode[k], G.rcodes[k]);
+	wb_family(b, "answer_duration_seconds", "histogram", "time from a "
+	    "query to its upstream answer, for each answer counted in "
+	    "dotp_answers_total");
+	wb_hist(b, "answer_duration_seconds", "", &G.answer_time);
+	wb_family(b, "queries_in_flight", "gauge", "queries waiting for an "
+	    "upstream answer");
+	wb_printf(b, "dotp_queries_in_flight %u\n", G.qlive);
+	wb_family(b, "tcp_clients", "gauge", "TCP clients connected");
+	wb_printf(b, "dotp_tcp_clients %d\n", G.ntcp);
+	wb_family(b, "build_info", "gauge", "the version running");
+	wb_printf(b, "dotp_build_info{version=\"%s\"} 1\n", DOTP_VERSION);
+	wb_family(b, "process_start_time_seconds", "gauge", "start time of "
+	    "the process since the epoch");
+	wb_printf(b, "process_start_time_seconds %lld\n",
+	    (long long)G.started_at);
+	proc_figures(&rss, &fds);
+	if (rss >= 0) {
+		wb_family(b, "process_resident_memory_bytes", "gauge",
+		    "resident memory");
+		wb_printf(b, "process_resident_memory_bytes %ld\n", rss);
+	}
+	if (fds >= 0) {
+		wb_family(b, "process_open_fds", "gauge", "open descriptors");
+		wb_printf(b, "process_open_fds %ld\n", fds);
+	}
+}
+
+/* The labels of upstream u: its address, its zone and how it is
+ * reached (a server given twice in a zone is refused, so they differ). */
+static void
+up_labels(const struct upstream *u, char *lab, size_t len)
+{
+	snprintf(lab, len, "upstream=\"%s\",zone=\"%s\",transport=\"%s\"",
+	    u->label, G.zone[u->zone].text, u->plain ? "plain" : "tls");
+}
+
+/* Level f of upstream ui (f: 0 up, 1 connections, 2 SRTT in ms). */
+static long
+up_level(int ui, int f)
+{
+	const struct upstream *u = &G.up[ui];
+	int	 c, open = 0;
+
+	if (f == 0)
+		return !u->down;
+	if (f == 2)
+		return u->srtt;
+	for (c = 0; c < G.cfg.max_conns; c++)
+		open += conn_of(ui, c)->state != C_FREE;
+	return open;
+}
+
+/* The upstream families, one sample per server: its table's rows (a
+ * gauge in milliseconds is reported in seconds), then health,
+ * connections, SRTT and the answer-time histogram. */
+static void
+metrics_upstreams(struct wbuf *b)
+{
+	static const char *level[3][2] = {
+		{ "upstream_up", "1 while the server is not marked down" },
+		{ "upstream_connections", "connections open or opening" },
+		{ "upstream_srtt_seconds", "smoothed round-trip time (RFC "
+		    "6298), 0 before a sample" } };
+	char	 lab[400], name[64];
+	int	 k, ui, f;
+	long	 v;
+
+	for (k = 0; k < UCTR_N; k++) {
+		const struct stat_def *d = &up_stat_defs[k];
+		size_t	 nl = strlen(d->name);
+		int	 ms = nl > 3 && !strcmp(d->name + nl - 3, "_ms");
+
+		snprintf(name, sizeof name, "upstream_%.*s%s", (int)nl -
+		    (ms ? 3 : 0), d->name, d->kind == STAT_GAUGE ? (ms ?
+		    "_seconds" : "") : "_total");
+		wb_family(b, name, d->kind == STAT_GAUGE ? "gauge" : "counter",
+		    d->help);
+		for (ui = 0; ui < G.nup; ui++) {
+			unsigned long x = up_stat(&G.up[ui], k);
+
+			up_labels(&G.up[ui], lab, sizeof lab);
+			if (ms)
+				wb_printf(b, "dotp_%s{%s} %lu.%03lu\n", name,
+				    lab, x / 1000, x % 1000);
+			else
+				wb_printf(b, "dotp_%s{%s} %lu\n", name, lab, x);
+		}
+	}
+	for (f = 0; f < 3; f++) {
+		wb_family(b, level[f][0], "gauge", level[f][1]);
+		for (ui = 0; ui < G.nup; ui++) {
+			up_labels(&G.up[ui], lab, sizeof lab);
+			v = up_level(ui, f);
+			if (f == 2)
+				wb_printf(b, "dotp_%s{%s} %ld.%03ld\n",
+				    level[f][0], lab, v / 1000, v % 1000);
+			else
+				wb_printf(b, "dotp_%s{%s} %ld\n", level[f][0],
+				    lab, v);
+		}
+	}
+	wb_family(b, "upstream_response_seconds", "histogram", "time from a "
+	    "query's send to its answer");
+	for (ui = 0; ui < G.nup; ui++) {
+		up_labels(&G.up[ui], lab, sizeof lab);
+		wb_hist(b, "upstream_response_seconds", lab, &G.up[ui].rtt);
+	}
+}
+
+/* Is dotp ready for queries? Returns NULL, or why not. */
+static const char *
+http_unready(void)
+{
+	int	 i;
+
+	if (G.draining)
+		return "draining: shutting down";
+	for (i = 0; i < G.zone[0].n; i++)
+		if (!G.up[G.zone[0].first + i].down)
+			return NULL;
+	return "every upstream of the default zone is down";
+}
+
+/* Frees HTTP connection h's slot. What the client sent and dotp did not
+ * read is read first (a few reads at most): closing over unread bytes
+ * would send a reset that can destroy the response still in flight. */
+static void
+http_close(struct httpconn *h)
+{
+	int	 k;
+
+	for (k = 0; k < 4 && h->fd >= 0 && recv(h->fd, h->req,
+	    sizeof h->req, MSG_DONTWAIT) > 0; k++)
+		;
+	fd_close(&h->fd);
+	free(h->out);
+	h->out = NULL;
+	h->have = h->out_len = h->out_off = 0;
+}
+
+/* Sets h's response: status, extra header lines (each ending in CRLF),
+ * and body b (its head room, DOTP_HTTP_HEAD_ROOM bytes, takes the head);
+ * no body for HEAD. */
+#define DOTP_HTTP_HEAD_ROOM	256
+static void
+http_reply(struct httpconn *h, int status, const char *extra,
+    struct wbuf *b, int head_only)
+{
+	static const struct { int code; const char *text; } reason[] = {
+		{ 200, "OK" }, { 400, "Bad Request" }, { 404, "Not Found" },
+		{ 405, "Method Not Allowed" }, { 431, "Request Header Fields "
+		"Too Large" }, { 500, "Internal Server Error" },
+		{ 503, "Service Unavailable" } };
+	char	 head[DOTP_HTTP_HEAD_ROOM];
+	size_t	 body = b->len - DOTP_HTTP_HEAD_ROOM, k, n;
+
+	for (k = 0; reason[k].code != status; k++)
+		;
+	n = (size_t)snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\n"
+	    "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+	    "Content-Length: %zu\r\nConnection: close\r\n%s\r\n", status,
+	    reason[k].text, body, extra);
+	memcpy(b->p + DOTP_HTTP_HEAD_ROOM - n, head, n);
+	h->out = b->p;
+	h->out_off = DOTP_HTTP_HEAD_ROOM - n;
+	h->out_len = head_only ? DOTP_HTTP_HEAD_ROOM : b->len;
+}
+
+/*
+ * Answers the request head in h->req (complete: it ends in an empty
+ * line, or it filled the buffer: 431). The request line is METHOD SP
+ * PATH SP HTTP/1.x; the rest of the head is not read.
+ */
+static void
+http_answer(struct httpconn *h, int complete)
+{
+	struct wbuf b = { NULL, DOTP_HTTP_HEAD_ROOM, 0, 0 };
+	char	*path = strchr(h->req, ' '), *end = NULL;
+	const char *why, *extra = "";
+	int	 status = 200, head = 0;
+
+	b.cap = DOTP_HTTP_HEAD_ROOM + DOTP_METRICS_MAX;
+	if ((b.p = malloc(b.cap)) == NULL) {
+		http_close(h);
+		return;
+	}
+	if (path != NULL && (end = strchr(++path, ' ')) != NULL) {
+		*end = '\0';	/* PATH[?QUERY], then " HTTP/1.x" */
+		path[strcspn(path, "?")] = '\0';
+	}
+	if (!complete)
+		status = 431;
+	else if (end == NULL || strncmp(end + 1, "HTTP/1.", 7) != 0 ||
+	    !strchr("01", end[8]) || !strchr("\r\n", end[9]) || end[8] == 0)
+		status = 400;
+	else if (strncmp(h->req, "GET ", 4) != 0 &&
+	    !(head = strncmp(h->req, "HEAD ", 5) == 0)) {
+		status = 405;
+		extra = "Allow: GET, HEAD\r\n";
+	} else if (strcmp(path, "/metrics") == 0) {
+		metrics_process(&b);
+		metrics_upstreams(&b);
+	} else if (strcmp(path, "/health") == 0)
+		wb_printf(&b, "ok\n");
+	else if (strcmp(path, "/ready") == 0) {
+		why = http_unready();
+		status = why ? 503 : 200;
+		wb_printf(&b, "%s\n", why ? why : "ready");
+	} else
+		status = 404;
+	if (b.over) {		/* can't happen: see DOTP_METRICS_MAX */
+		status = 500;
+		b.len = DOTP_HTTP_HEAD_ROOM;
+		b.over = 0;
+	}
+	if (status >= 400 && status != 503)
+		wb_printf(&b, "%d\n", status);
+	http_reply(h, status, extra, &b, head);
+}
+
+/* Does the head in req (len bytes) end, with an empty line? */
+static int
+http_head_ends(const char *req, size_t len)
+{
+	size_t	 i;
+
+	for (i = 1; i < len; i++)
+		if (req[i] == '\n' && (req[i - 1] == '\n' || (i >= 3 &&
+		    req[i - 1] == '\r' && req[i - 2] == '\n')))
+			return 1;
+	return 0;
+}
+
+/* Reads what h sent; answers once the head is complete or too long, or
+ * closes it on EOF or an error. */
+static void
+http_read(struct httpconn *h)
+{
+	ssize_t	 n = recv(h->fd, h->req + h->have, sizeof h->req - 1 - h->have,
+	    MSG_DONTWAIT);
+
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK ||
+	    errno == EINTR))
+		return;
+	if (n <= 0) {
+		http_close(h);
+		return;
+	}
+	h->have += (size_t)n;
+	h->req[h->have] = '\0';
+	if (http_head_ends(h->req, h->have))
+		http_answer(h, 1);
+	else if (h->have == sizeof h->req - 1)
+		http_answer(h, 0);
+}
+
+/* Writes h's response; closes it when all is sent or on an error. */
+static void
+http_write(struct httpconn *h)
+{
+	ssize_t	 n = send(h->fd, h->out + h->out_off, h->out_len - h->out_off,
+	    MSG_DONTWAIT | MSG_NOSIGNAL);
+
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK ||
+	    errno == EINTR))
+		return;
+	if (n > 0 && (h->out_off += (size_t)n) < h->out_len)
+		return;
+	http_close(h);
+}
+
+/* Before poll(): each HTTP connection, closed when its time is up. */
+static void
+http_pollset(int64_t now, int64_t *deadline)
+{
+	int	 k;
+
+	for (k = 0; k < DOTP_HTTP_MAX; k++) {
+		struct httpconn *h = &G.http[k];
+
+		if (h->fd < 0)
+			continue;
+		if (now >= h->deadline) {
+			http_close(h);
+			continue;
+		}
+		loop_add(FK_HTTP, k, h->fd, h->out ? POLLOUT : POLLIN);
+		dl_min(deadline, h->deadline);
+	}
+}
+
+/* After poll(), for HTTP connection k. */
+static void
+http_service(int k, int fd, UNUSED short revents, UNUSED int64_t now)
+{
+	struct httpconn *h = &G.http[k];
+
+	if (h->fd != fd)
+		return;
+	if (h->out)
+		http_write(h);
+	else
+		http_read(h);
+}
+
+/* Before poll(): the --metrics listener. */
+static void
+hlisten_pollset(UNUSED int64_t now, UNUSED int64_t *deadline)
+{
+	if (G.http_fd >= 0)
+		loop_add(FK_HTTP_LISTEN, 0, G.http_fd, POLLIN);
+}
+
+/* After poll(): takes new HTTP clients into free slots; over
+ * DOTP_HTTP_MAX, or outside --allow, they are closed. */
+static void
+hlisten_service(UNUSED int idx, int fd, UNUSED short revents, int64_t now)
+{
+	int	 c, k;
+
+	while ((c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >=
+	    0) {
+		for (k = 0; k < DOTP_HTTP_MAX && G.http[k].fd >= 0; k++)
+			;
+		if (k == DOTP_HTTP_MAX || !tcp_allowed(c)) {
+			close(c);
+			continue;
+		}
+		G.http[k].fd = c;
+		G.http[k].deadline = now + DOTP_HTTP_MS;
+	}
+}
+
+/* ==== 15. Event loop ==== */
 
 /*
  * One poll() loop, table-driven: each pass rebuilds the poll set from
@@ -5915,6 +6618,8 @@ static const struct fd_ops {
 	[FK_TCP] = { tcp_pollset, tcp_service },
 	[FK_UDP] = { udp_pollset, udp_service },
 	[FK_ACCEPT] = { accept_pollset, accept_service },
+	[FK_HTTP] = { http_pollset, http_service },
+	[FK_HTTP_LISTEN] = { hlisten_pollset, hlisten_service },
 };
 
 /* The deadlines that belong to no descriptor, folded: the longest
@@ -6007,7 +6712,7 @@ loop_run(void)
 	}
 }
 
-/* ==== 15. Options ==== */
+/* ==== 16. Options ==== */
 
 /*
  * Every option is one row of opts[]: short and long name, environment
@@ -6270,6 +6975,18 @@ parse_server(const char *v, int plain_ok, struct server *sv)
 	return NULL;
 }
 
+/* Is server sv[n] one of sv[0..n) (the same address and port)? */
+static int
+server_dup(const struct server *sv, int n)
+{
+	int	 i;
+
+	for (i = 0; i < n; i++)
+		if (strcmp(sv[i].a.text, sv[n].a.text) == 0)
+			return 1;
+	return 0;
+}
+
 /* One -u value. The built-in default gives way to --forward . */
 static void
 opt_upstream(struct config *cfg, UNUSED const struct optdef *o, const char *v,
@@ -6288,6 +7005,9 @@ opt_upstream(struct config *cfg, UNUSED const struct optdef *o, const char *v,
 		    DOTP_MAX_ZONE_SERVERS);
 	if ((why = parse_server(v, 0, &cfg->up[cfg->nup])) != NULL)
 		fatal(2, "bad %s value '%s': %s", what, v, why);
+	if (server_dup(cfg->up, cfg->nup))
+		fatal(2, "bad %s value '%s': that server is given twice", what,
+		    v);
 	cfg->up_by = by;
 	cfg->nup++;
 }
@@ -6382,6 +7102,9 @@ fwd_servers(const char *what, const char *e, char *list, struct server *sv)
 			    DOTP_MAX_ZONE_SERVERS);
 		if ((why = parse_server(item, 1, &sv[n])) != NULL)
 			fwd_fatal(what, e, "%s", why);
+		if (server_dup(sv, n))
+			fwd_fatal(what, e, "server %s is given twice",
+			    sv[n].a.text);
 		if (sv[n].plain != sv[0].plain)
 			fwd_fatal(what, e, "a zone's servers are all DNS over "
 			    "TLS or all plain DNS: plain DNS is never a "
@@ -6501,6 +7224,19 @@ opt_allow(struct config *cfg, UNUSED const struct optdef *o, const char *v,
 		fatal(2, "bad %s value '%s': write v4-mapped prefixes as IPv4 "
 		    "(e.g. 10.0.0.0/8)", what, v);
 	cfg->nallow++;
+}
+
+/* --metrics. */
+static void
+opt_metrics(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
+{
+	if (*v == '\0')
+		return;
+	if (parse_addr(v, DOTP_METRICS_PORT, &cfg->metrics) < 0)
+		fatal(2, "bad %s value '%s': expected ADDR[:PORT], e.g. "
+		    "127.0.0.1:9253 or [::]:9253", what, v);
+	cfg->have_metrics = 1;
 }
 
 /* --ca-file. */
@@ -6637,6 +7373,9 @@ static const struct optdef opts[] = {
 	NUM("serve-stale", "DOTP_SERVE_STALE", SECONDS, 0, 604800, 0,
 	    serve_stale, "keep expired answers that much longer, served when "
 	    "upstreams fail or are slow (0: off)"),
+	VALUE(0, OPT_VALUE, "metrics", "DOTP_METRICS", "ADDR[:PORT]",
+	    opt_metrics, NULL, "serve /metrics (Prometheus), /health and "
+	    "/ready over HTTP there (port 9253); off unless set"),
 	VALUE(0, OPT_LIST, "allow", "DOTP_ALLOW", "CIDR", opt_allow,
 	    DOTP_ALLOW_DEFAULT, "clients allowed (repeatable); others get "
 	    "REFUSED"),
@@ -6644,6 +7383,9 @@ static const struct optdef opts[] = {
 	    DOTP_TCP_IDLE_MS, tcp_idle_ms, "close a TCP client idle that long"),
 	NUM("max-tcp", "DOTP_MAX_TCP", COUNT, 1, DOTP_MAX_TCP_CAP,
 	    DOTP_MAX_TCP, max_tcp, "TCP clients at once; over it, closed"),
+	SWITCH(0, "log-queries", "DOTP_LOG_QUERIES", log_queries,
+	    "one log line per answer: client, name, type, rcode, source, "
+	    "latency (off: privacy)"),
 	SWITCH('v', "verbose", "DOTP_VERBOSE", verbose, "debug logs"),
 	SWITCH('q', "quiet", "DOTP_QUIET", quiet, "errors only"),
 	VALUE('h', OPT_ACTION, "help", NULL, NULL, opt_help, NULL,
@@ -6663,7 +7405,8 @@ usage(void)
 	char	 flag[64];
 
 	printf("usage: dotp [-l ADDR[:PORT]]... [-u HOST[:PORT]#NAME]... "
-	    "[options]\n\n");
+	    "[options]\n       dotp healthcheck [the same options]: exit 0 "
+	    "when that instance is ready\n\n");
 	for (o = opts; o < opts + NOPTS; o++) {
 		snprintf(flag, sizeof flag, "%c%c%s--%s%s%s", o->chr ? '-' : ' ',
 		    o->chr ? o->chr : ' ', o->chr ? ", " : "  ", o->name,
@@ -6817,7 +7560,7 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	    LVL_INFO;
 }
 
-/* ==== 16. Setup, shutdown and main ==== */
+/* ==== 17. Setup, shutdown and main ==== */
 
 /*
  * Start-up (trust anchors, tables, listeners; errors through fatal()),
@@ -6950,6 +7693,11 @@ setup_anchors(void)
 	const char *why = NULL;
 	int	 n;
 
+#if defined(__x86_64__)
+	if (br_chacha20_sse2_get() == 0 || br_poly1305_ctmulq_get() == 0)
+		fatal(1, "BearSSL was built without SSE2 ChaCha20 or 64-bit "
+		    "Poly1305 (see tls_setup)");
+#endif
 	if (G.cfg.ca_file == NULL) {
 #ifndef DOTP_NO_EMBEDDED_TAS
 		G.tas = ta_embedded();
@@ -7016,12 +7764,16 @@ setup_tables(void)
 	int	 i;
 
 	setup_zones();
+	stat_defs_init();
 	for (i = 0; i < DOTP_DGRAM_SOCKS; i++)
 		G.dsock[i].fd = -1;
+	for (i = 0; i < DOTP_HTTP_MAX; i++)
+		G.http[i].fd = -1;
+	G.http_fd = -1;
 	G.dcur[0] = G.dcur[1] = -1;
 	G.nconn = G.nup * cfg->max_conns;
 	npfd = (size_t)(G.nconn + DOTP_DGRAM_SOCKS + cfg->max_tcp +
-	    2 * cfg->nlisten);
+	    2 * cfg->nlisten + 1 + DOTP_HTTP_MAX);
 	G.conn = calloc((size_t)G.nconn, sizeof *G.conn);
 	G.tcp = calloc((size_t)cfg->max_tcp, sizeof *G.tcp);
 	G.tcprx = calloc((size_t)cfg->max_tcp, 2 + DOTP_QUERY_MAX);
@@ -7104,16 +7856,43 @@ setup_listeners(void)
 		fatal(1, "cannot open any listen address");
 }
 
+/* The --metrics listener, if set. Exits when it cannot be opened. */
+static void
+setup_metrics(void)
+{
+	const struct sockaddr_text *a = &G.cfg.metrics;
+	int	 one = 1, v6only = listen_v6only(a);
+
+	if (!G.cfg.have_metrics)
+		return;
+	G.http_fd = socket(a->u.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
+	    SOCK_CLOEXEC, 0);
+	if (G.http_fd < 0)
+		fatal(1, "cannot open --metrics %s: %s", a->text,
+		    strerror(errno));
+	(void)setsockopt(G.http_fd, SOL_SOCKET, SO_REUSEADDR, &one,
+	    sizeof one);
+	if (a->u.sa.sa_family == AF_INET6)
+		(void)setsockopt(G.http_fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only,
+		    sizeof v6only);
+	if (bind(G.http_fd, &a->u.sa, a->len) < 0 ||
+	    listen(G.http_fd, 16) < 0)
+		fatal(1, "cannot listen on --metrics %s: %s%s", a->text,
+		    strerror(errno), listen_hint(errno));
+}
+
 /* Sets up everything from the options; exits on a start-up error. */
 static void
 setup(void)
 {
+	G.started_at = (int64_t)time(NULL);
 	setup_core();
-	fd_limit_raise(G.nconn + DOTP_DGRAM_SOCKS + G.cfg.max_tcp +
-	    2 * G.cfg.nlisten + 16);
+	fd_limit_raise(G.nconn + DOTP_DGRAM_SOCKS + DOTP_HTTP_MAX +
+	    G.cfg.max_tcp + 2 * G.cfg.nlisten + 16);
 	/* Held in reserve for accept() under EMFILE (tcp_shed). */
 	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	setup_listeners();
+	setup_metrics();
 }
 
 /* Appends zone z's servers to buf (at *at), as given: "," between. */
@@ -7227,11 +8006,150 @@ shutdown_all(void)
 }
 
 #ifndef DOTP_NO_MAIN
+/*
+ * `dotp healthcheck [options]`: for HEALTHCHECK and exec probes in a
+ * scratch image, with the daemon's options and environment. It asks the
+ * instance they describe: GET /ready on --metrics when set; else a DNS
+ * query of opcode STATUS to the first listen address, which dotp
+ * answers itself (NOTIMP) without sending anything upstream: alive, the
+ * most it can tell without metrics. Exits 0 or 1, with one line, within
+ * DOTP_HEALTH_MS.
+ */
+
+/* A wildcard address becomes loopback: the probe stays on this host. */
+static void
+health_addr(struct sockaddr_text *a)
+{
+	if (a->u.sa.sa_family == AF_INET6 &&
+	    IN6_IS_ADDR_UNSPECIFIED(&a->u.sin6.sin6_addr))
+		a->u.sin6.sin6_addr = in6addr_loopback;
+	else if (a->u.sa.sa_family == AF_INET &&
+	    a->u.sin.sin_addr.s_addr == htonl(INADDR_ANY))
+		a->u.sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+}
+
+/* Waits until fd has event ev, or until (ms). Returns 1, or 0. */
+static int
+health_wait(int fd, short ev, int64_t until)
+{
+	struct pollfd p;
+	int64_t	 left;
+
+	p.fd = fd;
+	p.events = ev;
+	while ((left = until - now_ms()) > 0)
+		if (poll(&p, 1, (int)left) > 0)
+			return (p.revents & ev) != 0;
+	return 0;
+}
+
+/* GET /ready from --metrics a. Returns NULL when ready, else why (in
+ * why, len bytes). */
+static const char *
+health_http(const struct sockaddr_text *a, int64_t until, char *why,
+    size_t len)
+{
+	static const char req[] = "GET /ready HTTP/1.0\r\n\r\n";
+	char	 buf[512], *body;
+	size_t	 have = 0;
+	ssize_t	 n;
+	int	 fd, code = 0, err = 0;
+	socklen_t sl = sizeof err;
+
+	fd = socket(a->u.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
+	    SOCK_CLOEXEC, 0);
+	if (fd < 0 || (connect(fd, &a->u.sa, a->len) < 0 &&
+	    errno != EINPROGRESS) || !health_wait(fd, POLLOUT, until) ||
+	    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0 || err ||
+	    send(fd, req, sizeof req - 1, MSG_NOSIGNAL) < 0) {
+		snprintf(why, len, "cannot reach --metrics: %s", strerror(err ?
+		    err : errno ? errno : ETIMEDOUT));
+		goto out;
+	}
+	while (have < sizeof buf - 1 && health_wait(fd, POLLIN, until) &&
+	    (n = recv(fd, buf + have, sizeof buf - 1 - have, 0)) > 0)
+		have += (size_t)n;
+	buf[have] = '\0';
+	if (have < 12 || strncmp(buf, "HTTP/1.", 7) != 0) {
+		snprintf(why, len, "no answer from --metrics within %d ms",
+		    DOTP_HEALTH_MS);
+		goto out;
+	}
+	code = (int)strtol(buf + 9, NULL, 10);
+	for (body = buf; *body && !http_head_ends(buf, (size_t)(body - buf));
+	    body++)
+		;
+	body[strcspn(body, "\r\n")] = '\0';
+	snprintf(why, len, "%.200s", body);
+out:
+	if (fd >= 0)
+		close(fd);
+	return code == 200 ? NULL : why;
+}
+
+/* A STATUS query to listen address a. Returns NULL when dotp answered,
+ * else why. */
+static const char *
+health_dns(const struct sockaddr_text *a, int64_t until, char *why,
+    size_t len)
+{
+	unsigned char q[DNS_HEADER_LEN + 5], r[DNS_UDP_MIN];
+	ssize_t	 n = 0;
+	int	 fd;
+
+	memset(q, 0, sizeof q);
+	if (fill_random(q, 2) < 0)
+		q[0] = 1;
+	q[DNS_OFF_FLAGS] = 2 << 3;	/* opcode STATUS */
+	wr16(q + DNS_OFF_QDCOUNT, 1);
+	wr16(q + DNS_HEADER_LEN + 1, 1);	/* ". A IN" */
+	wr16(q + DNS_HEADER_LEN + 3, 1);
+	fd = socket(a->u.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK |
+	    SOCK_CLOEXEC, 0);
+	if (fd >= 0 && sendto(fd, q, sizeof q, 0, &a->u.sa, a->len) ==
+	    (ssize_t)sizeof q && health_wait(fd, POLLIN, until))
+		n = recv(fd, r, sizeof r, 0);
+	if (fd >= 0)
+		close(fd);
+	if (n >= DNS_HEADER_LEN && memcmp(r, q, 2) == 0)
+		return NULL;
+	snprintf(why, len, "no answer from dotp on %s within %d ms", a->text,
+	    DOTP_HEALTH_MS);
+	return why;
+}
+
+static int
+healthcheck(int argc, char *argv[])
+{
+	struct sockaddr_text a;
+	char	 why[300];
+	const char *w;
+	int64_t	 until = now_ms() + DOTP_HEALTH_MS;
+
+	cfg_parse(&G.cfg, argc, argv);
+	log_verbosity = G.cfg.verbosity;
+	a = G.cfg.have_metrics ? G.cfg.metrics : G.cfg.listen[0];
+	health_addr(&a);
+	addr_text(&a.u.sa, a.text, sizeof a.text);
+	w = G.cfg.have_metrics ? health_http(&a, until, why, sizeof why) :
+	    health_dns(&a, until, why, sizeof why);
+	if (w != NULL) {
+		log_msg(LVL_ERROR, "not ready: %s\tprobe=%s", w, a.text);
+		return 1;
+	}
+	log_msg(LVL_INFO, "%s\tprobe=%s", G.cfg.have_metrics ? "ready" :
+	    "alive: dotp answers there (without --metrics, readiness is "
+	    "not known)", a.text);
+	return 0;
+}
+
 int
 main(int argc, char *argv[])
 {
 	struct sigaction sa;
 
+	if (argc > 1 && strcmp(argv[1], "healthcheck") == 0)
+		return healthcheck(argc - 1, argv + 1);
 	cfg_parse(&G.cfg, argc, argv);
 	log_verbosity = G.cfg.verbosity;
 
