@@ -8,8 +8,12 @@
 #   integration-asan   the same suite with dotp built with ASan + UBSan
 #   fuzz               libFuzzer harnesses: corpus replayed, then 6 s each
 #   image              the FROM scratch image: built, size, run from its root
+#   deploy             deploy/ offline: manifests against the Kubernetes API
+#                      schemas (tests/deploy.sh), compose, Grafana dashboard
 #   newcomer           the README's first command on a fresh minimal Debian
 #                      root, as root and as a user, no network (root only)
+#   docker             the image under a private dockerd in a network
+#                      namespace, run as the README says (root only)
 # Ends with one summary line; exits non-zero if any suite failed.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -43,7 +47,9 @@ suite integration-asan env DOTP_BIN="$PWD/build/dotp-san" \
 suite fuzz sh -c 'sh tests/fuzz.sh build && sh tests/fuzz.sh replay &&
 	sh tests/fuzz.sh run 6'
 suite image sh tests/image.sh test dotp-test:latest
+suite deploy sh tests/deploy.sh
 suite newcomer sh tests/newcomer.sh
+suite docker sh tests/docker.sh
 
 [ -z "$failed" ] || echo "failed suites:$failed"
 echo "suites: $pass passed, $fail failed"
