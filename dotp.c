@@ -626,6 +626,7 @@ struct conn {
 	int64_t	 owe_since;	/* owes answers and got none since; 0: owes none */
 	int	 readable;	/* poll() said POLLIN, no short read since */
 	int	 closing;	/* dotp closes it: nothing to learn, retry */
+	uint8_t	 fail_kind;	/* enum fail_kind of the failure ending it */
 	int	 ack_owed;	/* read data since our last send (see conn_ack) */
 	int64_t	 ack_at;	/* force that ACK then (conn_acks) */
 	unsigned sent;		/* queries injected into this session */
@@ -669,7 +670,14 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 	X(CTR_ANSWERS, "answers", STAT_COUNTER, \
 	    "upstream answers delivered to clients") \
 	X(CTR_SERVFAIL, "servfail", STAT_COUNTER, \
-	    "queries answered SERVFAIL: deadline, tries or query table spent") \
+	    "queries answered SERVFAIL: the sum of the three below and " \
+	    "table_full") \
+	X(CTR_SERVFAIL_DEADLINE, "servfail_deadline", STAT_COUNTER, \
+	    "SERVFAIL: no answer within --timeout") \
+	X(CTR_SERVFAIL_TRIES, "servfail_tries", STAT_COUNTER, \
+	    "SERVFAIL: every try spent, or no server of the zone left") \
+	X(CTR_SERVFAIL_EXIT, "servfail_exit", STAT_COUNTER, \
+	    "SERVFAIL: still waiting when dotp exited") \
 	X(CTR_DROPPED, "dropped", STAT_COUNTER, \
 	    "client messages dropped: not DNS queries") \
 	X(CTR_FORMERR, "formerr", STAT_COUNTER, \
@@ -718,7 +726,16 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 	X(UCTR_ANSWERED, "answered", STAT_COUNTER, \
 	    "answers taken from the upstream") \
 	X(UCTR_FAILURES, "failures", STAT_COUNTER, \
-	    "connection failures: connect, handshake, verification, stall") \
+	    "failures that marked it down, the sum of the four below") \
+	X(UCTR_FAIL_CONNECT, "failures_connect", STAT_COUNTER, \
+	    "failures to connect: refused, unreachable, timed out") \
+	X(UCTR_FAIL_TLS, "failures_tls", STAT_COUNTER, \
+	    "TLS failures: handshake, certificate, alert, closed in the " \
+	    "handshake") \
+	X(UCTR_FAIL_SILENT, "failures_silent", STAT_COUNTER, \
+	    "no answer, or no connection ready, within the attempt timeout") \
+	X(UCTR_FAIL_PROTOCOL, "failures_protocol", STAT_COUNTER, \
+	    "frames shorter than a DNS header") \
 	X(UCTR_RECYCLED, "recycled", STAT_TOTAL, \
 	    "queries re-sent without using a try after the server recycled " \
 	    "a connection") \
@@ -730,6 +747,9 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 	    "queries per connection the server was seen to allow (0: none)") \
 	X(UCTR_LEARNED_IDLE_MS, "learned_idle_ms", STAT_GAUGE, \
 	    "idle time after which the server was seen to close (0: none)")
+
+/* Why an upstream failed, in the order of its UCTR_FAIL_* rows. */
+enum fail_kind { FAIL_CONNECT, FAIL_TLS, FAIL_SILENT, FAIL_PROTOCOL };
 
 #define STAT_ENUM(id, name, kind, help)	id,
 enum ctr { DOTP_STATS(STAT_ENUM) CTR_N };
@@ -3226,7 +3246,7 @@ q_serve_stale(int i, int64_t now, int keep)
  * --serve-stale keeps one for its key (every upstream failed, or its
  * time is up); its followers the same. Frees them. */
 static void
-q_servfail(int i, int64_t now)
+q_servfail(int i, int64_t now, enum ctr why)
 {
 	struct query *q = &G.q[i];
 	unsigned char out[DNS_UDP_MIN];
@@ -3238,7 +3258,7 @@ q_servfail(int i, int64_t now)
 		return;
 	while ((f = q->fol.head) >= 0) {
 		q_unlink(f);
-		q_servfail(f, now);
+		q_servfail(f, now, why);
 	}
 	wr16(q->qbuf + DNS_OFF_ID, q->client_id);
 	n = dns_make_error(q->qbuf, q->qlen, q->qend, q->has_opt,
@@ -3247,6 +3267,7 @@ q_servfail(int i, int64_t now)
 	if (n > 0)
 		client_send(&q->cl, out, n);
 	G.ctr[CTR_SERVFAIL]++;
+	G.ctr[why]++;
 	q_free(i);
 }
 
@@ -4026,7 +4047,8 @@ up_has_ready(int ui)
  * back-off once.
  */
 static void
-up_down(struct upstream *u, int64_t now, const char *why, const char *fields)
+up_down(struct upstream *u, int64_t now, enum fail_kind kind, const char *why,
+    const char *fields)
 {
 	int	 was_down = u->down;
 
@@ -4038,6 +4060,7 @@ up_down(struct upstream *u, int64_t now, const char *why, const char *fields)
 	u->retry_at = now + u->backoff_ms;
 	u->failed_at = now;
 	u->ctr[UCTR_FAILURES]++;
+	u->ctr[UCTR_FAIL_CONNECT + kind]++;
 	log_msg(was_down ? LVL_DEBUG : LVL_ERROR, "upstream down: %s; %s\t"
 	    "upstream=%s name=%s %s%sretry_in_ms=%d", why, up_other_healthy(
 	    (int)(u - G.up)) ? "queries go to other upstreams until it "
@@ -4178,7 +4201,8 @@ q_retry(int i, int failed, int stall, int64_t now)
 	int	 ui;
 
 	if (q->tries >= DOTP_MAX_TRIES || now >= q->deadline) {
-		q_servfail(i, now);
+		q_servfail(i, now, now >= q->deadline ? CTR_SERVFAIL_DEADLINE :
+		    CTR_SERVFAIL_TRIES);
 		return;
 	}
 	if (failed < 0) {
@@ -4189,7 +4213,7 @@ q_retry(int i, int failed, int stall, int64_t now)
 		ui = failed;
 	}
 	if (ui < 0) {
-		q_servfail(i, now);
+		q_servfail(i, now, CTR_SERVFAIL_TRIES);
 		return;
 	}
 	up_enqueue(ui, i, now);
@@ -4241,7 +4265,7 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 	if (failed) {
 		snprintf(f, sizeof f, "conn=%d gen=%u%s%s", conn_slot(c),
 		    c->gen, *fields ? " " : "", fields);
-		up_down(u, now, failed, f);
+		up_down(u, now, c->fail_kind, failed, f);
 	}
 	for (k = 0; k < (failed ? 3 : 2); k++)
 		while ((i = from[k]->head) >= 0) {
@@ -4262,14 +4286,16 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 	}
 }
 
-/* Fails c: why is formatted, fields are the failure's log fields. */
+/* Fails c for a reason of kind kind: why is formatted, fields are the
+ * failure's log fields. */
 static void
-conn_fail(struct conn *c, int64_t now, const char *fields,
-    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+conn_fail(struct conn *c, int64_t now, enum fail_kind kind,
+    const char *fields, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 static void
-conn_fail(struct conn *c, int64_t now, const char *fields,
-    const char *fmt, ...)
+conn_fail(struct conn *c, int64_t now, enum fail_kind kind,
+    const char *fields, const char *fmt, ...)
 {
 	char	 why[200];
 	va_list	 ap;
@@ -4277,6 +4303,7 @@ conn_fail(struct conn *c, int64_t now, const char *fields,
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof why, fmt, ap);
 	va_end(ap);
+	c->fail_kind = (uint8_t)kind;
 	conn_end(c, why, fields, now);
 }
 
@@ -4297,7 +4324,7 @@ conn_timers(struct conn *c, int64_t now)
 
 	if (conn_inflight(c) > 0 && now - c->owe_since >=
 	    (int64_t)at * (up_other_healthy(c->up) ? 1 : 2)) {
-		conn_fail(c, now, "", "answered nothing for %lld ms with %u "
+		conn_fail(c, now, FAIL_SILENT, "", "answered nothing for %lld ms with %u "
 		    "queries waiting", (long long)(now - c->owe_since),
 		    conn_inflight(c));
 		return;
@@ -4342,7 +4369,7 @@ up_tx_timer(int ui, int64_t now)
 		if ((to = up_pick(G.q[i].zone, G.q[i].tried, 0)) < 0)
 			return INT64_MAX;	/* nowhere better: wait */
 		if (!u->down)
-			up_down(u, now, "no connection ready within the "
+			up_down(u, now, FAIL_SILENT, "no connection ready within the "
 			    "attempt timeout", "");
 		log_msg(LVL_DEBUG, "upstream not ready, query moved to %s\t"
 		    "upstream=%s", G.up[to].label, u->label);
@@ -4507,7 +4534,7 @@ dgram_timers(int ui, int64_t now)
 		struct query *q = &G.q[i];
 
 		if (!u->down || q->sent_at >= u->failed_at)
-			up_down(u, now, "no answer over UDP within the "
+			up_down(u, now, FAIL_SILENT, "no answer over UDP within the "
 			    "attempt timeout", "");
 		if (q->tries >= DOTP_MAX_TRIES) {
 			qlist_remove(&u->ul, i, QL_MAIN);
@@ -4546,7 +4573,7 @@ tls_attach(struct conn *c, int64_t now)
 
 	c->sid_len = 0;
 	if (fill_random(seed, sizeof seed) < 0) {
-		conn_fail(c, now, "", "getrandom failed: %s", strerror(errno));
+		conn_fail(c, now, FAIL_TLS, "", "getrandom failed: %s", strerror(errno));
 		return -1;
 	}
 	br_ssl_engine_inject_entropy(&c->cc.eng, seed, sizeof seed);
@@ -4556,7 +4583,7 @@ tls_attach(struct conn *c, int64_t now)
 		memcpy(c->sid, u->sess.session_id, c->sid_len);
 	}
 	if (!br_ssl_client_reset(&c->cc, u->name, u->have_sess)) {
-		conn_fail(c, now, "", "TLS reset failed (error %d)",
+		conn_fail(c, now, FAIL_TLS, "", "TLS reset failed (error %d)",
 		    br_ssl_engine_last_error(&c->cc.eng));
 		return -1;
 	}
@@ -4761,7 +4788,7 @@ conn_frames(struct conn *c, int64_t now)
 		off += (size_t)fl;
 	}
 	if (fl < 0) {
-		conn_fail(c, now, "", "server sent a frame shorter than a DNS "
+		conn_fail(c, now, FAIL_PROTOCOL, "", "server sent a frame shorter than a DNS "
 		    "header");
 		return -1;
 	}
@@ -4879,7 +4906,7 @@ conn_closed(struct conn *c, int64_t now)
 		err = BR_ERR_RECV_FATAL_ALERT;	/* close_notify: alert 0 */
 	G.up[c->up].have_sess = 0;	/* don't offer a session that failed */
 	tls_fields(err, f, sizeof f);
-	conn_fail(c, now, f, "%s%s", c->state == C_READY ? "" :
+	conn_fail(c, now, FAIL_TLS, f, "%s%s", c->state == C_READY ? "" :
 	    "handshake failed: ", tls_strerror(err, buf, sizeof buf));
 }
 
@@ -4901,10 +4928,10 @@ conn_lost(struct conn *c, int e, const char *what, int64_t now)
 	snprintf(f, sizeof f, "error=\"%s\"", e ? strerror(e) : "EOF");
 	G.up[c->up].have_sess = 0;	/* don't offer a session that failed */
 	if (e != 0 && e != ECONNRESET) {
-		conn_fail(c, now, f, "connection failed during the handshake");
+		conn_fail(c, now, FAIL_TLS, f, "connection failed during the handshake");
 		return;
 	}
-	conn_fail(c, now, f, "server %s during the handshake: it may require "
+	conn_fail(c, now, FAIL_TLS, f, "server %s during the handshake: it may require "
 	    "TLS 1.3 or a client certificate", e ? "reset the connection" :
 	    "closed");
 }
@@ -5189,7 +5216,7 @@ conn_open(int ui, struct conn *c, int64_t now)
 		return 0;
 	if (connect(fd, &u->addr.sa, u->addrlen) < 0 &&
 	    errno != EINPROGRESS) {
-		conn_fail(c, now, "", "connect failed: %s", strerror(errno));
+		conn_fail(c, now, FAIL_CONNECT, "", "connect failed: %s", strerror(errno));
 		return 0;
 	}
 	log_msg(LVL_DEBUG, "upstream connecting%s\t" CONN_FMT,
@@ -5288,7 +5315,7 @@ conn_connected(struct conn *c, int64_t now)
 	if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
 		err = errno;
 	if (err != 0) {
-		conn_fail(c, now, "", "connect failed: %s%s", strerror(err),
+		conn_fail(c, now, FAIL_CONNECT, "", "connect failed: %s%s", strerror(err),
 		    err == ECONNREFUSED ? " (nothing listens there: wrong "
 		    "address or port?)" : "");
 		return -1;
@@ -5363,7 +5390,9 @@ conn_kick(struct conn *c, int64_t now)
 	}
 	while (conn_due(c, &what) <= now) {
 		if (what == CT_OPEN) {
-			conn_fail(c, now, "", "%s", c->state == C_CONNECTING ?
+			conn_fail(c, now, c->state == C_CONNECTING ?
+			    FAIL_CONNECT : FAIL_TLS, "", "%s",
+			    c->state == C_CONNECTING ?
 			    "connect timed out" : "TLS handshake timed out: "
 			    "is it a DoT server?");
 			return 0;
@@ -6550,7 +6579,7 @@ expire(int64_t now)
 	}
 	while ((i = G.age.head) >= 0 && G.q[i].deadline <= now) {
 		q_unlink(i);
-		q_servfail(i, now);
+		q_servfail(i, now, CTR_SERVFAIL_DEADLINE);
 	}
 	if (now < G.tcp_scan_at)
 		return;
@@ -7982,7 +8011,7 @@ shutdown_all(void)
 
 	while ((i = G.age.head) >= 0) {
 		q_unlink(i);
-		q_servfail(i, now);
+		q_servfail(i, now, CTR_SERVFAIL_EXIT);
 	}
 	for (i = 0; i < G.nconn; i++) {
 		struct conn *c = &G.conn[i];

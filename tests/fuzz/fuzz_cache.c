@@ -128,7 +128,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (G.q[i].state != Q_FREE) {	/* refused: it waits no more */
 		CHECK(!good);
 		q_unlink(i);
-		q_servfail(i, now);
+		q_servfail(i, now, CTR_SERVFAIL_DEADLINE);
 	}
 	e = cache_lookup(&k, 0);
 	/* Nothing that failed the question check is ever kept; what

@@ -38,6 +38,7 @@ from harness import (make_query, udp_exchange, tcp_exchange, rcode, describe, ru
 from faultdot import (faultdot_factory, expected_a, sized_query_name,  # noqa: F401
                       upstream_spec)
 from test_forward import PlainServer
+from faultdot import Reply
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 
@@ -1713,3 +1714,85 @@ def test_metrics_off_unless_set(mdotp, upstream):
                     listening.append(int(parts[1].rsplit(":", 1)[1], 16))
     assert sorted(set(listening)) == [d.port], "dotp listens on TCP %s (want only %d)" % (
         listening, d.port)
+
+
+# ==========================================================================
+# failures and SERVFAIL by reason
+# ==========================================================================
+
+REASONS = ("connect", "tls", "silent", "protocol")
+
+
+def failures(s, label):
+    """(total, {reason: n}) of upstream `label`'s failure counters."""
+    return (s.get("dotp_upstream_failures_total", upstream=label),
+            {r: s.get("dotp_upstream_failures_%s_total" % r, upstream=label) for r in REASONS})
+
+
+def servfails(s):
+    parts = {r: s.get("dotp_servfail_%s_total" % r) for r in ("deadline", "tries", "exit")}
+    return s.get("dotp_servfail_total"), parts, s.get("dotp_table_full_total")
+
+
+def test_failures_by_reason_connect_tls_silent(mdotp, upstream, plain_factory, ports):
+    """Each reason moves on its own event and the total is their sum:
+    connect (nothing listens on the default upstream's port), tls (the
+    server at a --forward DoT zone speaks plain DNS: unbound's plain port),
+    silent (a plain DNS server of another zone never answers)."""
+    dead = ports.get()
+    silent = plain_factory(silent=True)
+    plain_tls = "127.0.0.1:%d#dot.test" % upstream.plain_port
+    d = mdotp([dead], extra=["--forward", "tls.test=" + plain_tls,
+                             "--forward", "quiet.test=dns://127.0.0.1:%d" % silent.port,
+                             "--timeout", "1500", "--attempt-timeout", "200"],
+              probe=False)
+    ask(d, "a.example.test", timeout=3.0)
+    ask(d, "a.tls.test", timeout=3.0)
+    ask(d, "a.quiet.test", timeout=3.0)
+    s = scrape(d)
+    want = {"127.0.0.1:%d" % dead: "connect",
+            "127.0.0.1:%d" % upstream.plain_port: "tls",
+            "127.0.0.1:%d" % silent.port: "silent"}
+    for label, reason in want.items():
+        total, by = failures(s, label)
+        assert by[reason] >= 1, "%s: %s failures %s%s" % (label, reason, by, ctx(d))
+        assert total == sum(by.values()), "%s: total %s != sum %s" % (label, total, by)
+        others = {r: n for r, n in by.items() if r != reason}
+        assert not any(others.values()), "%s: other reasons moved: %s" % (label, by)
+
+
+def test_failures_protocol(mdotp, faultdot_factory):
+    """A frame shorter than a DNS header (the answer hook sends 5 bytes):
+    failures_protocol, and nothing else."""
+    srv = faultdot_factory(["normal"], answer=lambda q: Reply(wire=b"\x00\x01\x02\x03\x04"))
+    d = mdotp([srv], extra=["--timeout", "1500"], probe=False)
+    ask(d, "www.example.test", timeout=3.0)
+    s = scrape(d)
+    total, by = failures(s, "127.0.0.1:%d" % srv.port)
+    assert by["protocol"] >= 1 and total == sum(by.values()), (by, total, ctx(d))
+
+
+def test_servfail_by_reason(mdotp, faultdot_factory, ports):
+    """tries: the only upstream refuses connections (no server left);
+    deadline: a silent upstream and --timeout 600; exit: a query still
+    waiting at SIGTERM with --drain 0 (the exit line). The total is always
+    the sum of the reasons and table_full."""
+    dead = ports.get()
+    d = mdotp([dead], extra=["--timeout", "1500"], probe=False)
+    ask(d, "www.example.test", timeout=3.0)
+    total, parts, tf = servfails(scrape(d))
+    assert parts["tries"] == 1 and total == sum(parts.values()) + tf, (total, parts, ctx(d))
+
+    srv = faultdot_factory(["silent"])
+    d = mdotp([srv], extra=["--timeout", "600", "--drain", "0"], probe=False)
+    a = ask(d, "www.example.test", timeout=3.0)
+    assert rcode(a) == SERVFAIL
+    total, parts, tf = servfails(scrape(d))
+    assert parts["deadline"] == 1 and total == sum(parts.values()) + tf, (total, parts)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(make_query("w2.example.test", "A", qid=7), (d.host, d.port))
+    time.sleep(0.2)
+    d.stop(signal.SIGTERM)
+    s.close()
+    exit_line = [l for l in d.log().splitlines() if 'msg="dotp exiting"' in l]
+    assert exit_line and "servfail_exit=1" in exit_line[-1], d.log()[-1500:]
