@@ -144,6 +144,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 
+#include <grp.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -888,10 +889,7 @@ struct config {
 	struct server up[DOTP_MAX_ZONE_SERVERS];	/* the zone "." */
 	int	 nup;
 	int	 up_by;		/* what set them (enum up_by) */
-	struct server fwd[DOTP_MAX_FWD_SERVERS];	/* --forward's */
-	int	 nfwd;
-	struct zone zone[DOTP_MAX_ZONES];	/* --forward's, given order */
-	int	 nzone;
+	int	 nfwd, nzone;	/* of fwd[] and zone[], at the end */
 	const char *ca_file;
 	int	 verbosity;	/* enum log_level: the highest printed */
 	int	 policy;	/* enum policy */
@@ -905,8 +903,15 @@ struct config {
 	int	 no_cache, cache_size, cache_min_ttl, cache_max_ttl;
 	int	 cache_neg_ttl, serve_stale;
 	int	 log_queries;	/* --log-queries */
+	int	 have_user;	/* --user: drop to uid:gid after start-up */
+	uid_t	 uid;
+	gid_t	 gid;
 	struct cidr allow[DOTP_MAX_ALLOW];
 	int	 nallow;
+	/* Last, and not cleared by cfg_parse (their counts are): 27 KB that
+	 * an idle dotp without --forward never touches. */
+	struct server fwd[DOTP_MAX_FWD_SERVERS];	/* --forward's */
+	struct zone zone[DOTP_MAX_ZONES];	/* --forward's, given order */
 };
 
 /*
@@ -2148,6 +2153,13 @@ now_us(void)
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* RCODE mnemonics (RFC 6895), for the query log and the metrics; an
+ * array of arrays, not of pointers (see stat_text). */
+static const char rcode_name[16][10] = { "NOERROR", "FORMERR",
+	"SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+	"NXRRSET", "NOTAUTH", "NOTZONE", "DSOTYPENI", "RCODE12", "RCODE13",
+	"RCODE14", "RCODE15" };
+
 /* Where the answers sent next come from, for the query log: a source
  * ("cache", "stale", an upstream; "dotp" by default: its own errors)
  * and when their query came (us). Set by who answers (qlog_from). */
@@ -2193,11 +2205,10 @@ qlog(const struct client *cl, const unsigned char *msg, size_t len)
 {
 	static int64_t second;
 	static unsigned long lines, over;
-	static const char *rc[8] = { "NOERROR", "FORMERR", "SERVFAIL",
-	    "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "OTHER" };
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof ss;
 	char	 who[64] = "?", name[4 * DNS_NAME_MAX + 2];
+	struct timespec ts;
 	int64_t	 t = now_us();
 	size_t	 q;
 
@@ -2219,11 +2230,12 @@ qlog(const struct client *cl, const unsigned char *msg, size_t len)
 		addr_text((struct sockaddr *)&ss, who, sizeof who);
 	qlog_name(msg, len, name);
 	q = dns_skip_name(msg, len, DNS_HEADER_LEN);
-	log_msg(LVL_INFO, "query\tclient=%s transport=%s name=\"%s\" "
-	    "type=%u rcode=%s from=%s latency_us=%lld size=%zu", who,
+	clock_gettime(CLOCK_REALTIME, &ts);
+	log_msg(LVL_INFO, "query\ttime=%lld.%03ld client=%s transport=%s "
+	    "name=\"%s\" type=%u rcode=%s from=%s latency_us=%lld size=%zu",
+	    (long long)ts.tv_sec, ts.tv_nsec / 1000000, who,
 	    cl->kind == CK_UDP ? "udp" : "tcp", name, q && q + 2 <= len ?
-	    rd16(msg + q) : 0, rc[(msg[DNS_OFF_FLAGS + 1] & 0xf) < 7 ?
-	    msg[DNS_OFF_FLAGS + 1] & 0xf : 7], qlog_src,
+	    rd16(msg + q) : 0, rcode_name[msg[DNS_OFF_FLAGS + 1] & 0xf], qlog_src,
 	    (long long)(qlog_t0 ? t - qlog_t0 : 0), len);
 	qlog_from("dotp", 0);	/* each answer says where it is from */
 }
@@ -4931,8 +4943,8 @@ conn_lost(struct conn *c, int e, const char *what, int64_t now)
 		conn_fail(c, now, FAIL_TLS, f, "connection failed during the handshake");
 		return;
 	}
-	conn_fail(c, now, FAIL_TLS, f, "server %s during the handshake: it may require "
-	    "TLS 1.3 or a client certificate", e ? "reset the connection" :
+	conn_fail(c, now, FAIL_TLS, f, "server %s during the handshake: it may "
+	    "require TLS 1.3 or a client certificate", e ? "reset the connection" :
 	    "closed");
 }
 
@@ -6163,9 +6175,6 @@ proc_figures(long *rss, long *fds)
 static void
 metrics_process(struct wbuf *b)
 {
-	static const char *rcode[16] = { "NOERROR", "FORMERR", "SERVFAIL",
-	    "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET", "NXRRSET",
-	    "NOTAUTH", "NOTZONE", "DSOTYPENI", "12", "13", "14", "15" };
 	long	 rss, fds;
 	int	 k;
 
@@ -6190,7 +6199,7 @@ metrics_process(struct wbuf *b)
 	for (k = 0; k < 16; k++)
 		if (G.rcodes[k] > 0 || k <= DNS_RCODE_REFUSED)
 			wb_printf(b, "dotp_responses_total{rcode=\"%s\"} %lu\n",
-			    rcode[k], G.rcodes[k]);
+			    rcode_name[k], G.rcodes[k]);
 	wb_family(b, "answer_duration_seconds", "histogram", "time from a "
 	    "query to its upstream answer, for each answer counted in "
 	    "dotp_answers_total");
@@ -6249,11 +6258,11 @@ up_level(int ui, int f)
 static void
 metrics_upstreams(struct wbuf *b)
 {
-	static const char *level[3][2] = {
+	static const char level[3][2][48] = {
 		{ "upstream_up", "1 while the server is not marked down" },
 		{ "upstream_connections", "connections open or opening" },
-		{ "upstream_srtt_seconds", "smoothed round-trip time (RFC "
-		    "6298), 0 before a sample" } };
+		{ "upstream_srtt_seconds", "smoothed round-trip time, 0 before "
+		    "a sample" } };
 	char	 lab[400], name[64];
 	int	 k, ui, f;
 	long	 v;
@@ -6339,7 +6348,7 @@ static void
 http_reply(struct httpconn *h, int status, const char *extra,
     struct wbuf *b, int head_only)
 {
-	static const struct { int code; const char *text; } reason[] = {
+	static const struct { int code; char text[32]; } reason[] = {
 		{ 200, "OK" }, { 400, "Bad Request" }, { 404, "Not Found" },
 		{ 405, "Method Not Allowed" }, { 431, "Request Header Fields "
 		"Too Large" }, { 500, "Internal Server Error" },
@@ -6468,6 +6477,8 @@ http_pollset(int64_t now, int64_t *deadline)
 {
 	int	 k;
 
+	if (!G.cfg.have_metrics)
+		return;		/* G.http is not even set up */
 	for (k = 0; k < DOTP_HTTP_MAX; k++) {
 		struct httpconn *h = &G.http[k];
 
@@ -7255,6 +7266,77 @@ opt_allow(struct config *cfg, UNUSED const struct optdef *o, const char *v,
 	cfg->nallow++;
 }
 
+/*
+ * The uid and gid of user name in /etc/passwd (read once, at most
+ * DOTP_PASSWD_MAX bytes: names are looked up only at start). Returns 0,
+ * or -1 when the file or the name is not there.
+ */
+#define DOTP_PASSWD_MAX	(256 * 1024)
+static int
+passwd_ids(const char *name, uid_t *uid, gid_t *gid)
+{
+	static char buf[DOTP_PASSWD_MAX + 1];
+	char	*line, *next, *f[4];
+	ssize_t	 n;
+	size_t	 have = 0, nl = strlen(name);
+	int	 fd, k;
+
+	if ((fd = open("/etc/passwd", O_RDONLY | O_CLOEXEC)) < 0)
+		return -1;
+	while (have < DOTP_PASSWD_MAX && (n = read(fd, buf + have,
+	    DOTP_PASSWD_MAX - have)) > 0)
+		have += (size_t)n;
+	close(fd);
+	buf[have] = '\0';
+	for (line = buf; line != NULL && *line; line = next) {
+		if ((next = strchr(line, '\n')) != NULL)
+			*next++ = '\0';
+		if (strncmp(line, name, nl) != 0 || line[nl] != ':')
+			continue;
+		for (k = 0, f[0] = line; k < 3 && (f[k + 1] = strchr(f[k],
+		    ':')) != NULL; k++)
+			*f[k + 1]++ = '\0';	/* name, password, uid, gid */
+		if (k < 3)
+			return -1;
+		*uid = (uid_t)strtoul(f[2], NULL, 10);
+		*gid = (gid_t)strtoul(f[3], NULL, 10);
+		return 0;
+	}
+	return -1;
+}
+
+/* --user USER|UID[:GID]: a number needs no /etc/passwd (scratch); the
+ * group defaults to the user's (a name) or to the uid (a number). */
+static void
+opt_user(struct config *cfg, UNUSED const struct optdef *o, const char *v,
+    const char *what)
+{
+	char	 name[64], *colon;
+	long	 id, g;
+
+	if (*v == '\0')
+		return;
+	str_copy(name, sizeof name, v);
+	if ((colon = strchr(name, ':')) != NULL)
+		*colon++ = '\0';
+	if (parse_int(name, 0, 65534 * 65536L, &id) == 0) {
+		cfg->uid = (uid_t)id;
+		cfg->gid = (gid_t)id;
+	} else if (passwd_ids(name, &cfg->uid, &cfg->gid) < 0)
+		fatal(2, "bad %s value '%s': no such user in /etc/passwd; give "
+		    "a number (UID or UID:GID), e.g. 65534", what, v);
+	if (colon != NULL) {
+		if (parse_int(colon, 0, 65534 * 65536L, &g) < 0)
+			fatal(2, "bad %s value '%s': expected USER|UID[:GID] with "
+			    "GID a number", what, v);
+		cfg->gid = (gid_t)g;
+	}
+	if (cfg->uid == 0)
+		fatal(2, "bad %s value '%s': that is root; give an unprivileged "
+		    "user", what, v);
+	cfg->have_user = 1;
+}
+
 /* --metrics. */
 static void
 opt_metrics(struct config *cfg, UNUSED const struct optdef *o, const char *v,
@@ -7412,6 +7494,9 @@ static const struct optdef opts[] = {
 	    DOTP_TCP_IDLE_MS, tcp_idle_ms, "close a TCP client idle that long"),
 	NUM("max-tcp", "DOTP_MAX_TCP", COUNT, 1, DOTP_MAX_TCP_CAP,
 	    DOTP_MAX_TCP, max_tcp, "TCP clients at once; over it, closed"),
+	VALUE(0, OPT_VALUE, "user", "DOTP_USER", "USER|UID[:GID]", opt_user,
+	    NULL, "after start-up (sockets bound, anchors loaded) run as this "
+	    "user; numbers need no /etc/passwd"),
 	SWITCH(0, "log-queries", "DOTP_LOG_QUERIES", log_queries,
 	    "one log line per answer: client, name, type, rcode, source, "
 	    "latency (off: privacy)"),
@@ -7560,7 +7645,7 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	char	 shorts[2 * NOPTS + 2], flag[40];
 	int	 c, k, given[NOPTS];
 
-	memset(cfg, 0, sizeof *cfg);
+	memset(cfg, 0, offsetof(struct config, fwd));
 	memset(given, 0, sizeof given);
 	opt_getopt_tables(lo, shorts);
 	for (k = 0; k < NOPTS; k++)
@@ -7796,8 +7881,8 @@ setup_tables(void)
 	stat_defs_init();
 	for (i = 0; i < DOTP_DGRAM_SOCKS; i++)
 		G.dsock[i].fd = -1;
-	for (i = 0; i < DOTP_HTTP_MAX; i++)
-		G.http[i].fd = -1;
+	for (i = 0; cfg->have_metrics && i < DOTP_HTTP_MAX; i++)
+		G.http[i].fd = -1;	/* 16 KB: touched only with --metrics */
 	G.http_fd = -1;
 	G.dcur[0] = G.dcur[1] = -1;
 	G.nconn = G.nup * cfg->max_conns;
@@ -7936,13 +8021,43 @@ log_servers(char *buf, size_t len, size_t *at, const struct zone *z)
 		    G.up[i].label, G.up[i].plain ? "" : "#", G.up[i].name);
 }
 
+/*
+ * --user: after everything that needs privilege (port 53, the trust
+ * anchors, the cache's memory), dotp becomes uid:gid with gid its only
+ * group, and checks that it cannot become root again. As root without
+ * --user, one warning. Exits 1 when a step fails.
+ */
+static void
+setup_user(void)
+{
+	const struct config *cfg = &G.cfg;
+
+	if (!cfg->have_user) {
+		if (geteuid() == 0)
+			log_msg(LVL_WARN, "running as root: --user would drop "
+			    "privileges once the sockets are bound");
+		return;
+	}
+	if (setgroups(1, &cfg->gid) < 0 || setgid(cfg->gid) < 0 ||
+	    setuid(cfg->uid) < 0)
+		fatal(1, "cannot become uid %u gid %u: %s (--user needs root, "
+		    "or CAP_SETUID and CAP_SETGID)", (unsigned)cfg->uid,
+		    (unsigned)cfg->gid, strerror(errno));
+	if (getuid() != cfg->uid || geteuid() != cfg->uid ||
+	    getgid() != cfg->gid || getegid() != cfg->gid || setuid(0) == 0)
+		fatal(1, "dropping privileges did not hold: uid %u gid %u",
+		    (unsigned)geteuid(), (unsigned)getegid());
+	log_msg(LVL_INFO, "privileges dropped\tuid=%u gid=%u",
+	    (unsigned)cfg->uid, (unsigned)cfg->gid);
+}
+
 /* The start line: what runs, where, trusting what; every zone with its
  * servers, and whether they are reached encrypted. */
 static void
 log_start(void)
 {
-	char	 ls[DOTP_MAX_LISTEN * 50], us[DOTP_MAX_ZONE_SERVERS * 330];
-	char	 zs[(1 + DOTP_MAX_ZONES) * 300 + DOTP_MAX_UPSTREAMS * 330];
+	static char ls[DOTP_MAX_LISTEN * 50], us[DOTP_MAX_ZONE_SERVERS * 330];
+	static char zs[(1 + DOTP_MAX_ZONES) * 300 + DOTP_MAX_UPSTREAMS * 330];
 	size_t	 a = 0, b = 0, c = 0;
 	int	 i, k;
 
@@ -8190,6 +8305,7 @@ main(int argc, char *argv[])
 	sigaction(SIGINT, &sa, NULL);
 
 	setup();
+	setup_user();
 	log_start();
 	loop_run();
 	shutdown_all();

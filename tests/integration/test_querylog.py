@@ -14,7 +14,7 @@ import dns.rcode
 from harness import udp_exchange, tcp_exchange
 
 MARK = "qlog-marker-7f3a.example.test"
-LINE = re.compile(r'^level=info msg="query" client=(\S+) transport=(udp|tcp) '
+LINE = re.compile(r'^level=info msg="query" time=(?:\d+\.\d{3}) client=(\S+) transport=(udp|tcp) '
                   r'name="([^"]*)" type=(\d+) rcode=([A-Z]+) from=(\S+) '
                   r'latency_us=(\d+) size=(\d+)$')
 
