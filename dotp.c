@@ -4,6 +4,8 @@
  * dotp listens for plain DNS on UDP and TCP and forwards every query over
  * one persistent, verified, pipelined TLS connection (RFC 7858) to an
  * upstream resolver, then returns the answer to the client that asked.
+ * Zones given with --forward go to their own servers, over TLS or, when
+ * so mapped, plain DNS. --metrics serves Prometheus metrics and health.
  * It is one C file, one poll() loop, statically linked with musl and
  * BearSSL, with the CA trust anchors compiled in.
  *
@@ -51,15 +53,19 @@
  *   struct zone      "." (-u) and each --forward zone: a range of
  *                    G.up, DoT or plain DNS.
  *   struct upstream  one per server of a zone: health (down, back-off,
- *                    probe), RTT
- *                    estimate, the last TLS session for resumption, the
- *                    tx list, and up to --max-conns connections.
+ *                    probe), RTT estimate, the last TLS session for
+ *                    resumption, the tx list, and up to --max-conns
+ *                    connections; a plain one, its UDP exchanges.
  *   struct conn      one TCP + TLS session to an upstream (or plain TCP
  *                    to a plain DNS server): socket, BearSSL context
  *                    and buffers, answer assembler.
  *   struct tcpclient one per accepted TCP client; owns its socket, its
  *                    input assembler and a bounded output buffer.
  *   struct listener  one per -l; a UDP socket and a TCP listening socket.
+ *   struct dsock     a socket for plain DNS over UDP, on a random port;
+ *                    a few, each retired after 64 queries.
+ *   struct httpconn  one per --metrics client: its request head, then its
+ *                    response; closed after one exchange.
  *   struct cache     the answer cache: one block of --cache-size bytes,
  *                    an index and a ring of entries (answers, and
  *                    pending markers naming the query that is upstream).
