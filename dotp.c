@@ -247,6 +247,9 @@
 #define DOTP_HIST_BOUNDS	{ 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, \
 	2000, 5000 }
 #define DOTP_HIST_N		12
+#define DOTP_HIST_LE		{ "0.001", "0.002", "0.005", "0.010", \
+	"0.020", "0.050", "0.100", "0.200", "0.500", "1.000", "2.000", \
+	"5.000", "+Inf" }
 
 /* The longest log line: the start line, with every zone and each of its
  * servers (a DoT server's text is up to 64 + 1 + 255 bytes). */
@@ -6111,6 +6114,61 @@ wb_printf(struct wbuf *b, const char *fmt, ...)
 		b->len += (size_t)n;
 }
 
+/*
+ * The samples are put together from pieces: printf costs a microsecond
+ * a line, and a scrape's 300 lines would hold the loop (and DNS) that
+ * much longer.
+ */
+
+/* Appends the strings of the NULL-ended list to b. */
+static void
+wb_put(struct wbuf *b, ...)
+{
+	const char *s;
+	size_t	 n;
+	va_list	 ap;
+
+	va_start(ap, b);
+	while ((s = va_arg(ap, const char *)) != NULL) {
+		n = strlen(s);
+		if (b->over || n > b->cap - b->len) {
+			b->over = 1;
+			break;
+		}
+		memcpy(b->p + b->len, s, n);
+		b->len += n;
+	}
+	va_end(ap);
+}
+
+/* Appends " V\n": v in decimal, or, if ms, v/1000 with 3 decimals. */
+static void
+wb_value(struct wbuf *b, unsigned long v, int ms)
+{
+	char	 d[32];
+	int	 i = sizeof d - 1;
+
+	d[i] = '\0';
+	d[--i] = '\n';
+	do {
+		d[--i] = (char)('0' + v % 10);
+		v /= 10;
+		if (ms && i == (int)sizeof d - 5)
+			d[--i] = '.';
+	} while (v > 0 || (ms && i > (int)sizeof d - 7));
+	d[--i] = ' ';
+	wb_put(b, d + i, NULL);
+}
+
+/* One sample: dotp_NAME{LAB} V (no braces when lab is ""). */
+static void
+wb_sample(struct wbuf *b, const char *name, const char *lab,
+    unsigned long v, int ms)
+{
+	wb_put(b, "dotp_", name, *lab ? "{" : "", lab, *lab ? "}" : "", NULL);
+	wb_value(b, v, ms);
+}
+
 /* "# HELP" and "# TYPE" of family dotp_NAME (or NAME when it has its
  * own prefix, "process_..."). */
 static void
@@ -6119,8 +6177,8 @@ wb_family(struct wbuf *b, const char *name, const char *type,
 {
 	const char *pre = strncmp(name, "process_", 8) ? "dotp_" : "";
 
-	wb_printf(b, "# HELP %s%s %s\n# TYPE %s%s %s\n", pre, name, help,
-	    pre, name, type);
+	wb_put(b, "# HELP ", pre, name, " ", help, "\n# TYPE ", pre, name, " ",
+	    type, "\n", NULL);
 }
 
 /* The samples of histogram h of family dotp_NAME, labels lab ("" or
@@ -6129,23 +6187,22 @@ static void
 wb_hist(struct wbuf *b, const char *name, const char *lab,
     const struct hist *h)
 {
-	static const int bound[DOTP_HIST_N] = DOTP_HIST_BOUNDS;
+	static const char le[DOTP_HIST_N + 1][8] = DOTP_HIST_LE;
 	unsigned long n = 0;
 	int	 k;
 
-	char	 le[16];
-
 	for (k = 0; k <= DOTP_HIST_N; k++) {
 		n += h->n[k];
-		if (k < DOTP_HIST_N)
-			snprintf(le, sizeof le, "%d.%03d", bound[k] / 1000,
-			    bound[k] % 1000);
-		wb_printf(b, "dotp_%s_bucket{%s%sle=\"%s\"} %lu\n", name, lab,
-		    *lab ? "," : "", k < DOTP_HIST_N ? le : "+Inf", n);
+		wb_put(b, "dotp_", name, "_bucket{", lab, *lab ? "," : "",
+		    "le=\"", le[k], "\"}", NULL);
+		wb_value(b, n, 0);
 	}
-	wb_printf(b, "dotp_%s_sum%s%s%s %lu.%03lu\ndotp_%s_count%s%s%s %lu\n",
-	    name, *lab ? "{" : "", lab, *lab ? "}" : "", h->sum_ms / 1000,
-	    h->sum_ms % 1000, name, *lab ? "{" : "", lab, *lab ? "}" : "", n);
+	wb_put(b, "dotp_", name, "_sum", *lab ? "{" : "", lab, *lab ? "}" : "",
+	    NULL);
+	wb_value(b, h->sum_ms, 1);
+	wb_put(b, "dotp_", name, "_count", *lab ? "{" : "", lab, *lab ? "}" :
+	    "", NULL);
+	wb_value(b, n, 0);
 }
 
 /* The process's resident set (/proc/self/statm) and open descriptors
@@ -6193,19 +6250,23 @@ metrics_process(struct wbuf *b)
 		    gauge ? "" : "_total");
 		wb_family(b, name, gauge ? "gauge" : "counter",
 		    stat_defs[k].help);
-		wb_printf(b, "dotp_%s %lu\n", name, stat_value(k));
+		wb_sample(b, name, "", stat_value(k), 0);
 	}
 	wb_family(b, "queries_by_transport_total", "counter", "messages "
 	    "received from clients, by transport");
-	wb_printf(b, "dotp_queries_by_transport_total{transport=\"udp\"} %lu\n"
-	    "dotp_queries_by_transport_total{transport=\"tcp\"} %lu\n",
-	    G.queries_by[0], G.queries_by[1]);
+	wb_sample(b, "queries_by_transport_total", "transport=\"udp\"",
+	    G.queries_by[0], 0);
+	wb_sample(b, "queries_by_transport_total", "transport=\"tcp\"",
+	    G.queries_by[1], 0);
 	wb_family(b, "responses_total", "counter", "messages sent to clients, "
 	    "by RCODE (upstream, cache and dotp's own)");
-	for (k = 0; k < 16; k++)
-		if (G.rcodes[k] > 0 || k <= DNS_RCODE_REFUSED)
-			wb_printf(b, "dotp_responses_total{rcode=\"%s\"} %lu\n",
-			    rcode_name[k], G.rcodes[k]);
+	for (k = 0; k < 16; k++) {
+		if (G.rcodes[k] == 0 && k > DNS_RCODE_REFUSED)
+			continue;
+		wb_put(b, "dotp_responses_total{rcode=\"", rcode_name[k], "\"}",
+		    NULL);
+		wb_value(b, G.rcodes[k], 0);
+	}
 	wb_family(b, "answer_duration_seconds", "histogram", "time from a "
 	    "query to its upstream answer, for each answer counted in "
 	    "dotp_answers_total");
@@ -6287,11 +6348,7 @@ metrics_upstreams(struct wbuf *b)
 			unsigned long x = up_stat(&G.up[ui], k);
 
 			up_labels(&G.up[ui], lab, sizeof lab);
-			if (ms)
-				wb_printf(b, "dotp_%s{%s} %lu.%03lu\n", name,
-				    lab, x / 1000, x % 1000);
-			else
-				wb_printf(b, "dotp_%s{%s} %lu\n", name, lab, x);
+			wb_sample(b, name, lab, x, ms);
 		}
 	}
 	for (f = 0; f < 3; f++) {
@@ -6299,12 +6356,7 @@ metrics_upstreams(struct wbuf *b)
 		for (ui = 0; ui < G.nup; ui++) {
 			up_labels(&G.up[ui], lab, sizeof lab);
 			v = up_level(ui, f);
-			if (f == 2)
-				wb_printf(b, "dotp_%s{%s} %ld.%03ld\n",
-				    level[f][0], lab, v / 1000, v % 1000);
-			else
-				wb_printf(b, "dotp_%s{%s} %ld\n", level[f][0],
-				    lab, v);
+			wb_sample(b, level[f][0], lab, (unsigned long)v, f == 2);
 		}
 	}
 	wb_family(b, "upstream_response_seconds", "histogram", "time from a "
@@ -6369,9 +6421,13 @@ http_reply(struct httpconn *h, int status, const char *extra,
 	    "Content-Length: %zu\r\nConnection: close\r\n%s\r\n", status,
 	    reason[k].text, body, extra);
 	memcpy(b->p + DOTP_HTTP_HEAD_ROOM - n, head, n);
-	h->out = b->p;
-	h->out_off = DOTP_HTTP_HEAD_ROOM - n;
-	h->out_len = head_only ? DOTP_HTTP_HEAD_ROOM : b->len;
+	h->out_len = n + (head_only ? 0 : body);
+	if ((h->out = malloc(h->out_len)) == NULL) {
+		http_close(h);
+		return;
+	}
+	memcpy(h->out, b->p + DOTP_HTTP_HEAD_ROOM - n, h->out_len);
+	h->out_off = 0;
 }
 
 /*
@@ -6382,16 +6438,14 @@ http_reply(struct httpconn *h, int status, const char *extra,
 static void
 http_answer(struct httpconn *h, int complete)
 {
-	struct wbuf b = { NULL, DOTP_HTTP_HEAD_ROOM, 0, 0 };
+	/* Built here, then copied out at its size: the scratch stays
+	 * mapped, so a scrape costs no mmap() and no page faults. */
+	static char scratch[DOTP_HTTP_HEAD_ROOM + DOTP_METRICS_MAX];
+	struct wbuf b = { scratch, DOTP_HTTP_HEAD_ROOM, sizeof scratch, 0 };
 	char	*path = strchr(h->req, ' '), *end = NULL;
 	const char *why, *extra = "";
 	int	 status = 200, head = 0;
 
-	b.cap = DOTP_HTTP_HEAD_ROOM + DOTP_METRICS_MAX;
-	if ((b.p = malloc(b.cap)) == NULL) {
-		http_close(h);
-		return;
-	}
 	if (path != NULL && (end = strchr(++path, ' ')) != NULL) {
 		*end = '\0';	/* PATH[?QUERY], then " HTTP/1.x" */
 		path[strcspn(path, "?")] = '\0';
