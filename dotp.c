@@ -1141,14 +1141,21 @@ fatal(int status, const char *fmt, ...)
 	exit(status);
 }
 
-/* Milliseconds of CLOCK_MONOTONIC. */
+/* Microseconds of CLOCK_MONOTONIC (the query log's latency). */
 static int64_t
-now_ms(void)
+now_us(void)
 {
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Milliseconds of CLOCK_MONOTONIC. */
+static int64_t
+now_ms(void)
+{
+	return now_us() / 1000;
 }
 
 static uint16_t
@@ -2150,16 +2157,6 @@ tcp_send(struct tcpclient *c, const unsigned char *msg, size_t len)
 	c->out_len += need;
 	if (tcp_flush(c) < 0)
 		tcp_close(c);
-}
-
-/* Microseconds of CLOCK_MONOTONIC, for the query log. */
-static int64_t
-now_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* RCODE mnemonics (RFC 6895), for the query log and the metrics; an
@@ -6273,9 +6270,9 @@ metrics_process(struct wbuf *b)
 	wb_hist(b, "answer_duration_seconds", "", &G.answer_time);
 	wb_family(b, "queries_in_flight", "gauge", "queries waiting for an "
 	    "upstream answer");
-	wb_printf(b, "dotp_queries_in_flight %u\n", G.qlive);
+	wb_sample(b, "queries_in_flight", "", G.qlive, 0);
 	wb_family(b, "tcp_clients", "gauge", "TCP clients connected");
-	wb_printf(b, "dotp_tcp_clients %d\n", G.ntcp);
+	wb_sample(b, "tcp_clients", "", (unsigned long)G.ntcp, 0);
 	wb_family(b, "build_info", "gauge", "the version running");
 	wb_printf(b, "dotp_build_info{version=\"%s\"} 1\n", DOTP_VERSION);
 	wb_family(b, "process_start_time_seconds", "gauge", "start time of "
@@ -6480,8 +6477,9 @@ http_answer(struct httpconn *h, int complete)
 	http_reply(h, status, extra, &b, head);
 }
 
-/* Does the head in req (len bytes) end, with an empty line? */
-static int
+/* Where the body after the head in req (len bytes) starts: past its
+ * empty line. 0: the head does not end within len. */
+static size_t
 http_head_ends(const char *req, size_t len)
 {
 	size_t	 i;
@@ -6489,7 +6487,7 @@ http_head_ends(const char *req, size_t len)
 	for (i = 1; i < len; i++)
 		if (req[i] == '\n' && (req[i - 1] == '\n' || (i >= 3 &&
 		    req[i - 1] == '\r' && req[i - 2] == '\n')))
-			return 1;
+			return i + 1;
 	return 0;
 }
 
@@ -6510,7 +6508,7 @@ http_read(struct httpconn *h)
 	}
 	h->have += (size_t)n;
 	h->req[h->have] = '\0';
-	if (http_head_ends(h->req, h->have))
+	if (http_head_ends(h->req, h->have) > 0)
 		http_answer(h, 1);
 	else if (h->have == sizeof h->req - 1)
 		http_answer(h, 0);
@@ -8280,9 +8278,8 @@ health_http(const struct sockaddr_text *a, int64_t until, char *why,
 		goto out;
 	}
 	code = (int)strtol(buf + 9, NULL, 10);
-	for (body = buf; *body && !http_head_ends(buf, (size_t)(body - buf));
-	    body++)
-		;
+	body = http_head_ends(buf, have) ? buf + http_head_ends(buf, have) :
+	    buf + have;		/* no end of the head: no body */
 	body[strcspn(body, "\r\n")] = '\0';
 	snprintf(why, len, "%.200s", body);
 out:
