@@ -107,7 +107,7 @@
  *
  * WHERE TO CHANGE WHAT
  *
- *   a new option          a field in struct config and a row of opts[]
+ *   a new option          a field in struct config and a row of DOTP_OPTS
  *                         (16); the README's table (a test compares)
  *   a new counter         a row of DOTP_STATS or DOTP_UP_STATS (2), and
  *                         G.ctr[CTR_X]++ where it happens; the exit line
@@ -6813,7 +6813,7 @@ loop_run(void)
 /* ==== 16. Options ==== */
 
 /*
- * Every option is one row of opts[]: short and long name, environment
+ * Every option is one row of DOTP_OPTS: short and long name, environment
  * variable, argument, the function that sets it, range and default, and
  * the help text. The table drives getopt_long(), the environment
  * fallback (a flag wins over its variable), the defaults and --help;
@@ -7463,109 +7463,176 @@ opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
 #define COUNT	"N", "a count"
 #define BYTES	"BYTES", "bytes"
 #define SECONDS	"S", "seconds"
-/* A row of a number, a switch, or another value (see struct optdef). */
+/*
+ * A row of a number, a size, a switch, or another value: each is an
+ * OPT(chr, kind, name, env, arg, unit, set, min, max, def, off, dflt,
+ * help) with the fields of struct optdef, "" for a text it lacks.
+ */
 #define NUM(name, env, arg_unit, min, max, def, f, help) \
-	{ 0, OPT_VALUE, name, env, arg_unit, opt_num, min, max, def, \
-	    CFG(f), NULL, help }
+	OPT(0, OPT_VALUE, name, env, arg_unit, opt_num, min, max, def, \
+	    CFG(f), "", help)
+#define SIZE(name, env, arg_unit, min, max, def, f, help) \
+	OPT(0, OPT_VALUE, name, env, arg_unit, opt_size, min, max, def, \
+	    CFG(f), "", help)
 #define SWITCH(chr, name, env, f, help) \
-	{ chr, OPT_SWITCH, name, env, NULL, NULL, opt_on, 0, 0, 0, CFG(f), \
-	    NULL, help }
+	OPT(chr, OPT_SWITCH, name, env, "", "", opt_on, 0, 0, 0, CFG(f), \
+	    "", help)
 #define VALUE(chr, kind, name, env, arg, set, dflt, help) \
-	{ chr, kind, name, env, arg, NULL, set, 0, 0, 0, 0, dflt, help }
+	OPT(chr, kind, name, env, arg, "", set, 0, 0, 0, 0, dflt, help)
 
 /* The private ranges: the default --allow. */
 #define DOTP_ALLOW_DEFAULT "127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 " \
 	"192.168.0.0/16 169.254.0.0/16 fc00::/7 fe80::/10"
 
-static const struct optdef opts[] = {
-	VALUE('l', OPT_LIST, "listen", "DOTP_LISTEN", "ADDR[:PORT]",
-	    opt_listen, "127.0.0.1:53 [::1]:53",
-	    "serve DNS on UDP and TCP there (repeatable; IPv6 as [::1]:53)"),
-	VALUE('u', OPT_LIST, "upstream", "DOTP_UPSTREAM", "HOST[:PORT]#NAME",
-	    opt_upstream, "1.1.1.1#cloudflare-dns.com "
-	    "1.0.0.1#cloudflare-dns.com",
-	    "DoT resolver: IP literal, port (853), and the name its "
-	    "certificate must carry (repeatable)"),
-	VALUE(0, OPT_VALUE, "forward", "DOTP_FORWARD",
-	    "ZONE[,ZONE...]=SERVER[,SERVER...]", opt_forward, NULL,
-	    "names at or under ZONE go to these servers: DoT as for -u, or "
-	    "plain DNS as dns://HOST[:PORT] (repeatable; ';' separates "
-	    "entries)"),
-	VALUE(0, OPT_VALUE, "ca-file", "DOTP_CA_FILE", "PEM", opt_ca_file,
-	    NULL, "trust these CAs instead of the embedded Mozilla roots"),
-	NUM("timeout", "DOTP_TIMEOUT", MS, 1, 600000, DOTP_TIMEOUT_MS,
-	    timeout_ms, "answer SERVFAIL to a query unanswered that long"),
-	VALUE(0, OPT_VALUE, "policy", "DOTP_POLICY", "first|round-robin",
-	    opt_policy, "first", "first healthy upstream in -u order, or "
-	    "round-robin over the healthy ones"),
-	NUM("attempt-timeout", "DOTP_ATTEMPT_TIMEOUT", MS, 0, 600000, 0,
-	    attempt_ms, "also send to the next upstream after that long "
-	    "(0: from the upstream's RTT)"),
-	NUM("connect-timeout", "DOTP_CONNECT_TIMEOUT", MS, 1, 600000,
-	    DOTP_CONNECT_MS, connect_ms, "TCP connect limit"),
-	NUM("handshake-timeout", "DOTP_HANDSHAKE_TIMEOUT", MS, 1, 600000,
-	    DOTP_HANDSHAKE_MS, handshake_ms, "TLS handshake limit"),
-	NUM("idle-timeout", "DOTP_IDLE_TIMEOUT", MS, 1, 86400000,
-	    DOTP_IDLE_MS, idle_ms, "close an upstream connection idle that "
-	    "long (less for a server seen to close sooner)"),
-	NUM("conn-queries", "DOTP_CONN_QUERIES", COUNT, 1, 65535,
-	    DOTP_CONN_QUERIES, conn_queries, "queries in flight on one "
-	    "connection before another one opens"),
-	NUM("max-conns", "DOTP_MAX_CONNS", COUNT, 1, DOTP_MAX_CONNS_CAP,
-	    DOTP_MAX_CONNS, max_conns, "connections per upstream"),
-	NUM("max-queries", "DOTP_MAX_QUERIES", COUNT, 1,
-	    DOTP_MAX_QUERIES_CAP, DOTP_MAX_QUERIES, max_queries,
-	    "queries waiting at once; over it, SERVFAIL"),
-	NUM("drain", "DOTP_DRAIN", MS, 0, 600000, DOTP_DRAIN_MS, drain_ms,
-	    "on SIGTERM, time given to queries in flight"),
-	NUM("udp-size", "DOTP_UDP_SIZE", BYTES, DNS_UDP_MIN,
-	    DOTP_UDP_SIZE_MAX, DNS_EDNS_UDP_MAX, udp_size,
-	    "largest UDP answer to an EDNS client"),
-	NUM("udp-rcvbuf", "DOTP_UDP_RCVBUF", BYTES, 4096,
-	    DOTP_UDP_RCVBUF_MAX, DOTP_UDP_RCVBUF, udp_rcvbuf,
-	    "UDP receive buffer asked for, for bursts"),
-	SWITCH(0, "no-pad", "DOTP_NO_PAD", no_pad,
-	    "do not pad queries to 128-byte blocks (RFC 8467)"),
-	{ 0, OPT_VALUE, "cache-size", "DOTP_CACHE_SIZE", BYTES, opt_size,
-	    DOTP_CACHE_SIZE_MIN, DOTP_CACHE_SIZE_MAX, DOTP_CACHE_SIZE,
-	    CFG(cache_size), NULL, "memory for the answer cache, all of it "
-	    "reserved at start (k, m suffixes)" },
-	SWITCH(0, "no-cache", "DOTP_NO_CACHE", no_cache,
-	    "no answer cache: every query goes upstream"),
-	NUM("cache-min-ttl", "DOTP_CACHE_MIN_TTL", SECONDS, 0, 86400, 0,
-	    cache_min_ttl, "keep answers at least that long"),
-	NUM("cache-max-ttl", "DOTP_CACHE_MAX_TTL", SECONDS, 1, 604800,
-	    DOTP_CACHE_MAX_TTL, cache_max_ttl, "keep answers at most that long"),
-	NUM("cache-neg-ttl", "DOTP_CACHE_NEG_TTL", SECONDS, 1, 86400,
-	    DOTP_CACHE_NEG_TTL, cache_neg_ttl, "keep NXDOMAIN and NODATA at "
-	    "most that long"),
-	NUM("serve-stale", "DOTP_SERVE_STALE", SECONDS, 0, 604800, 0,
-	    serve_stale, "keep expired answers that much longer, served when "
-	    "upstreams fail or are slow (0: off)"),
-	VALUE(0, OPT_VALUE, "metrics", "DOTP_METRICS", "ADDR[:PORT]",
-	    opt_metrics, NULL, "serve /metrics (Prometheus), /health and "
-	    "/ready over HTTP there (port 9253); off unless set"),
-	VALUE(0, OPT_LIST, "allow", "DOTP_ALLOW", "CIDR", opt_allow,
-	    DOTP_ALLOW_DEFAULT, "clients allowed (repeatable); others get "
-	    "REFUSED"),
-	NUM("tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", MS, 1, 86400000,
-	    DOTP_TCP_IDLE_MS, tcp_idle_ms, "close a TCP client idle that long"),
-	NUM("max-tcp", "DOTP_MAX_TCP", COUNT, 1, DOTP_MAX_TCP_CAP,
-	    DOTP_MAX_TCP, max_tcp, "TCP clients at once; over it, closed"),
-	VALUE(0, OPT_VALUE, "user", "DOTP_USER", "USER|UID[:GID]", opt_user,
-	    NULL, "after start-up (sockets bound, anchors loaded) run as this "
-	    "user; numbers need no /etc/passwd"),
-	SWITCH(0, "log-queries", "DOTP_LOG_QUERIES", log_queries,
-	    "one log line per answer: client, name, type, rcode, source, "
-	    "latency (off: privacy)"),
-	SWITCH('v', "verbose", "DOTP_VERBOSE", verbose, "debug logs"),
-	SWITCH('q', "quiet", "DOTP_QUIET", quiet, "errors only"),
-	VALUE('h', OPT_ACTION, "help", NULL, NULL, opt_help, NULL,
-	    "this text"),
-	VALUE('V', OPT_ACTION, "version", NULL, NULL, opt_version, NULL,
-	    "print the version"),
+/* The options, one row each, in --help's order. */
+#define DOTP_OPTS \
+	VALUE('l', OPT_LIST, "listen", "DOTP_LISTEN", "ADDR[:PORT]", \
+	    opt_listen, "127.0.0.1:53 [::1]:53", \
+	    "serve DNS on UDP and TCP there (repeatable; IPv6 as [::1]:53)") \
+	VALUE('u', OPT_LIST, "upstream", "DOTP_UPSTREAM", "HOST[:PORT]#NAME", \
+	    opt_upstream, "1.1.1.1#cloudflare-dns.com " \
+	    "1.0.0.1#cloudflare-dns.com", \
+	    "DoT resolver: IP literal, port (853), and the name its " \
+	    "certificate must carry (repeatable)") \
+	VALUE(0, OPT_VALUE, "forward", "DOTP_FORWARD", \
+	    "ZONE[,ZONE...]=SERVER[,SERVER...]", opt_forward, "", \
+	    "names at or under ZONE go to these servers: DoT as for -u, or " \
+	    "plain DNS as dns://HOST[:PORT] (repeatable; ';' separates " \
+	    "entries)") \
+	VALUE(0, OPT_VALUE, "ca-file", "DOTP_CA_FILE", "PEM", opt_ca_file, \
+	    "", "trust these CAs instead of the embedded Mozilla roots") \
+	NUM("timeout", "DOTP_TIMEOUT", MS, 1, 600000, DOTP_TIMEOUT_MS, \
+	    timeout_ms, "answer SERVFAIL to a query unanswered that long") \
+	VALUE(0, OPT_VALUE, "policy", "DOTP_POLICY", "first|round-robin", \
+	    opt_policy, "first", "first healthy upstream in -u order, or " \
+	    "round-robin over the healthy ones") \
+	NUM("attempt-timeout", "DOTP_ATTEMPT_TIMEOUT", MS, 0, 600000, 0, \
+	    attempt_ms, "also send to the next upstream after that long " \
+	    "(0: from the upstream's RTT)") \
+	NUM("connect-timeout", "DOTP_CONNECT_TIMEOUT", MS, 1, 600000, \
+	    DOTP_CONNECT_MS, connect_ms, "TCP connect limit") \
+	NUM("handshake-timeout", "DOTP_HANDSHAKE_TIMEOUT", MS, 1, 600000, \
+	    DOTP_HANDSHAKE_MS, handshake_ms, "TLS handshake limit") \
+	NUM("idle-timeout", "DOTP_IDLE_TIMEOUT", MS, 1, 86400000, \
+	    DOTP_IDLE_MS, idle_ms, "close an upstream connection idle that " \
+	    "long (less for a server seen to close sooner)") \
+	NUM("conn-queries", "DOTP_CONN_QUERIES", COUNT, 1, 65535, \
+	    DOTP_CONN_QUERIES, conn_queries, "queries in flight on one " \
+	    "connection before another one opens") \
+	NUM("max-conns", "DOTP_MAX_CONNS", COUNT, 1, DOTP_MAX_CONNS_CAP, \
+	    DOTP_MAX_CONNS, max_conns, "connections per upstream") \
+	NUM("max-queries", "DOTP_MAX_QUERIES", COUNT, 1, \
+	    DOTP_MAX_QUERIES_CAP, DOTP_MAX_QUERIES, max_queries, \
+	    "queries waiting at once; over it, SERVFAIL") \
+	NUM("drain", "DOTP_DRAIN", MS, 0, 600000, DOTP_DRAIN_MS, drain_ms, \
+	    "on SIGTERM, time given to queries in flight") \
+	NUM("udp-size", "DOTP_UDP_SIZE", BYTES, DNS_UDP_MIN, \
+	    DOTP_UDP_SIZE_MAX, DNS_EDNS_UDP_MAX, udp_size, \
+	    "largest UDP answer to an EDNS client") \
+	NUM("udp-rcvbuf", "DOTP_UDP_RCVBUF", BYTES, 4096, \
+	    DOTP_UDP_RCVBUF_MAX, DOTP_UDP_RCVBUF, udp_rcvbuf, \
+	    "UDP receive buffer asked for, for bursts") \
+	SWITCH(0, "no-pad", "DOTP_NO_PAD", no_pad, \
+	    "do not pad queries to 128-byte blocks (RFC 8467)") \
+	SIZE("cache-size", "DOTP_CACHE_SIZE", BYTES, DOTP_CACHE_SIZE_MIN, \
+	    DOTP_CACHE_SIZE_MAX, DOTP_CACHE_SIZE, cache_size, \
+	    "memory for the answer cache, all of it " \
+	    "reserved at start (k, m suffixes)") \
+	SWITCH(0, "no-cache", "DOTP_NO_CACHE", no_cache, \
+	    "no answer cache: every query goes upstream") \
+	NUM("cache-min-ttl", "DOTP_CACHE_MIN_TTL", SECONDS, 0, 86400, 0, \
+	    cache_min_ttl, "keep answers at least that long") \
+	NUM("cache-max-ttl", "DOTP_CACHE_MAX_TTL", SECONDS, 1, 604800, \
+	    DOTP_CACHE_MAX_TTL, cache_max_ttl, "keep answers at most that long") \
+	NUM("cache-neg-ttl", "DOTP_CACHE_NEG_TTL", SECONDS, 1, 86400, \
+	    DOTP_CACHE_NEG_TTL, cache_neg_ttl, "keep NXDOMAIN and NODATA at " \
+	    "most that long") \
+	NUM("serve-stale", "DOTP_SERVE_STALE", SECONDS, 0, 604800, 0, \
+	    serve_stale, "keep expired answers that much longer, served when " \
+	    "upstreams fail or are slow (0: off)") \
+	VALUE(0, OPT_VALUE, "metrics", "DOTP_METRICS", "ADDR[:PORT]", \
+	    opt_metrics, "", "serve /metrics (Prometheus), /health and " \
+	    "/ready over HTTP there (port 9253); off unless set") \
+	VALUE(0, OPT_LIST, "allow", "DOTP_ALLOW", "CIDR", opt_allow, \
+	    DOTP_ALLOW_DEFAULT, "clients allowed (repeatable); others get " \
+	    "REFUSED") \
+	NUM("tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", MS, 1, 86400000, \
+	    DOTP_TCP_IDLE_MS, tcp_idle_ms, "close a TCP client idle that long") \
+	NUM("max-tcp", "DOTP_MAX_TCP", COUNT, 1, DOTP_MAX_TCP_CAP, \
+	    DOTP_MAX_TCP, max_tcp, "TCP clients at once; over it, closed") \
+	VALUE(0, OPT_VALUE, "user", "DOTP_USER", "USER|UID[:GID]", opt_user, \
+	    "", "after start-up (sockets bound, anchors loaded) run as this " \
+	    "user; numbers need no /etc/passwd") \
+	SWITCH(0, "log-queries", "DOTP_LOG_QUERIES", log_queries, \
+	    "one log line per answer: client, name, type, rcode, source, " \
+	    "latency (off: privacy)") \
+	SWITCH('v', "verbose", "DOTP_VERBOSE", verbose, "debug logs") \
+	SWITCH('q', "quiet", "DOTP_QUIET", quiet, "errors only") \
+	VALUE('h', OPT_ACTION, "help", "", "", opt_help, "", \
+	    "this text") \
+	VALUE('V', OPT_ACTION, "version", "", "", opt_version, "", \
+	    "print the version") \
+
+/*
+ * The rows as data: their texts as one block of strings, the rest as a
+ * table, unpacked into opts[] at start (opts_init). A table of pointers
+ * to strings would cost a relocation of 24 bytes per string in the
+ * static PIE binary (see stat_text).
+ */
+#define OPT(chr, kind, name, env, arg, unit, set, min, max, def, off, \
+    dflt, help) name "\0" env "\0" arg "\0" unit "\0" dflt "\0" help "\0"
+static const char opt_text[] = DOTP_OPTS;
+#undef OPT
+struct optrow {
+	char	 chr;
+	uint8_t	 kind;
+	opt_set_fn *set;
+	long	 min, max, def;
+	size_t	 off;
 };
-#define NOPTS	(int)(sizeof opts / sizeof opts[0])
+#define OPT(chr, kind, name, env, arg, unit, set, min, max, def, off, \
+    dflt, help) { chr, kind, set, min, max, def, off },
+static const struct optrow opt_rows[] = { DOTP_OPTS };
+#undef OPT
+#define NOPTS	(int)(sizeof opt_rows / sizeof opt_rows[0])
+static struct optdef opts[NOPTS];
+
+/* The next string of opt_text at *t, or NULL if it is empty. */
+static const char *
+opt_text_next(const char **t)
+{
+	const char *s = *t;
+
+	*t += strlen(s) + 1;
+	return *s ? s : NULL;
+}
+
+/* Fills opts[] from opt_rows and opt_text, once. */
+static void
+opts_init(void)
+{
+	const char *t = opt_text;
+	int	 k;
+
+	if (opts[0].name != NULL)
+		return;
+	for (k = 0; k < NOPTS; k++) {
+		opts[k].chr = opt_rows[k].chr;
+		opts[k].kind = opt_rows[k].kind;
+		opts[k].set = opt_rows[k].set;
+		opts[k].min = opt_rows[k].min;
+		opts[k].max = opt_rows[k].max;
+		opts[k].def = opt_rows[k].def;
+		opts[k].off = opt_rows[k].off;
+		opts[k].name = opt_text_next(&t);
+		opts[k].env = opt_text_next(&t);
+		opts[k].arg = opt_text_next(&t);
+		opts[k].unit = opt_text_next(&t);
+		opts[k].dflt = opt_text_next(&t);
+		opts[k].help = opt_text_next(&t);
+	}
+}
+
 /* getopt_long() returns OPT_VAL + k for row k. */
 #define OPT_VAL	256
 
@@ -7703,6 +7770,7 @@ cfg_parse(struct config *cfg, int argc, char *argv[])
 	char	 shorts[2 * NOPTS + 2], flag[40];
 	int	 c, k, given[NOPTS];
 
+	opts_init();
 	memset(cfg, 0, offsetof(struct config, fwd));
 	memset(given, 0, sizeof given);
 	opt_getopt_tables(lo, shorts);

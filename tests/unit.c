@@ -756,6 +756,7 @@ test_readme_options(void)
 	char	 seen[NOPTS];
 	int	 rows = 0, k;
 
+	opts_init();
 	ok(f != NULL, "README.md readable (run from the repository root)");
 	if (f == NULL)
 		return;
