@@ -141,6 +141,7 @@
 
 #include <sys/types.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -236,6 +237,16 @@
 #define DOTP_HTTP_HEAD_MAX	4096
 #define DOTP_HTTP_MS		2000
 #define DOTP_METRICS_MAX	(256 * 1024)
+
+/*
+ * --rate-limit: the clients remembered, DOTP_RL_SETS sets of
+ * DOTP_RL_WAYS. 8192 clients in 256 KiB: a node's pods many times over,
+ * and small enough to allocate whole at start; a flood from more
+ * addresses than that evicts the least recently seen (see rl_find).
+ */
+#define DOTP_RL_SETS		2048
+#define DOTP_RL_WAYS		4
+#define DOTP_RL_MAX		1000000	/* QPS and BURST at most */
 #define DOTP_METRICS_PORT	9253	/* NodeLocal DNSCache's */
 /* `dotp healthcheck` gives up after this. */
 #define DOTP_HEALTH_MS		2000
@@ -727,7 +738,17 @@ enum stat_kind { STAT_COUNTER, STAT_TOTAL, STAT_GAUGE };
 	X(CTR_CACHE_ENTRIES, "cache_entries", STAT_GAUGE, \
 	    "answers in the cache") \
 	X(CTR_CACHE_BYTES, "cache_bytes", STAT_GAUGE, \
-	    "bytes the cache's answers take")
+	    "bytes the cache's answers take") \
+	X(CTR_RL_TRUNCATED, "ratelimit_truncated", STAT_COUNTER, \
+	    "UDP queries over --rate-limit answered truncated (TC)") \
+	X(CTR_RL_DROPPED, "ratelimit_dropped", STAT_COUNTER, \
+	    "UDP queries over --rate-limit dropped") \
+	X(CTR_RL_TCP_PAUSED, "ratelimit_tcp_paused", STAT_COUNTER, \
+	    "times a TCP client over --rate-limit was left unread") \
+	X(CTR_RL_EVICTIONS, "ratelimit_evictions", STAT_COUNTER, \
+	    "clients forgotten to make room for others") \
+	X(CTR_RL_CLIENTS, "ratelimit_clients", STAT_GAUGE, \
+	    "clients --rate-limit remembers")
 
 /* X(ID, name, kind, help): one upstream. */
 #define DOTP_UP_STATS(X) \
@@ -832,11 +853,21 @@ struct tcpclient {
 	int	 eof;		/* client shut its side: close when done */
 	unsigned pending;	/* queries not yet answered */
 	int64_t	 idle_since;	/* last query read, answer queued or written */
+	int64_t	 rl_until;	/* --rate-limit: not read until then; 0: read */
+	uint64_t rl_key[2];	/* --rate-limit: its network (rl_key) */
 	size_t	 rx_have;
 	int	 live_pos;	/* index in G.tcp_live */
 	unsigned char *rx;	/* G.tcprx + slot: 2 + DOTP_QUERY_MAX bytes */
 	unsigned char *out;	/* queued answer frames */
 	size_t	 out_len, out_off, out_cap;
+};
+
+/* A client of --rate-limit (section 13): its token buckets. */
+struct rlent {
+	uint64_t key[2];	/* the client's network (rl_key) */
+	int64_t	 seen;		/* its last query, ms; 0: a free way */
+	int32_t	 tokens;	/* queries it may send, x1000 */
+	int32_t	 tc_tokens;	/* truncated answers over its limit, x1000 */
 };
 
 /* struct listener: one -l address; UDP and TCP sockets on it. */
@@ -912,6 +943,9 @@ struct config {
 	int	 no_cache, cache_size, cache_min_ttl, cache_max_ttl;
 	int	 cache_neg_ttl, serve_stale;
 	int	 log_queries;	/* --log-queries */
+	int	 no_sandbox;	/* --no-sandbox: no seccomp filter */
+	int	 rl_qps, rl_burst;	/* --rate-limit; 0: off */
+	int	 rl_v4, rl_v6;	/* --rate-limit-prefix */
 	int	 have_user;	/* --user: drop to uid:gid after start-up */
 	uid_t	 uid;
 	gid_t	 gid;
@@ -1025,6 +1059,12 @@ struct dotp {
 	struct hist answer_time;
 	int64_t	 started_at;	/* CLOCK_REALTIME seconds */
 	int	 http_fd;	/* the --metrics listener, or -1 */
+	int	 statm_fd, fddir_fd;	/* /proc/self/statm, /proc/self/fd:
+					   opened before the sandbox */
+	struct rlent *rl;	/* --rate-limit's table, or NULL */
+	uint64_t rl_seed[2];	/* its hash key, random */
+	unsigned long rl_used;	/* clients in it */
+	int64_t	 rl_wake;	/* the next paused TCP client's turn; 0: none */
 	struct httpconn http[DOTP_HTTP_MAX];
 	struct cache cache;
 	struct qlist stale;	/* queries with q->stale, arrival order */
@@ -1302,6 +1342,8 @@ stat_value(int k)
 		return G.cache.entries;
 	case CTR_CACHE_BYTES:
 		return G.cache.bytes;
+	case CTR_RL_CLIENTS:
+		return G.rl_used;
 	default:
 		return G.ctr[k];
 	}
@@ -5755,6 +5797,131 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
 		q_lead(i, ck, &k, stale, now);
 }
 
+/*
+ * --rate-limit QPS[:BURST]: a token bucket per client network, the
+ * address cut to --rate-limit-prefix (/32 and /64 by default). Every
+ * query takes a token, cache hits too; BURST tokens at most, refilled at
+ * QPS a second. Over the limit, a UDP query gets a truncated answer, the
+ * question only (no larger than the query: nothing to amplify), so a
+ * real client retries over TCP, at most QPS a second (a second bucket);
+ * then nothing. A TCP client over the limit is not read until a token
+ * is due (rl_resume). The clients live in G.rl, DOTP_RL_SETS sets of
+ * DOTP_RL_WAYS picked by a hash keyed at random, so no sender can aim
+ * at another's set; tokens are kept in thousandths of a query.
+ */
+
+/* The network of the client at sa, as --rate-limit counts clients:
+ * an IPv4 address as IPv4-mapped IPv6, cut to its prefix. */
+static void
+rl_key(const struct sockaddr *sa, uint64_t key[2])
+{
+	unsigned char a[16];
+	int	 bits, k;
+
+	memset(a, 0, sizeof a);
+	if (sa->sa_family == AF_INET) {
+		a[10] = a[11] = 0xff;
+		memcpy(a + 12, &((const struct sockaddr_in *)(const void *)
+		    sa)->sin_addr, 4);
+		bits = 96 + G.cfg.rl_v4;
+	} else {
+		memcpy(a, &((const struct sockaddr_in6 *)(const void *)
+		    sa)->sin6_addr, 16);
+		bits = G.cfg.rl_v6;
+	}
+	for (k = 0; k < 16; k++, bits -= 8)
+		a[k] &= bits >= 8 ? 0xff : bits <= 0 ? 0 :
+		    (unsigned char)(0xff << (8 - bits));
+	memcpy(key, a, 16);
+}
+
+/* Adds the tokens due since *seen to a bucket of cap. */
+static int32_t
+rl_refill(int32_t tokens, int64_t ms, int32_t cap)
+{
+	int64_t	 t = tokens + ms * G.cfg.rl_qps;
+
+	return t > cap ? cap : (int32_t)t;
+}
+
+/* The bucket of client key, refilled to now: found, or made in a free
+ * way of its set, or in place of the set's least recently seen. */
+static struct rlent *
+rl_find(const uint64_t key[2], int64_t now)
+{
+	uint64_t h = (key[0] ^ G.rl_seed[0]) * 0x9e3779b97f4a7c15ULL;
+	struct rlent *set, *e, *old;
+	int32_t	 cap = G.cfg.rl_burst * 1000;
+	int	 k;
+
+	h = (h ^ (h >> 29) ^ key[1] ^ G.rl_seed[1]) * 0xbf58476d1ce4e5b9ULL;
+	set = G.rl + ((h >> 32) & (DOTP_RL_SETS - 1)) * DOTP_RL_WAYS;
+	for (k = 0, old = set; k < DOTP_RL_WAYS; k++) {
+		e = set + k;
+		if (e->seen != 0 && e->key[0] == key[0] &&
+		    e->key[1] == key[1]) {
+			e->tokens = rl_refill(e->tokens, now - e->seen, cap);
+			e->tc_tokens = rl_refill(e->tc_tokens, now - e->seen,
+			    cap);
+			e->seen = now;
+			return e;
+		}
+		if (e->seen < old->seen)
+			old = e;
+	}
+	if (old->seen != 0)
+		G.ctr[CTR_RL_EVICTIONS]++;
+	else
+		G.rl_used++;
+	old->key[0] = key[0];
+	old->key[1] = key[1];
+	old->seen = now;
+	old->tokens = old->tc_tokens = cap;
+	return old;
+}
+
+/* Takes a token of client key. Returns 0, or the milliseconds until
+ * one is due. */
+static int64_t
+rl_take(const uint64_t key[2], int64_t now)
+{
+	struct rlent *e = rl_find(key, now);
+
+	if (e->tokens >= 1000) {
+		e->tokens -= 1000;
+		return 0;
+	}
+	return (1000 - e->tokens + G.cfg.rl_qps - 1) / G.cfg.rl_qps;
+}
+
+/* UDP query m (len bytes) of client cl within its limit? If not, it
+ * got a truncated answer or nothing. */
+static int
+rl_udp(const unsigned char *m, size_t len, const struct client *cl,
+    int64_t now)
+{
+	unsigned char out[DNS_UDP_MIN];
+	struct qinfo qi;
+	struct rlent *e;
+	uint64_t key[2];
+	size_t	 n;
+
+	rl_key(&cl->peer.sa, key);
+	if (rl_take(key, now) == 0)
+		return 1;
+	e = rl_find(key, now);
+	if (e->tc_tokens < 1000 || dns_check_query(m, len, &qi) != QC_OK ||
+	    (n = dns_make_error(m, len, qi.qend, 0, 0, out, sizeof out)) == 0) {
+		G.ctr[CTR_RL_DROPPED]++;
+		return 0;
+	}
+	e->tc_tokens -= 1000;
+	wr16(out + DNS_OFF_FLAGS, rd16(out + DNS_OFF_FLAGS) | DNS_FLAG_TC);
+	client_send(cl, out, n);
+	G.ctr[CTR_RL_TRUNCATED]++;
+	return 0;
+}
+
 /* Takes the destination address a wildcard listener's datagram was
  * sent to from its control messages (IP_PKTINFO, IPV6_PKTINFO). */
 static void
@@ -5840,10 +6007,11 @@ udp_read(int li, int64_t now)
 		cl[i].dst_family = 0;
 		if (l->wildcard)
 			udp_dst(&mm[i].msg_hdr, &cl[i]);
-		if (acl_allows(&cl[i].peer.sa))
-			client_query(buf[i], mm[i].msg_len, &cl[i], now);
-		else
+		if (!acl_allows(&cl[i].peer.sa))
 			client_refuse(buf[i], mm[i].msg_len, &cl[i]);
+		else if (G.rl == NULL ||
+		    rl_udp(buf[i], mm[i].msg_len, &cl[i], now))
+			client_query(buf[i], mm[i].msg_len, &cl[i], now);
 	}
 }
 
@@ -5886,26 +6054,15 @@ tcp_shed(int lfd)
 	fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 	if (fd >= 0)
 		close(fd);
-	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	G.spare_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	return fd >= 0 ? 0 : -1;
 }
 
-/* Is the peer of accepted socket fd allowed (--allow)? */
+/* Adopts connected, non-blocking socket fd of the client at sa as a
+ * TCP client. Returns its slot, or -1 when --max-tcp clients are
+ * connected (fd is left open). */
 static int
-tcp_allowed(int fd)
-{
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof ss;
-
-	if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
-		return 0;
-	return acl_allows((struct sockaddr *)&ss);
-}
-
-/* Adopts connected, non-blocking socket fd as a TCP client. Returns its
- * slot, or -1 when --max-tcp clients are connected (fd is left open). */
-static int
-tcp_attach(int fd, int64_t now)
+tcp_attach(int fd, const struct sockaddr *sa, int64_t now)
 {
 	int	 j;
 
@@ -5917,6 +6074,9 @@ tcp_attach(int fd, int64_t now)
 	G.tcp[j].rx = G.tcprx + (size_t)j * (2 + DOTP_QUERY_MAX);
 	G.tcp[j].rx_have = 0;
 	G.tcp[j].idle_since = now;
+	G.tcp[j].rl_until = 0;
+	if (G.rl != NULL)
+		rl_key(sa, G.tcp[j].rl_key);
 	G.tcp[j].live_pos = G.ntcp;
 	G.tcp_live[G.ntcp++] = j;
 	return j;
@@ -5926,10 +6086,13 @@ tcp_attach(int fd, int64_t now)
 static void
 tcp_accept(int li, int64_t now)
 {
+	struct sockaddr_storage ss;
+	socklen_t sl;
 	int	 fd, k;
 
 	for (k = 0; k < DOTP_UDP_BATCH; k++) {
-		fd = accept4(G.lst[li].tcp, NULL, NULL,
+		sl = sizeof ss;
+		fd = accept4(G.lst[li].tcp, (struct sockaddr *)&ss, &sl,
 		    SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0) {
 			if ((errno == EMFILE || errno == ENFILE) &&
@@ -5938,7 +6101,8 @@ tcp_accept(int li, int64_t now)
 			return;
 		}
 		G.accept_burst = 0;
-		if (!tcp_allowed(fd) || tcp_attach(fd, now) < 0) {
+		if (!acl_allows((struct sockaddr *)&ss) ||
+		    tcp_attach(fd, (struct sockaddr *)&ss, now) < 0) {
 			G.ctr[CTR_TCP_REFUSED]++;
 			close(fd);
 		}
@@ -5964,17 +6128,65 @@ accept_service(int li, int fd, UNUSED short revents, int64_t now)
 		tcp_accept(li, now);
 }
 
+/* rl_resume() is due at t, or sooner. */
+static void
+rl_wake_at(int64_t t)
+{
+	if (G.rl_wake == 0 || t < G.rl_wake)
+		G.rl_wake = t;
+}
+
+/*
+ * Hands client j's complete frames on, each query within its
+ * --rate-limit; over it, the client is paused (rl_until) with the rest
+ * kept. Returns 0, or -1 when the client was closed.
+ */
+static int
+tcp_frames(int j, int64_t now)
+{
+	struct tcpclient *c = &G.tcp[j];
+	struct client cl;
+	size_t	 off = 0;
+	int64_t	 wait;
+	long	 fl;
+
+	while ((fl = frame_complete(c->rx + off, c->rx_have - off,
+	    DNS_HEADER_LEN, DOTP_QUERY_MAX)) > 0) {
+		if (G.rl != NULL && (wait = rl_take(c->rl_key, now)) > 0) {
+			c->rl_until = now + wait;
+			rl_wake_at(c->rl_until);
+			G.ctr[CTR_RL_TCP_PAUSED]++;
+			break;
+		}
+		cl.kind = CK_TCP;
+		cl.idx = (uint16_t)j;
+		cl.gen = c->gen;
+		cl.peerlen = 0;
+		client_query(c->rx + off + 2, (size_t)fl - 2, &cl, now);
+		off += (size_t)fl;
+		if (c->fd < 0)
+			return -1;	/* closed while answering */
+	}
+	if (fl < 0) {
+		G.ctr[CTR_DROPPED]++;
+		log_malformed(now);
+		tcp_close(c);
+		return -1;
+	}
+	memmove(c->rx, c->rx + off, c->rx_have - off);
+	c->rx_have -= off;
+	return 0;
+}
+
 /* Reads frames from client j and hands each query on. */
 static void
 tcp_read(int j, int64_t now)
 {
 	struct tcpclient *c = &G.tcp[j];
-	struct client cl;
 	ssize_t	 n;
-	size_t	 off;
-	long	 fl;
 
-	while (c->fd >= 0 && !c->eof && c->pending < DOTP_TCP_PIPELINE) {
+	while (c->fd >= 0 && !c->eof && c->pending < DOTP_TCP_PIPELINE &&
+	    c->rl_until == 0) {
 		n = recv(c->fd, c->rx + c->rx_have,
 		    2 + DOTP_QUERY_MAX - c->rx_have, MSG_DONTWAIT);
 		if (n < 0) {
@@ -5991,26 +6203,36 @@ tcp_read(int j, int64_t now)
 		}
 		c->idle_since = now;
 		c->rx_have += (size_t)n;
-		off = 0;
-		while ((fl = frame_complete(c->rx + off, c->rx_have - off,
-		    DNS_HEADER_LEN, DOTP_QUERY_MAX)) > 0) {
-			cl.kind = CK_TCP;
-			cl.idx = (uint16_t)j;
-			cl.gen = c->gen;
-			cl.peerlen = 0;
-			client_query(c->rx + off + 2, (size_t)fl - 2, &cl, now);
-			off += (size_t)fl;
-			if (c->fd < 0)
-				return;	/* closed while answering */
-		}
-		if (fl < 0) {
-			G.ctr[CTR_DROPPED]++;
-			log_malformed(now);
-			tcp_close(c);
+		if (tcp_frames(j, now) < 0)
 			return;
+	}
+}
+
+/* The TCP clients paused by --rate-limit whose token is due: their
+ * kept frames, then reading again. Backwards, as tcp_close() moves the
+ * last live client into a closed one's place. */
+static void
+rl_resume(int64_t now)
+{
+	int	 j;
+
+	if (G.rl_wake == 0 || now < G.rl_wake || G.draining)
+		return;
+	G.rl_wake = 0;
+	for (j = G.ntcp - 1; j >= 0; j--) {
+		int	 k = G.tcp_live[j];
+		struct tcpclient *c = &G.tcp[k];
+
+		if (c->rl_until == 0)
+			continue;
+		if (now < c->rl_until) {
+			rl_wake_at(c->rl_until);
+			continue;
 		}
-		memmove(c->rx, c->rx + off, c->rx_have - off);
-		c->rx_have -= off;
+		c->rl_until = 0;
+		c->idle_since = now;
+		if (tcp_frames(k, now) == 0 && c->rl_until == 0)
+			tcp_read(k, now);	/* what came meanwhile */
 	}
 }
 
@@ -6031,6 +6253,8 @@ tcp_pollset(int64_t now, int64_t *deadline)
 		dl_min(deadline, G.sweep_at);
 	if (G.ntcp > 0)
 		dl_min(deadline, G.tcp_scan_at);
+	if (G.rl_wake != 0)
+		dl_min(deadline, G.rl_wake);
 	for (j = 0; j < G.ntcp; j++) {
 		const struct tcpclient *c = &G.tcp[G.tcp_live[j]];
 		short	 ev = 0;
@@ -6038,7 +6262,8 @@ tcp_pollset(int64_t now, int64_t *deadline)
 		if (!all && c->pending == 0 && c->out_len == 0 &&
 		    now - c->idle_since >= DOTP_TCP_DORMANT_MS)
 			continue;
-		if (!c->eof && !G.draining && c->pending < DOTP_TCP_PIPELINE)
+		if (!c->eof && !G.draining && c->pending < DOTP_TCP_PIPELINE &&
+		    c->rl_until == 0)
 			ev |= POLLIN;
 		if (c->out_len > 0)
 			ev |= POLLOUT;
@@ -6203,32 +6428,30 @@ wb_hist(struct wbuf *b, const char *name, const char *lab,
 }
 
 /* The process's resident set (/proc/self/statm) and open descriptors
- * (/proc/self/fd), read at each scrape; -1 when /proc is not there. */
+ * (/proc/self/fd), read again at each scrape from the descriptors that
+ * setup_metrics opened (the sandbox allows no open); -1 when /proc was
+ * not there. */
 static void
 proc_figures(long *rss, long *fds)
 {
 	char	 buf[1024], *sp;
 	ssize_t	 n;
 	long	 off;
-	int	 fd;
 
 	*rss = *fds = -1;
-	if ((fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)) >= 0) {
-		n = read(fd, buf, sizeof buf - 1);
-		close(fd);
+	if (G.statm_fd >= 0) {
+		n = pread(G.statm_fd, buf, sizeof buf - 1, 0);
 		buf[n > 0 ? n : 0] = '\0';
 		if ((sp = strchr(buf, ' ')) != NULL)	/* size, then resident */
 			*rss = strtol(sp + 1, NULL, 10) * sysconf(_SC_PAGESIZE);
 	}
-	if ((fd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY |
-	    O_CLOEXEC)) < 0)
+	if (G.fddir_fd < 0 || lseek(G.fddir_fd, 0, SEEK_SET) < 0)
 		return;
-	*fds = -3;	/* ".", ".." and this one */
-	while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0)
+	*fds = -2;	/* "." and ".." */
+	while ((n = syscall(SYS_getdents64, G.fddir_fd, buf, sizeof buf)) > 0)
 		for (off = 0; off < n; (*fds)++)	/* d_reclen at 16 */
 			off += (long)(uint16_t)((buf[off + 16] & 0xff) |
 			    (buf[off + 17] & 0xff) << 8);
-	close(fd);
 }
 
 /* The process families: the counter table's rows, then the levels. */
@@ -6578,13 +6801,16 @@ hlisten_pollset(UNUSED int64_t now, UNUSED int64_t *deadline)
 static void
 hlisten_service(UNUSED int idx, int fd, UNUSED short revents, int64_t now)
 {
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof ss;
 	int	 c, k;
 
-	while ((c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >=
-	    0) {
+	while ((c = accept4(fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK |
+	    SOCK_CLOEXEC)) >= 0) {
+		sl = sizeof ss;
 		for (k = 0; k < DOTP_HTTP_MAX && G.http[k].fd >= 0; k++)
 			;
-		if (k == DOTP_HTTP_MAX || !tcp_allowed(c)) {
+		if (k == DOTP_HTTP_MAX || !acl_allows((struct sockaddr *)&ss)) {
 			close(c);
 			continue;
 		}
@@ -6789,6 +7015,7 @@ loop_pass(int64_t max_sleep)
 			fd_kinds[G.pkind[i]].service(G.pidx[i], G.pfd[i].fd,
 			    G.pfd[i].revents, now);
 	expire(now);
+	rl_resume(now);
 	up_kick(now);
 	dgram_flush();
 	udp_flush();
@@ -7417,6 +7644,44 @@ opt_ca_file(struct config *cfg, UNUSED const struct optdef *o,
 		cfg->ca_file = v;
 }
 
+/* --rate-limit QPS[:BURST]; BURST is QPS when left out. */
+static void
+opt_rate_limit(struct config *cfg, UNUSED const struct optdef *o,
+    const char *v, const char *what)
+{
+	char	 qps[16];
+	const char *colon = strchr(v, ':');
+	size_t	 n = colon ? (size_t)(colon - v) : strlen(v);
+	long	 q, b;
+
+	str_copy(qps, n < sizeof qps ? n + 1 : sizeof qps, v);
+	if (n >= sizeof qps || parse_int(qps, 1, DOTP_RL_MAX, &q) < 0 ||
+	    parse_int(colon ? colon + 1 : qps, 1, DOTP_RL_MAX, &b) < 0)
+		fatal(2, "bad %s value '%s': expected QPS[:BURST], queries a "
+		    "second and a burst, each 1..%d", what, v, DOTP_RL_MAX);
+	cfg->rl_qps = (int)q;
+	cfg->rl_burst = (int)b;
+}
+
+/* --rate-limit-prefix V4:V6. */
+static void
+opt_rl_prefix(struct config *cfg, UNUSED const struct optdef *o,
+    const char *v, const char *what)
+{
+	char	 v4[4] = "";
+	const char *colon = strchr(v, ':');
+	long	 a = 0, b = 0;
+
+	if (colon != NULL && colon - v < (long)sizeof v4)
+		str_copy(v4, (size_t)(colon - v) + 1, v);
+	if (colon == NULL || parse_int(v4, 1, 32, &a) < 0 ||
+	    parse_int(colon + 1, 1, 128, &b) < 0)
+		fatal(2, "bad %s value '%s': expected V4:V6, prefix lengths "
+		    "1..32 and 1..128 (e.g. 32:64)", what, v);
+	cfg->rl_v4 = (int)a;
+	cfg->rl_v6 = (int)b;
+}
+
 /* --policy. */
 static void
 opt_policy(struct config *cfg, UNUSED const struct optdef *o, const char *v,
@@ -7556,6 +7821,12 @@ opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
 	VALUE(0, OPT_LIST, "allow", "DOTP_ALLOW", "CIDR", opt_allow, \
 	    DOTP_ALLOW_DEFAULT, "clients allowed (repeatable); others get " \
 	    "REFUSED") \
+	VALUE(0, OPT_VALUE, "rate-limit", "DOTP_RATE_LIMIT", "QPS[:BURST]", \
+	    opt_rate_limit, "", "queries a second per client network, and a " \
+	    "burst (QPS); over it: UDP gets TC, then nothing; TCP waits") \
+	VALUE(0, OPT_VALUE, "rate-limit-prefix", "DOTP_RATE_LIMIT_PREFIX", \
+	    "V4:V6", opt_rl_prefix, "32:64", "--rate-limit's client network: " \
+	    "the address cut to that prefix") \
 	NUM("tcp-idle-timeout", "DOTP_TCP_IDLE_TIMEOUT", MS, 1, 86400000, \
 	    DOTP_TCP_IDLE_MS, tcp_idle_ms, "close a TCP client idle that long") \
 	NUM("max-tcp", "DOTP_MAX_TCP", COUNT, 1, DOTP_MAX_TCP_CAP, \
@@ -7563,6 +7834,8 @@ opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
 	VALUE(0, OPT_VALUE, "user", "DOTP_USER", "USER|UID[:GID]", opt_user, \
 	    "", "after start-up (sockets bound, anchors loaded) run as this " \
 	    "user; numbers need no /etc/passwd") \
+	SWITCH(0, "no-sandbox", "DOTP_NO_SANDBOX", no_sandbox, \
+	    "no seccomp filter after start-up (for debugging)") \
 	SWITCH(0, "log-queries", "DOTP_LOG_QUERIES", log_queries, \
 	    "one log line per answer: client, name, type, rcode, source, " \
 	    "latency (off: privacy)") \
@@ -7583,15 +7856,24 @@ opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
     dflt, help) name "\0" env "\0" arg "\0" unit "\0" dflt "\0" help "\0"
 static const char opt_text[] = DOTP_OPTS;
 #undef OPT
+/* The functions that set options, named in rows by index. */
+#define OPT_SETTERS(X) X(opt_num) X(opt_size) X(opt_on) X(opt_listen) \
+	X(opt_upstream) X(opt_forward) X(opt_allow) X(opt_user) \
+	X(opt_metrics) X(opt_ca_file) X(opt_policy) X(opt_help) \
+	X(opt_version) X(opt_rate_limit) X(opt_rl_prefix)
+#define SETTER_ENUM(f)	OS_##f,
+#define SETTER_FN(f)	f,
+enum opt_setter { OPT_SETTERS(SETTER_ENUM) };
+static opt_set_fn *const opt_sets[] = { OPT_SETTERS(SETTER_FN) };
 struct optrow {
 	char	 chr;
 	uint8_t	 kind;
-	opt_set_fn *set;
-	long	 min, max, def;
-	size_t	 off;
+	uint8_t	 set;		/* enum opt_setter */
+	uint16_t off;		/* in struct config, before fwd[] */
+	int32_t	 min, max, def;
 };
 #define OPT(chr, kind, name, env, arg, unit, set, min, max, def, off, \
-    dflt, help) { chr, kind, set, min, max, def, off },
+    dflt, help) { chr, kind, OS_##set, off, min, max, def },
 static const struct optrow opt_rows[] = { DOTP_OPTS };
 #undef OPT
 #define NOPTS	(int)(sizeof opt_rows / sizeof opt_rows[0])
@@ -7619,7 +7901,7 @@ opts_init(void)
 	for (k = 0; k < NOPTS; k++) {
 		opts[k].chr = opt_rows[k].chr;
 		opts[k].kind = opt_rows[k].kind;
-		opts[k].set = opt_rows[k].set;
+		opts[k].set = opt_sets[opt_rows[k].set];
 		opts[k].min = opt_rows[k].min;
 		opts[k].max = opt_rows[k].max;
 		opts[k].def = opt_rows[k].def;
@@ -8009,7 +8291,14 @@ setup_tables(void)
 		G.dsock[i].fd = -1;
 	for (i = 0; cfg->have_metrics && i < DOTP_HTTP_MAX; i++)
 		G.http[i].fd = -1;	/* 16 KB: touched only with --metrics */
-	G.http_fd = -1;
+	G.http_fd = G.statm_fd = G.fddir_fd = -1;
+	if (cfg->rl_qps > 0) {	/* zero pages until clients come */
+		G.rl = calloc(DOTP_RL_SETS * DOTP_RL_WAYS, sizeof *G.rl);
+		if (G.rl == NULL || fill_random(G.rl_seed,
+		    sizeof G.rl_seed) < 0)
+			fatal(1, "cannot set up --rate-limit: %s",
+			    strerror(errno));
+	}
 	G.dcur[0] = G.dcur[1] = -1;
 	G.nconn = G.nup * cfg->max_conns;
 	npfd = (size_t)(G.nconn + DOTP_DGRAM_SOCKS + cfg->max_tcp +
@@ -8103,8 +8392,11 @@ setup_metrics(void)
 	const struct sockaddr_text *a = &G.cfg.metrics;
 	int	 one = 1, v6only = listen_v6only(a);
 
+	G.statm_fd = G.fddir_fd = -1;
 	if (!G.cfg.have_metrics)
 		return;
+	G.statm_fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+	G.fddir_fd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	G.http_fd = socket(a->u.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK |
 	    SOCK_CLOEXEC, 0);
 	if (G.http_fd < 0)
@@ -8130,7 +8422,7 @@ setup(void)
 	fd_limit_raise(G.nconn + DOTP_DGRAM_SOCKS + DOTP_HTTP_MAX +
 	    G.cfg.max_tcp + 2 * G.cfg.nlisten + 16);
 	/* Held in reserve for accept() under EMFILE (tcp_shed). */
-	G.spare_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	G.spare_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	setup_listeners();
 	setup_metrics();
 }
@@ -8177,6 +8469,145 @@ setup_user(void)
 	    (unsigned)cfg->uid, (unsigned)cfg->gid);
 }
 
+/*
+ * The sandbox: once started (sockets bound, anchors loaded, --user
+ * applied), dotp needs no file, no program and no new kind of socket.
+ * PR_SET_NO_NEW_PRIVS, then a seccomp filter that allows the system
+ * calls below and kills the process on any other (SIGSYS), so a bug
+ * that slipped past the fuzzers cannot open a file, run a program or
+ * reach anything but the network. The list is the loop's: every call
+ * made after sandbox_enter(), with why. socket() is further held to
+ * AF_INET and AF_INET6. The filter checks the architecture first, so a
+ * call of another ABI (x32, or 32-bit) is killed too.
+ */
+static const uint16_t sandbox_calls[] = {
+#ifdef __NR_poll
+	__NR_poll,		/* the loop's wait (x86-64) */
+#endif
+	__NR_ppoll,		/* the loop's wait (poll() on aarch64) */
+	__NR_read,		/* TCP clients, HTTP requests */
+	__NR_write,		/* log lines; TCP answers; HTTP responses */
+	__NR_writev,		/* log lines (stdio) */
+	__NR_recvfrom,		/* TLS and plain TCP upstreams, UDP clients */
+	__NR_sendto,		/* the same, outbound */
+	__NR_recvmsg,		/* UDP clients (address and interface) */
+	__NR_sendmsg,		/* UDP answers from the address asked */
+	__NR_recvmmsg,		/* plain DNS answers, a batch per call */
+	__NR_sendmmsg,		/* UDP answers and plain queries, batched */
+	__NR_socket,		/* upstream connections, plain DNS sockets */
+	__NR_connect,		/* upstream connections */
+	__NR_accept4,		/* TCP clients, --metrics clients */
+	__NR_getsockopt,	/* SO_ERROR of a connect */
+	__NR_setsockopt,	/* TCP_NODELAY, buffers, on new sockets */
+	__NR_getpeername,	/* a TCP client's address (--allow) */
+	__NR_getsockname,	/* the address a socket got */
+	__NR_shutdown,		/* an HTTP response's end */
+	__NR_fcntl,		/* O_NONBLOCK on accepted sockets */
+	__NR_close,		/* every descriptor's end */
+	__NR_getrandom,		/* TLS seeds, query IDs, ports */
+	__NR_clock_gettime,	/* the clock, when the vDSO is not used */
+	__NR_gettimeofday,	/* the same */
+	__NR_pread64,		/* /proc/self/statm, opened before */
+	__NR_lseek,		/* /proc/self/fd, opened before, rewound */
+	__NR_getdents64,	/* /proc/self/fd: process_open_fds */
+	__NR_brk,		/* malloc */
+	__NR_mmap,		/* malloc */
+	__NR_munmap,		/* free */
+	__NR_mremap,		/* realloc */
+	__NR_madvise,		/* free */
+	__NR_rt_sigreturn,	/* the end of the SIGTERM handler */
+	__NR_rt_sigprocmask,	/* libc around signals */
+	__NR_exit_group,	/* exit */
+	__NR_exit,		/* the same */
+#ifdef __SANITIZE_ADDRESS__	/* the test build: AddressSanitizer's own */
+	__NR_sigaltstack,	/* its _exit() and its fault handler */
+#endif
+};
+
+/* seccomp and BPF, as the kernel ABI fixes them (musl ships no
+ * <linux/seccomp.h>): struct seccomp_data has nr at 0, arch at 4 and
+ * the arguments from 16. */
+#define SB_LD_W		0x20	/* BPF_LD | BPF_W | BPF_ABS */
+#define SB_JEQ		0x15	/* BPF_JMP | BPF_JEQ | BPF_K */
+#define SB_RET		0x06	/* BPF_RET | BPF_K */
+#define SB_ALLOW	0x7fff0000U	/* SECCOMP_RET_ALLOW */
+#define SB_KILL		0x80000000U	/* SECCOMP_RET_KILL_PROCESS */
+#if defined(__x86_64__)
+#define SB_ARCH		0xc000003eU	/* AUDIT_ARCH_X86_64 */
+#elif defined(__aarch64__)
+#define SB_ARCH		0xc00000b7U	/* AUDIT_ARCH_AARCH64 */
+#endif
+#define SB_NCALLS	(sizeof sandbox_calls / sizeof sandbox_calls[0])
+#define SB_MAX		(2 * SB_NCALLS + 12)
+
+struct sb_insn {
+	uint16_t code;
+	uint8_t	 jt, jf;
+	uint32_t k;
+};
+
+/* Appends one instruction to p (*n used). */
+static void
+sb_put(struct sb_insn *p, size_t *n, uint16_t code, uint8_t jt, uint8_t jf,
+    uint32_t k)
+{
+	p[*n].code = code;
+	p[*n].jt = jt;
+	p[*n].jf = jf;
+	p[*n].k = k;
+	(*n)++;
+}
+
+/*
+ * Enters the sandbox. Returns 0, or -1 with errno (no seccomp in this
+ * kernel, or an architecture without a list here).
+ */
+static int
+sandbox_enter(void)
+{
+#ifdef SB_ARCH
+	struct sb_insn p[SB_MAX];
+	struct { unsigned short len; struct sb_insn *filter; } prog;
+	size_t	 n = 0, k;
+
+	sb_put(p, &n, SB_LD_W, 0, 0, 4);		/* arch */
+	sb_put(p, &n, SB_JEQ, 1, 0, SB_ARCH);
+	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
+	sb_put(p, &n, SB_LD_W, 0, 0, 0);		/* nr */
+	sb_put(p, &n, SB_JEQ, 0, 4, __NR_socket);	/* socket(domain) */
+	sb_put(p, &n, SB_LD_W, 0, 0, 16);	/* the low half of domain */
+	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 3, 0, AF_INET);	/* to the */
+	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 2, 0, AF_INET6);	/* last */
+	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
+	for (k = 0; k < SB_NCALLS; k++) {	/* nr is still loaded */
+		sb_put(p, &n, SB_JEQ, 0, 1, sandbox_calls[k]);
+		sb_put(p, &n, SB_RET, 0, 0, SB_ALLOW);
+	}
+	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
+	sb_put(p, &n, SB_RET, 0, 0, SB_ALLOW);	/* socket: a family allowed */
+	prog.len = (unsigned short)n;
+	prog.filter = p;
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		return -1;
+	return prctl(PR_SET_SECCOMP, 2, &prog, 0, 0);	/* MODE_FILTER */
+#else
+	errno = ENOSYS;
+	return -1;
+#endif
+}
+
+/* The sandbox, unless --no-sandbox; exits 1 when it cannot be had. */
+static void
+setup_sandbox(void)
+{
+	if (G.cfg.no_sandbox)
+		return;
+	if (sandbox_enter() < 0)
+		fatal(1, "cannot enter the seccomp sandbox: %s (a kernel "
+		    "without seccomp, or an architecture dotp has no list "
+		    "for: run with --no-sandbox)", strerror(errno));
+}
+
 /* The start line: what runs, where, trusting what; every zone with its
  * servers, and whether they are reached encrypted. */
 static void
@@ -8203,9 +8634,10 @@ log_start(void)
 			    z->plain ? "plain, unencrypted" : "tls");
 	}
 	log_msg(LVL_INFO, "dotp listening\tversion=%s listen=%s upstreams=%s "
-	    "zones=\"%s\" anchors=%zu source=%s timeout_ms=%d", DOTP_VERSION,
-	    ls, us, zs, G.ntas, G.cfg.ca_file ? G.cfg.ca_file : "embedded",
-	    G.cfg.timeout_ms);
+	    "zones=\"%s\" anchors=%zu source=%s timeout_ms=%d sandbox=%s",
+	    DOTP_VERSION, ls, us, zs, G.ntas, G.cfg.ca_file ? G.cfg.ca_file :
+	    "embedded", G.cfg.timeout_ms, G.cfg.no_sandbox ? "off" :
+	    "seccomp");
 }
 
 /* The exit lines: one per upstream with its stats, then the process's
@@ -8432,6 +8864,7 @@ main(int argc, char *argv[])
 	setup();
 	setup_user();
 	log_start();
+	setup_sandbox();
 	loop_run();
 	shutdown_all();
 	return 0;

@@ -819,14 +819,16 @@ srv_sum_received(void)
 static int
 client_new(void)
 {
+	struct sockaddr_in lo = { .sin_family = AF_INET };
 	int	 sv[2], k = T.ncl;
 
+	lo.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	if (k == T_MAX_CLIENTS || socketpair(AF_UNIX, SOCK_STREAM |
 	    SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
 		die("client socketpair");
 	T.cl[k].fd = sv[0];
 	T.cl[k].next_id = 0x100;
-	ok(tcp_attach(sv[1], now_ms()) >= 0, "tcp_attach takes client %d",
+	ok(tcp_attach(sv[1], (struct sockaddr *)&lo, now_ms()) >= 0, "tcp_attach takes client %d",
 	    k);
 	T.ncl++;
 	return k;

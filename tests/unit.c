@@ -12,6 +12,7 @@
 #include "ta-raw.h"
 
 #include <sys/mman.h>
+#include <sys/wait.h>
 
 #include "check.h"
 
@@ -1124,6 +1125,68 @@ test_forward(void)
 	G = saved;	/* what the other tests set up, tables included */
 }
 
+/* The sandbox (sandbox_enter), in a child: what the loop does is
+ * allowed; a file, a program or another kind of socket ends the child
+ * with SIGSYS. */
+enum { SB_EXIT, SB_OPEN, SB_OPENAT, SB_EXEC, SB_UNIX, SB_INET, SB_STATUS };
+
+static void
+sandbox_child(int what)
+{
+	char	*argv[] = { (char *)(uintptr_t)"/bin/true", NULL };
+	int	 fd;
+
+	if (sandbox_enter() < 0)
+		_exit(3);
+	switch (what) {
+	case SB_OPEN:
+		fd = open("/etc/passwd", O_RDONLY);
+		break;
+	case SB_OPENAT:
+		fd = (int)syscall(SYS_openat, AT_FDCWD, "/etc/passwd",
+		    O_RDONLY);
+		break;
+	case SB_EXEC:
+		execve(argv[0], argv, argv + 1);
+		fd = -1;
+		break;
+	case SB_UNIX:
+		fd = socket(AF_UNIX, SOCK_STREAM, 0);
+		break;
+	case SB_INET:
+		fd = socket(AF_INET6, SOCK_DGRAM, 0);
+		_exit(fd >= 0 && close(fd) == 0 ? 0 : 5);
+	default:
+		_exit(0);
+	}
+	_exit(fd >= 0 ? 6 : 7);		/* not killed: the test fails */
+}
+
+static void
+test_sandbox(void)
+{
+	static const char *const names[] = { "exit", "open", "openat",
+	    "execve", "socket(AF_UNIX)", "socket(AF_INET6)" };
+	int	 what, status;
+	pid_t	 pid;
+
+	for (what = SB_EXIT; what < SB_STATUS; what++) {
+		int	 allowed = what == SB_EXIT || what == SB_INET;
+
+		if ((pid = fork()) == 0)
+			sandbox_child(what);
+		ok(pid > 0 && waitpid(pid, &status, 0) == pid, "fork, wait");
+		if (allowed)
+			ok(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+			    "sandbox allows %s (status %#x)", names[what],
+			    status);
+		else
+			ok(WIFSIGNALED(status) && WTERMSIG(status) == SIGSYS,
+			    "sandbox kills %s with SIGSYS (status %#x)",
+			    names[what], status);
+	}
+}
+
 int
 main(void)
 {
@@ -1145,6 +1208,7 @@ main(void)
 	test_readme_options();
 	test_embedded_anchors();
 	test_cache();
+	test_sandbox();
 	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
 	return t_fail != 0;
 }

@@ -111,6 +111,11 @@ class PKI:
     (the leaf alone is in <name>.pem, the chain in <name>-chain.pem, the
     intermediates in int-rsa.pem / int-ec.pem; self.intermediates[name] =
     (cert_pem, key_pem)).
+    self.cas[name] = (cert_pem, key_pem) for the roots ca-ec, ca-rsa and
+    rogue-ca. For SPKI pins (issue 15): reissue() makes a new certificate
+    with a NEW key for a server (same name, same issuer), leaf() makes
+    more leaves, bundle() writes the PEM files a server presents, and the
+    module-level spki_pin() computes a pin.
     """
 
     def __init__(self, d):
@@ -118,6 +123,8 @@ class PKI:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.certs = {}
         self.intermediates = {}
+        self.cas = {}
+        self._spec = {}     # name -> (kind, dns_name, issuer (pem, key) or None, chained)
         self._serial = 0x1000
         self._build()
 
@@ -192,6 +199,7 @@ class PKI:
                  "-startdate", dates[0], "-enddate", dates[1],
                  "-extensions", "ext"])
         self.certs[name] = (pem, key)
+        self._spec[name] = (kind, dns_name, ca, False)
         return pem, key
 
     def _intermediate(self, name, kind, cn, ca):
@@ -221,12 +229,69 @@ class PKI:
         chain = self.dir / (name + "-chain.pem")
         chain.write_text(leaf.read_text() + inter[0].read_text())
         self.certs[name] = (chain, key)
+        self._spec[name] = (kind, dns_name, inter, True)
         return chain, key
+
+    # -- more certificates (tests of SPKI pins) ---------------------------
+    def _issuer(self, issuer):
+        if issuer is None:
+            return None
+        if issuer in self.cas:
+            return self.cas[issuer]
+        return self.intermediates[issuer]
+
+    def leaf(self, name, kind, dns_name, issuer=None):
+        """A new server certificate `name` (a fresh key of `kind`, "rsa"
+        or "ec", for `dns_name`) signed by `issuer` (a key of self.cas or
+        self.intermediates; None: self-signed). Leaves issued by an
+        intermediate are stored as a chain (leaf + intermediate), like
+        chain-rsa. Returns (cert_pem, key_pem), also in self.certs[name]."""
+        if name in self.certs:
+            raise ValueError("certificate %r exists" % name)
+        if issuer in self.intermediates:
+            return self._chain(name, kind, dns_name, self.intermediates[issuer])
+        return self._leaf(name, kind, dns_name, ca=self._issuer(issuer))
+
+    def reissue(self, name, new_name=None):
+        """A certificate for the server of `name` with a NEW key: same
+        key type, same DNS name, same issuer (a chain again if `name` is
+        one). The files of `name` stay as they are; the new ones are
+        `new_name` (default: <name>-reissued-N). Returns new_name."""
+        kind, dns_name, ca, chained = self._spec[name]
+        if new_name is None:
+            n = 1
+            while "%s-reissued-%d" % (name, n) in self.certs:
+                n += 1
+            new_name = "%s-reissued-%d" % (name, n)
+        if new_name in self.certs:
+            raise ValueError("certificate %r exists" % new_name)
+        if chained:
+            self._chain(new_name, kind, dns_name, ca)
+        else:
+            self._leaf(new_name, kind, dns_name, ca=ca)
+        return new_name
+
+    def leaf_pem(self, name):
+        """The leaf certificate alone of server cert `name`."""
+        return self.dir / (name + ".pem")
+
+    def bundle(self, name, leaf, *extra):
+        """A server certificate `name` that presents the PEM file of
+        server cert `leaf` (leaf, and its intermediate if it is a chain)
+        followed by the PEM files `extra` (paths), with `leaf`'s key.
+        Returns (cert_pem, key_pem), also in self.certs[name]."""
+        cert, key = self.certs[leaf]
+        path = self.dir / (name + "-bundle.pem")
+        path.write_text(Path(cert).read_text() + "".join(Path(e).read_text() for e in extra))
+        self.certs[name] = (path, key)
+        self._spec[name] = self._spec[leaf]
+        return path, key
 
     def _build(self):
         ca_ec = self._ca("ca-ec", "ec", "dotp test root EC")
         ca_rsa = self._ca("ca-rsa", "rsa", "dotp test root RSA")
         rogue = self._ca("rogue-ca", "rsa", "dotp rogue root")
+        self.cas.update({"ca-ec": ca_ec, "ca-rsa": ca_rsa, "rogue-ca": rogue})
         self.ca_pem = self.dir / "ca.pem"
         self.ca_pem.write_text(ca_ec[0].read_text() + ca_rsa[0].read_text())
         self.rogue_ca_pem = rogue[0]
@@ -243,6 +308,26 @@ class PKI:
         int_ec = self._intermediate("int-ec", "ec", "dotp test intermediate EC", ca_ec)
         self._chain("chain-rsa", "rsa", "dot.test", int_rsa)
         self._chain("chain-ec", "ec", "dot.test", int_ec)
+
+
+def spki_pin(cert_pem):
+    """The SPKI pin (base64 of SHA-256 of the DER SubjectPublicKeyInfo,
+    44 characters) of the first certificate in `cert_pem`, computed with
+    exactly the openssl pipeline the documentation gives:
+      openssl x509 -in cert.pem -pubkey -noout | openssl pkey -pubin -outform der |
+        openssl dgst -sha256 -binary | openssl enc -base64"""
+    pub = subprocess.run(["openssl", "x509", "-in", str(cert_pem), "-pubkey", "-noout"],
+                         stdout=subprocess.PIPE, check=True).stdout
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=pub,
+                         stdout=subprocess.PIPE, check=True).stdout
+    dgst = subprocess.run(["openssl", "dgst", "-sha256", "-binary"], input=der,
+                          stdout=subprocess.PIPE, check=True).stdout
+    b64 = subprocess.run(["openssl", "enc", "-base64"], input=dgst,
+                         stdout=subprocess.PIPE, check=True).stdout
+    pin = b64.decode().strip()
+    if len(pin) != 44:
+        raise RuntimeError("pin of %s is not 44 characters: %r" % (cert_pem, pin))
+    return pin
 
 
 # --------------------------------------------------------------------------
@@ -713,6 +798,12 @@ def describe(wire):
 # dotp process
 # --------------------------------------------------------------------------
 
+# DOTP_TEST_NO_SANDBOX=1 runs every dotp with DOTP_NO_SANDBOX=1: only for
+# the leak pass under ASan, whose LeakSanitizer needs ptrace, clone and
+# /proc/self/maps at exit, which the sandbox forbids by design.
+NO_SANDBOX = os.environ.get("DOTP_TEST_NO_SANDBOX") == "1"
+
+
 def dotp_cmd(args, env=None):
     """The command line and environment to run dotp with: the caller's
     environment without any DOTP_* setting but DOTP_BIN, plus env."""
@@ -720,6 +811,8 @@ def dotp_cmd(args, env=None):
         raise RuntimeError("dotp binary not found: %s (set DOTP_BIN)" % DOTP_BIN)
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith("DOTP_") or k == "DOTP_BIN"}
+    if NO_SANDBOX:
+        full_env["DOTP_NO_SANDBOX"] = "1"
     full_env.update(env or {})
     return [DOTP_BIN] + [str(a) for a in args], full_env
 
