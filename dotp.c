@@ -154,7 +154,6 @@
 #include <grp.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <limits.h>
 #include <stddef.h>
 #include <poll.h>
@@ -244,9 +243,13 @@
  * and small enough to allocate whole at start; a flood from more
  * addresses than that evicts the least recently seen (see rl_find).
  */
-#define DOTP_RL_SETS		2048
+#define DOTP_RL_SETS		2048	/* 2^11: rl_find takes 11 bits */
 #define DOTP_RL_WAYS		4
 #define DOTP_RL_MAX		1000000	/* QPS and BURST at most */
+
+/* SPKI pins of one server: a key and its backup, for the leaf and for
+ * a CA, with room to rotate. */
+#define DOTP_MAX_PINS		8
 #define DOTP_METRICS_PORT	9253	/* NodeLocal DNSCache's */
 /* `dotp healthcheck` gives up after this. */
 #define DOTP_HEALTH_MS		2000
@@ -615,6 +618,25 @@ struct query {
 };
 
 /*
+ * struct pinx509: the X.509 engine of a connection to an upstream with
+ * pins (section 8). It passes every certificate to the minimal engine
+ * xc and to a decoder, whose key it hashes (spki_hash). Invariant: past
+ * is set once xc has found its trust anchor: later certificates are
+ * not of the verified path and are not hashed.
+ */
+struct pinx509 {
+	const br_x509_class *vtable;
+	br_x509_minimal_context *xc;	/* the wrapped engine */
+	const struct server *sv;	/* the pins and the mode */
+	br_x509_decoder_context dc;	/* the current certificate's key */
+	int	 ncert;		/* certificates seen */
+	int	 past;		/* the rest are past the verified path */
+	int	 match;		/* a key of the path matches a pin */
+	int	 have_leaf;
+	unsigned char leaf[32];	/* the leaf's key hash, for the log */
+};
+
+/*
  * struct conn: one TCP + TLS connection to an upstream, or, to a plain
  * DNS server, one TCP connection (the engine unused: frames go straight
  * through out[] and net[]; its row of conn_ways, section 12).
@@ -658,6 +680,7 @@ struct conn {
 	size_t	 sid_len;
 	br_ssl_client_context cc;
 	br_x509_minimal_context xc;
+	struct pinx509 px;	/* wraps xc when the upstream has pins */
 	unsigned char ibuf[BR_SSL_BUFSIZE_INPUT];
 	unsigned char obuf[BR_SSL_BUFSIZE_OUTPUT];
 	/* Socket bytes read ahead of the engine: BearSSL takes only what
@@ -819,6 +842,7 @@ struct upstream {
 	int	 zone;		/* a zone it serves: G.zone[zone] holds the
 				   range of its fellow servers */
 	int	 plain;		/* plain DNS (dns://), not TLS */
+	const struct server *sv;	/* as given: its pins (G.cfg) */
 	struct qlist tx;
 	struct qlist ul, ulate;	/* plain: Q_DGRAM, Q_DGRAM_LATE queries */
 	int	 down;
@@ -899,6 +923,10 @@ struct server {
 	struct sockaddr_text a;
 	char	 name[256];	/* certificate name; "" for plain DNS */
 	int	 plain;		/* dns://HOST[:PORT]: plain DNS */
+	uint8_t	 npin;		/* @sha256/...: SPKI pins (struct pinx509) */
+	uint8_t	 pin_only;	/* @pin-only: the leaf's pin, no anchor */
+	uint8_t	 no_name;	/* @no-name-check: with pin_only */
+	unsigned char pin[DOTP_MAX_PINS][32];
 };
 
 /*
@@ -3584,6 +3612,259 @@ tls_have_aesni(void)
 	    br_ghash_pclmul_get() != 0;
 }
 
+/*
+ * SPKI pins (@sha256/BASE64 after a server's #NAME, RFC 7469's form):
+ * the SHA-256 of a certificate's DER SubjectPublicKeyInfo. BearSSL
+ * decodes keys but keeps no DER, so spki_hash writes the DER again from
+ * the key, as `openssl pkey -pubin -outform der` does: RSA with NULL
+ * parameters, EC on a named curve. struct pinx509 checks them: by
+ * default the chain and name are verified as without pins and a key of
+ * the verified path (leaf, intermediates, or the anchor that verified
+ * it) must match; with @pin-only, the leaf's key must match and a chain
+ * that reaches no anchor is forgiven (BR_ERR_X509_NOT_TRUSTED alone).
+ */
+#define DOTP_ERR_PIN	(BR_ERR_X509_OK + 31)	/* unused by BearSSL */
+static const char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* Writes a DER tag and length len at p. Returns the bytes written. */
+static size_t
+der_head(unsigned char *p, unsigned tag, size_t len)
+{
+	size_t	 n = 0;
+
+	p[n++] = (unsigned char)tag;
+	if (len >= 128)
+		p[n++] = len >= 256 ? 0x82 : 0x81;
+	if (len >= 256)
+		p[n++] = (unsigned char)(len >> 8);
+	p[n++] = (unsigned char)len;
+	return n;
+}
+
+/* Writes the DER INTEGER of unsigned big-endian v (len bytes) at p. */
+static size_t
+der_int(unsigned char *p, const unsigned char *v, size_t len)
+{
+	size_t	 n, pad;
+
+	while (len > 1 && *v == 0) {
+		v++;
+		len--;
+	}
+	pad = len > 0 && (*v & 0x80);
+	n = der_head(p, 0x02, len + pad);
+	p[n] = 0;
+	memcpy(p + n + pad, v, len);
+	return n + pad + len;
+}
+
+/* The pin of key pk into out. Returns 0, or -1 for a curve that
+ * certificates do not use. */
+static int
+spki_hash(const br_x509_pkey *pk, unsigned char out[32])
+{
+	static const unsigned char rsa[] = { 0x30, 0x0d, 0x06, 0x09, 0x2a,
+	    0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00 };
+	static const unsigned char ec[] = {	/* P-256, P-384, P-521 */
+	    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+	    0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+	    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+	    0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22,
+	    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+	    0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23 };
+	unsigned char b[2 * BR_X509_BUFSIZE_KEY + 16], h1[4], h2[5];
+	const unsigned char *alg = rsa;
+	size_t	 alen = sizeof rsa, bl, il, n1, n2;
+	br_sha256_context sc;
+	int	 c = pk->key.ec.curve;
+
+	if (pk->key_type == BR_KEYTYPE_RSA) {	/* SEQUENCE { n, e } */
+		il = der_int(b + 4, pk->key.rsa.n, pk->key.rsa.nlen);
+		il += der_int(b + 4 + il, pk->key.rsa.e, pk->key.rsa.elen);
+		n1 = der_head(h1, 0x30, il);
+		memmove(b + n1, b + 4, il);
+		memcpy(b, h1, n1);
+		bl = n1 + il;
+	} else if (c >= BR_EC_secp256r1 && c <= BR_EC_secp521r1) {
+		alg = ec + (c == BR_EC_secp256r1 ? 0 : c == BR_EC_secp384r1 ?
+		    21 : 39);
+		alen = c == BR_EC_secp256r1 ? 21 : 18;
+		memcpy(b, pk->key.ec.q, pk->key.ec.qlen);
+		bl = pk->key.ec.qlen;
+	} else {
+		return -1;
+	}
+	n2 = der_head(h2, 0x03, bl + 1);	/* BIT STRING, 0 bits unused */
+	h2[n2++] = 0;
+	n1 = der_head(h1, 0x30, alen + n2 + bl);
+	br_sha256_init(&sc);
+	br_sha256_update(&sc, h1, n1);
+	br_sha256_update(&sc, alg, alen);
+	br_sha256_update(&sc, h2, n2);
+	br_sha256_update(&sc, b, bl);
+	br_sha256_out(&sc, out);
+	return 0;
+}
+
+/* Does hash h match a pin of sv? */
+static int
+pin_find(const struct server *sv, const unsigned char *h)
+{
+	int	 k;
+
+	for (k = 0; k < sv->npin; k++)
+		if (memcmp(sv->pin[k], h, 32) == 0)
+			return 1;
+	return 0;
+}
+
+/* The verified path ended at a trust anchor the server did not send:
+ * does the anchor's key match? It is an anchor whose subject is the
+ * issuer xc hashed last (saved_dn_hash, SHA-256 as set in tls_setup). */
+static int
+pin_anchor(const struct pinx509 *p)
+{
+	unsigned char dn[32], h[32];
+	br_sha256_context sc;
+	size_t	 k;
+
+	for (k = 0; k < G.ntas; k++) {
+		const br_x509_trust_anchor *ta = &G.tas[k];
+
+		if (!(ta->flags & BR_X509_TA_CA))
+			continue;
+		br_sha256_init(&sc);
+		br_sha256_update(&sc, ta->dn.data, ta->dn.len);
+		br_sha256_out(&sc, dn);
+		if (memcmp(dn, p->xc->saved_dn_hash, sizeof dn) == 0 &&
+		    spki_hash(&ta->pkey, h) == 0 && pin_find(p->sv, h))
+			return 1;
+	}
+	return 0;
+}
+
+static void
+px_ignore_dn(UNUSED void *ctx, UNUSED const void *buf, UNUSED size_t len)
+{
+}
+
+static void
+px_start_chain(const br_x509_class **ctx, const char *server_name)
+{
+	struct pinx509 *p = (struct pinx509 *)(void *)ctx;
+
+	p->ncert = p->past = p->match = p->have_leaf = 0;
+	p->xc->vtable->start_chain(&p->xc->vtable, p->sv->no_name ? NULL :
+	    server_name);
+}
+
+static void
+px_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	struct pinx509 *p = (struct pinx509 *)(void *)ctx;
+
+	p->past |= p->xc->err == BR_ERR_X509_OK;
+	br_x509_decoder_init(&p->dc, px_ignore_dn, NULL);
+	p->xc->vtable->start_cert(&p->xc->vtable, length);
+}
+
+static void
+px_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	struct pinx509 *p = (struct pinx509 *)(void *)ctx;
+
+	p->xc->vtable->append(&p->xc->vtable, buf, len);
+	if (!p->past)
+		br_x509_decoder_push(&p->dc, buf, len);
+}
+
+/* A certificate of the path: hash its key; the leaf's is kept. */
+static void
+px_end_cert(const br_x509_class **ctx)
+{
+	struct pinx509 *p = (struct pinx509 *)(void *)ctx;
+	const br_x509_pkey *pk = br_x509_decoder_get_pkey(&p->dc);
+	unsigned char h[32];
+
+	p->xc->vtable->end_cert(&p->xc->vtable);
+	if (!p->past && pk != NULL && spki_hash(pk, h) == 0 &&
+	    (p->ncert == 0 || !p->sv->pin_only)) {
+		if (p->ncert == 0) {
+			memcpy(p->leaf, h, sizeof h);
+			p->have_leaf = 1;
+		}
+		p->match |= pin_find(p->sv, h);
+	}
+	p->ncert++;
+}
+
+static unsigned
+px_end_chain(const br_x509_class **ctx)
+{
+	struct pinx509 *p = (struct pinx509 *)(void *)ctx;
+	unsigned err = p->xc->vtable->end_chain(&p->xc->vtable);
+
+	if (p->sv->pin_only && err == BR_ERR_X509_NOT_TRUSTED)
+		err = 0;
+	if (err != 0 || p->match || (!p->sv->pin_only && pin_anchor(p)))
+		return err;
+	return DOTP_ERR_PIN;
+}
+
+static const br_x509_pkey *
+px_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	const struct pinx509 *p = (const struct pinx509 *)(const void *)ctx;
+
+	return p->xc->vtable->get_pkey(&p->xc->vtable, usages);
+}
+
+static const br_x509_class px_vtable = {
+	sizeof(struct pinx509), px_start_chain, px_start_cert, px_append,
+	px_end_cert, px_end_chain, px_get_pkey
+};
+
+/* Writes pin h as text, sha256/ and 44 characters of base64. */
+static void
+pin_text(const unsigned char *h, char out[52])
+{
+	uint32_t acc = 0;
+	int	 bits = 0, k, o = 7;
+
+	memcpy(out, "sha256/", 7);
+	for (k = 0; k < 32; k++) {
+		acc = acc << 8 | h[k];
+		for (bits += 8; bits >= 6; bits -= 6)
+			out[o++] = b64_alphabet[(acc >> (bits - 6)) & 63];
+	}
+	out[o++] = b64_alphabet[(acc << (6 - bits)) & 63];
+	out[o++] = '=';
+	out[o] = '\0';
+}
+
+/* The fields of a pin failure of c: the pins expected, the key seen. */
+static void
+pin_fields(const struct conn *c, char *buf, size_t len)
+{
+	const struct server *sv = G.up[c->up].sv;
+	char	 t[52];
+	size_t	 at;
+	int	 k;
+
+	at = (size_t)snprintf(buf, len, "tls_error=%d pins=\"", DOTP_ERR_PIN);
+	for (k = 0; k < sv->npin && at < len; k++) {
+		pin_text(sv->pin[k], t);
+		at += (size_t)snprintf(buf + at, len - at, "%s%s", k ? "," : "",
+		    t);
+	}
+	if (c->px.have_leaf)
+		pin_text(c->px.leaf, t);
+	if (at < len)
+		snprintf(buf + at, len - at, "\" key=%s", c->px.have_leaf ? t :
+		    "none");
+}
+
 /* Sets up the BearSSL client of connection c, once, at start. */
 static void
 tls_setup(struct conn *c)
@@ -3627,6 +3908,12 @@ tls_setup(struct conn *c)
 	br_x509_minimal_set_ecdsa(&c->xc, &br_ec_all_m31,
 	    &br_ecdsa_i31_vrfy_asn1);
 	br_ssl_engine_set_x509(eng, &c->xc.vtable);
+	if (G.up[c->up].sv->npin > 0) {	/* pins: xc behind struct pinx509 */
+		c->px.vtable = &px_vtable;
+		c->px.xc = &c->xc;
+		c->px.sv = G.up[c->up].sv;
+		br_ssl_engine_set_x509(eng, &c->px.vtable);
+	}
 
 	/* Two separate buffers: the bidi single-buffer call of 0.6
 	 * overlaps them. The input side stays full size (servers send
@@ -3689,6 +3976,8 @@ tls_setup(struct conn *c)
 	X(BR_ERR_X509_WEAK_PUBLIC_KEY, "certificate key too weak") \
 	X(BR_ERR_X509_NOT_TRUSTED, "certificate not trusted: no known CA " \
 	    "(see --ca-file)") \
+	X(DOTP_ERR_PIN, "certificate key matches no pin of this upstream " \
+	    "(@sha256/...)") \
 	X(BR_ERR_RECV_FATAL_ALERT + 0, "server closed with close_notify " \
 	    "during the handshake") \
 	X(BR_ERR_RECV_FATAL_ALERT + 10, "server received an unexpected " \
@@ -4952,7 +5241,7 @@ conn_acks(int64_t now, int sleeping, int *few)
 static void
 conn_closed(struct conn *c, int64_t now)
 {
-	char	 buf[80], f[64];
+	char	 buf[80], f[DOTP_MAX_PINS * 53 + 80];
 	int	 err = br_ssl_engine_last_error(&c->cc.eng);
 
 	if (err == BR_ERR_OK && c->state == C_READY) {
@@ -4965,7 +5254,10 @@ conn_closed(struct conn *c, int64_t now)
 	if (err == BR_ERR_OK)
 		err = BR_ERR_RECV_FATAL_ALERT;	/* close_notify: alert 0 */
 	G.up[c->up].have_sess = 0;	/* don't offer a session that failed */
-	tls_fields(err, f, sizeof f);
+	if (err == DOTP_ERR_PIN)
+		pin_fields(c, f, sizeof f);
+	else
+		tls_fields(err, f, sizeof f);
 	conn_fail(c, now, FAIL_TLS, f, "%s%s", c->state == C_READY ? "" :
 	    "handshake failed: ", tls_strerror(err, buf, sizeof buf));
 }
@@ -5849,13 +6141,17 @@ rl_refill(int32_t tokens, int64_t ms, int32_t cap)
 static struct rlent *
 rl_find(const uint64_t key[2], int64_t now)
 {
-	uint64_t h = (key[0] ^ G.rl_seed[0]) * 0x9e3779b97f4a7c15ULL;
+	uint64_t h = key[0] ^ G.rl_seed[0];
 	struct rlent *set, *e, *old;
 	int32_t	 cap = G.cfg.rl_burst * 1000;
 	int	 k;
 
-	h = (h ^ (h >> 29) ^ key[1] ^ G.rl_seed[1]) * 0xbf58476d1ce4e5b9ULL;
-	set = G.rl + ((h >> 32) & (DOTP_RL_SETS - 1)) * DOTP_RL_WAYS;
+	for (k = 0; k < 2; k++) {	/* splitmix64's finalizer, twice */
+		h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
+		h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
+		h ^= (h >> 31) ^ (k == 0 ? key[1] ^ G.rl_seed[1] : 0);
+	}
+	set = G.rl + (h >> 53) * DOTP_RL_WAYS;	/* 2^11 sets */
 	for (k = 0, old = set; k < DOTP_RL_WAYS; k++) {
 		e = set + k;
 		if (e->seen != 0 && e->key[0] == key[0] &&
@@ -7042,7 +7338,7 @@ loop_run(void)
 /*
  * Every option is one row of DOTP_OPTS: short and long name, environment
  * variable, argument, the function that sets it, range and default, and
- * the help text. The table drives getopt_long(), the environment
+ * the help text. The table drives the flags (cfg_parse), the environment
  * fallback (a flag wins over its variable), the defaults and --help;
  * the README's table of options is checked against it (tests/unit.c).
  * A new option is a field in struct config, a row here, and, for a new
@@ -7258,17 +7554,70 @@ opt_listen(struct config *cfg, UNUSED const struct optdef *o, const char *v,
 	"HOST[:PORT]#NAME (DNS over TLS) or dns://HOST[:PORT] (plain DNS), " \
 	"e.g. cluster.local=dns://10.96.0.10"
 
+/* Decodes pin text s (44 characters of base64, the last '=') into
+ * out. Returns 0, or -1. */
+static int
+pin_parse(const char *s, unsigned char out[32])
+{
+	const char *d;
+	uint32_t acc = 0;
+	int	 k, o = 0;
+
+	for (k = 0; k < 43; k++) {
+		if (s[k] == '\0' || (d = strchr(b64_alphabet, s[k])) == NULL)
+			return -1;
+		acc = acc << 6 | (uint32_t)(d - b64_alphabet);
+		if (k % 4 != 0)		/* 8 bits are complete */
+			out[o++] = (unsigned char)(acc >> (6 - 2 * (k % 4)));
+	}
+	return s[43] == '=' && s[44] == '\0' && (acc & 3) == 0 ? 0 : -1;
+}
+
+/* Parses the @ items after a server's #NAME, at s. Returns NULL, or
+ * what is wrong. */
+static const char *
+parse_pins(const char *s, struct server *sv)
+{
+	char	 item[64];
+	size_t	 n;
+
+	while (*s++ == '@') {
+		n = strcspn(s, "@");
+		str_copy(item, n < sizeof item ? n + 1 : sizeof item, s);
+		s += n;
+		if (strcmp(item, "pin-only") == 0)
+			sv->pin_only = 1;
+		else if (strcmp(item, "no-name-check") == 0)
+			sv->no_name = 1;
+		else if (strncmp(item, "sha256/", 7) != 0)
+			return "after @ comes a pin, sha256/BASE64, or "
+			    "pin-only or no-name-check";
+		else if (sv->npin == DOTP_MAX_PINS)
+			return "more than 8 pins";
+		else if (n >= sizeof item || pin_parse(item + 7,
+		    sv->pin[sv->npin++]) < 0)
+			return "a pin is sha256/ then 44 characters of base64, "
+			    "the SHA-256 of a SubjectPublicKeyInfo (see the "
+			    "README for the openssl command)";
+	}
+	if (sv->no_name && !sv->pin_only)
+		return "@no-name-check goes only with @pin-only";
+	if (sv->pin_only && sv->npin == 0)
+		return "@pin-only needs a pin";
+	return NULL;
+}
+
 /*
- * Parses server v: DNS over TLS as HOST[:PORT]#NAME (port 853), or, when
- * plain_ok, plain DNS as dns://HOST[:PORT] (port 53). Returns NULL, or
- * what is wrong, in the user's words.
+ * Parses server v: DNS over TLS as HOST[:PORT]#NAME[@PIN...] (port
+ * 853), or, when plain_ok, plain DNS as dns://HOST[:PORT] (port 53).
+ * Returns NULL, or what is wrong, in the user's words.
  */
 static const char *
 parse_server(const char *v, int plain_ok, struct server *sv)
 {
 	char	 addr[80];
 	const char *hash = strchr(v, '#');
-	size_t	 al;
+	size_t	 al, nl;
 
 	memset(sv, 0, sizeof *sv);
 	if (strncmp(v, "dns://", 6) == 0) {
@@ -7276,6 +7625,8 @@ parse_server(const char *v, int plain_ok, struct server *sv)
 		if (!plain_ok)
 			return "-u takes DNS-over-TLS servers; plain DNS "
 			    "servers go in --forward ZONE=dns://HOST[:PORT]";
+		if (strchr(v, '@') != NULL)
+			return "pins (@) are for DNS-over-TLS servers";
 		if (parse_addr(v + 6, 53, &sv->a) < 0)
 			return "the HOST of dns://HOST[:PORT] must be an IPv4 "
 			    "or [IPv6] address";
@@ -7293,11 +7644,13 @@ parse_server(const char *v, int plain_ok, struct server *sv)
 	if (parse_addr(addr, 853, &sv->a) < 0)
 		return "expected HOST[:PORT]#NAME with HOST an IPv4 or [IPv6] "
 		    "address";
-	if (!valid_cert_name(hash + 1))
+	nl = strcspn(hash + 1, "@");
+	str_copy(sv->name, nl < sizeof sv->name ? nl + 1 : sizeof sv->name,
+	    hash + 1);
+	if (nl >= sizeof sv->name || !valid_cert_name(sv->name))
 		return "the name after # is not a DNS name to check the "
 		    "certificate against";
-	str_copy(sv->name, sizeof sv->name, hash + 1);
-	return NULL;
+	return parse_pins(hash + 1 + nl, sv);
 }
 
 /* Is server sv[n] one of sv[0..n) (the same address and port)? */
@@ -7915,8 +8268,6 @@ opts_init(void)
 	}
 }
 
-/* getopt_long() returns OPT_VAL + k for row k. */
-#define OPT_VAL	256
 
 /* --help, from opts[]. */
 static void
@@ -8004,40 +8355,29 @@ opt_default(struct config *cfg, const struct optdef *o)
 		o->set(cfg, o, item, "default");
 }
 
-/* Builds getopt_long()'s tables from opts[]. */
-static void
-opt_getopt_tables(struct option *lo, char *shorts)
-{
-	int	 k, n = 0;
-
-	shorts[n++] = ':';
-	for (k = 0; k < NOPTS; k++) {
-		lo[k].name = opts[k].name;
-		lo[k].has_arg = opts[k].arg ? required_argument : no_argument;
-		lo[k].flag = NULL;
-		lo[k].val = OPT_VAL + k;
-		if (opts[k].chr) {
-			shorts[n++] = opts[k].chr;
-			if (opts[k].arg)
-				shorts[n++] = ':';
-		}
-	}
-	memset(&lo[NOPTS], 0, sizeof lo[NOPTS]);
-	shorts[n] = '\0';
-}
-
-/* The row of getopt_long()'s answer c, or -1. */
+/* The row of option name (n bytes long), or of short option chr when
+ * n is 0; -1 if none. */
 static int
-opt_row(int c)
+opt_find(const char *name, size_t n, int chr)
 {
 	int	 k;
 
-	if (c >= OPT_VAL && c < OPT_VAL + NOPTS)
-		return c - OPT_VAL;
 	for (k = 0; k < NOPTS; k++)
-		if (c != 0 && opts[k].chr == c)
+		if (n ? strlen(opts[k].name) == n &&
+		    memcmp(opts[k].name, name, n) == 0 : opts[k].chr == chr)
 			return k;
 	return -1;
+}
+
+/* Sets option k from flag value v (NULL for a switch). */
+static void
+opt_flag(struct config *cfg, int k, const char *v, int *given)
+{
+	char	 flag[40];
+
+	snprintf(flag, sizeof flag, "--%s", opts[k].name);
+	opts[k].set(cfg, &opts[k], v, flag);
+	given[k] = 1;
 }
 
 /*
@@ -8048,32 +8388,48 @@ opt_row(int c)
 static void
 cfg_parse(struct config *cfg, int argc, char *argv[])
 {
-	struct option lo[NOPTS + 1];
-	char	 shorts[2 * NOPTS + 2], flag[40];
-	int	 c, k, given[NOPTS];
+	const char *a, *v, *eq;
+	int	 i, k = 0, given[NOPTS];
 
 	opts_init();
 	memset(cfg, 0, offsetof(struct config, fwd));
 	memset(given, 0, sizeof given);
-	opt_getopt_tables(lo, shorts);
 	for (k = 0; k < NOPTS; k++)
 		if (opts[k].set == opt_num || opts[k].set == opt_size)
 			opt_default(cfg, &opts[k]);
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, shorts, lo, NULL)) != -1) {
-		if (c == ':')
+	/* -x, -xVALUE, -x VALUE, -vq; --name, --name=VALUE, --name VALUE;
+	 * -- ends them. */
+	for (i = 1; i < argc && (a = argv[i])[0] == '-' && a[1] != '\0'; i++) {
+		if (strcmp(a, "--") == 0) {
+			i++;
+			break;
+		}
+		v = NULL;
+		if (a[1] == '-') {
+			eq = strchr(a, '=');
+			k = opt_find(a + 2, eq ? (size_t)(eq - a - 2) :
+			    strlen(a + 2), 0);
+			if (k >= 0 && eq != NULL && opts[k].arg == NULL)
+				fatal(2, "option '--%s' takes no value; see dotp "
+				    "--help", opts[k].name);
+			v = eq ? eq + 1 : NULL;
+		} else {
+			while (*++a && (k = opt_find(NULL, 0, *a)) >= 0 &&
+			    opts[k].arg == NULL)
+				opt_flag(cfg, k, NULL, given);
+			if (*a == '\0')
+				continue;
+			v = a[1] ? a + 1 : NULL;
+		}
+		if (k < 0)
+			fatal(2, "unknown option '%s'; see dotp --help", argv[i]);
+		if (opts[k].arg != NULL && v == NULL && ++i == argc)
 			fatal(2, "option '%s' needs a value; see dotp --help",
-			    argv[optind - 1]);
-		if ((k = opt_row(c)) < 0)
-			fatal(2, "unknown option '%s'; see dotp --help",
-			    argv[optind - 1]);
-		snprintf(flag, sizeof flag, "--%s", opts[k].name);
-		opts[k].set(cfg, &opts[k], optarg, flag);
-		given[k] = 1;
+			    argv[i - 1]);
+		opt_flag(cfg, k, opts[k].arg && v == NULL ? argv[i] : v, given);
 	}
-	if (optind < argc)
-		fatal(2, "unexpected argument '%s'; see dotp --help",
-		    argv[optind]);
+	if (i < argc)
+		fatal(2, "unexpected argument '%s'; see dotp --help", argv[i]);
 	for (k = 0; k < NOPTS; k++)
 		if (!given[k] && opt_env(cfg, &opts[k]) == 0 &&
 		    opts[k].set != opt_num && opts[k].set != opt_size)
@@ -8245,6 +8601,7 @@ setup_upstream(struct upstream *u, const struct server *sv, int zi)
 	str_copy(u->label, sizeof u->label, sv->a.text);
 	str_copy(u->name, sizeof u->name, sv->name);
 	u->plain = sv->plain;
+	u->sv = sv;
 	u->zone = zi;
 }
 

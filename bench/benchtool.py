@@ -1456,6 +1456,125 @@ def forward_markdown(fwd, meta):
     return L
 
 
+# the rate limiter runs (run.sh section 10): target names in the runs
+RL_TARGETS = (("off", "dotp-ratelimit-off"), ("on", "dotp-ratelimit-on"))
+RL_MAX_ADDED_PCT = 5.0
+
+
+def ratelimit_report(meta, agg, runs, verdict):
+    """The rate limiter runs (run.sh section 10): two dotp processes with
+    the cache on, one with --rate-limit far above the load, the all-hits
+    load alternated round by round. CPU per query with and without, the
+    difference of the medians and the median of the per-round differences
+    (the two measured back to back); adds the ratelimit_cpu verdict. {}
+    when the runs did not happen."""
+    rlm = meta.get("ratelimit") or {}
+    if not rlm.get("enabled"):
+        return {}
+    procs = rlm.get("proc") or {}
+    out = {"limit": rlm.get("limit"), "config": rlm.get("config") or {},
+           "runs": {}, "procs": procs, "counters": {}}
+    for k, t in RL_TARGETS:
+        x = (agg.get(t) or {}).get("udp/hits")
+        if x:
+            out["runs"][k] = dict(x, idle_rss_kib=(procs.get(k) or {}).get("idle_rss_kib"))
+        if (procs.get(k) or {}).get("exit_line"):
+            out["counters"][k] = exit_counters(procs[k]["exit_line"])
+    per = {}
+    names = dict((t, k) for k, t in RL_TARGETS)
+    for r in runs:
+        if r.get("kind") == "load" and r.get("target") in names and "error" not in r \
+                and r.get("cpu_us_per_query"):
+            per.setdefault(r["round"], {})[names[r["target"]]] = r["cpu_us_per_query"]
+    out["rounds"] = []
+    for rnd in sorted(per):
+        v = per[rnd]
+        if "on" in v and "off" in v:
+            out["rounds"].append({"round": rnd, "off": v["off"], "on": v["on"],
+                                  "diff_us": round(v["on"] - v["off"], 2),
+                                  "diff_pct": round(100.0 * (v["on"] - v["off"])
+                                                    / v["off"], 1)})
+    cpu = lambda k: (out["runs"].get(k) or {}).get("cpu_us_per_query")
+    off, on = cpu("off"), cpu("on")
+    out["cpu_off"], out["cpu_on"] = off, on
+    if off and on is not None:
+        out["diff_us"] = round(on - off, 2)
+        out["diff_pct"] = round(100.0 * (on - off) / off, 1)
+    if out["rounds"]:
+        out["paired_diff_us"] = med([x["diff_us"] for x in out["rounds"]])
+        out["paired_diff_pct"] = med([x["diff_pct"] for x in out["rounds"]])
+    c = out["counters"].get("on") or {}
+    limited = None
+    if "ratelimit_truncated" in c or "ratelimit_dropped" in c:
+        limited = c.get("ratelimit_truncated", 0) + c.get("ratelimit_dropped", 0)
+    out["limited_queries"] = limited
+    tgt = ("rate limiter: CPU per query with --rate-limit %s (nothing limited) <= "
+           "%.0f%% more than without (all hits, same rounds)"
+           % (out["limit"], RL_MAX_ADDED_PCT))
+    if out.get("paired_diff_pct") is not None and off and on is not None:
+        lost = sum((out["runs"].get(k) or {}).get("lost_total") or 0 for k in ("off", "on"))
+        verdict("ratelimit_cpu",
+                out["paired_diff_pct"] <= RL_MAX_ADDED_PCT and not limited and lost == 0,
+                "dotp %.2f us/query with the limit, %.2f without: %+.2f us (%+.1f%%); "
+                "median of the per-round differences %+.2f us (%+.1f%%), %d round(s); "
+                "%s queries limited (exit line ratelimit_truncated + "
+                "_dropped), lost %d"
+                % (on, off, out["diff_us"], out["diff_pct"], out["paired_diff_us"],
+                   out["paired_diff_pct"], len(out["rounds"]),
+                   "?" if limited is None else limited, lost), tgt)
+    else:
+        verdict("ratelimit_cpu", None, "not measured", tgt)
+    return out
+
+
+def ratelimit_markdown(rl, meta):
+    s = meta.get("settings") or {}
+    c = meta.get("ratelimit") or {}
+    L = ["## Rate limiter cost (--rate-limit %s, nothing limited)\n" % rl.get("limit")]
+    L.append("Two new dotp processes with the answer cache on (%s bytes), identical "
+             "but for `--rate-limit %s` (the spec's maximum QPS and BURST, far above "
+             "the load: every query takes a token, none is ever short of one). The "
+             "cache runs' all-hits load: %s names under c.bench.test. warmed, then "
+             "dnsperf `-c %s -q %s -l %s` over UDP cycling through them; each round "
+             "both, the order alternated from round to round. Medians over rounds; "
+             "CPU µs/query: utime+stime of the process over the run / answered "
+             "queries. dnsperf's queries all come from 127.0.0.1: one client.\n"
+             % (fmt(c.get("cache_bytes")), rl.get("limit"),
+                fmt(c.get("hit_names") or "?"), s.get("clients"), s.get("outstanding"),
+                s.get("duration_s")))
+    L.append("| target | QPS | CPU µs/query | avg µs | p50 µs | p99 µs | lost | "
+             "upstream received | idle RSS KiB | peak RSS KiB | rounds |")
+    L.append("|---|" + "---:|" * 10)
+    for k, t in RL_TARGETS:
+        x = rl["runs"].get(k)
+        if not x:
+            continue
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            t, fmt(x.get("qps")), fmt(x.get("cpu_us_per_query"), 2),
+            fmt(x.get("avg_us")), fmt(x.get("p50_us")), fmt(x.get("p99_us")),
+            fmt(x.get("lost_total")), fmt(x.get("upstream_queries_total")),
+            fmt(x.get("idle_rss_kib")), fmt(x.get("peak_rss_kib_max")),
+            "%d%s" % (x["rounds"], " (%d failed)" % x["rounds_failed"]
+                      if x["rounds_failed"] else "")))
+    if rl.get("diff_us") is not None:
+        L.append("\n**CPU per query, rate limiter**: %s µs with, %s µs without: "
+                 "%+.2f µs (%+.1f%%); per round (on - off, back to back): %s; "
+                 "median %+.2f µs (%+.1f%%).\n" % (
+                     fmt(rl["cpu_on"], 2), fmt(rl["cpu_off"], 2), rl["diff_us"],
+                     rl["diff_pct"], ", ".join("r%d %+.2f µs (%+.1f%%)" % (
+                         x["round"], x["diff_us"], x["diff_pct"]) for x in rl["rounds"])
+                     or "-", rl.get("paired_diff_us") or 0.0,
+                     rl.get("paired_diff_pct") or 0.0))
+    else:
+        L.append("")
+    on = rl["counters"].get("on")
+    if on:
+        L.append("dotp-ratelimit-on's exit line: " + ", ".join(
+            "%s=%s" % kv for kv in on.items() if kv[0].startswith("ratelimit")
+            or kv[0] in ("queries", "answers", "cache_hits")) + ".\n")
+    return L
+
+
 def do_report(a):
     cg = None
     if a.from_json:
@@ -1718,6 +1837,7 @@ def do_report(a):
 
     cache = cache_report(meta, agg, light_agg, runs, verdict)
     forward = forward_report(meta, agg, verdict)
+    ratelimit = ratelimit_report(meta, agg, runs, verdict)
 
     for kind in ("load", "light", "resperf"):
         stolen = [r for r in runs if r["kind"] == kind
@@ -1758,6 +1878,7 @@ def do_report(a):
     result = {"meta": meta, "summary": agg, "light": light_agg,
               "cache": cache,
               "forward": forward,
+              "ratelimit": ratelimit,
               "resperf": resperf_agg,
               "per_target": per_target, "callgrind": cg, "verdicts": V,
               "caveats_from_data": auto, "runs": runs}
@@ -1961,15 +2082,20 @@ def do_report(a):
                                         "straight to the upstream, separate runs)"
                                         % (lp - lu2)))
     if not targets:
-        # BENCH_ONLY=forward: no uncached comparison ran, no empty tables
+        # BENCH_ONLY=forward|ratelimit: no uncached comparison ran, no
+        # empty tables
+        only = s.get("only") or "forward"
         del L[main_at:]
-        L.append("Only the plain forwarding runs (BENCH_ONLY=forward): no "
-                 "comparison with the other forwarders, no resperf, cache or "
-                 "light-load runs.\n")
+        L.append("Only the %s runs (BENCH_ONLY=%s): no comparison with the "
+                 "other forwarders, no resperf, cache or light-load runs.\n"
+                 % ({"forward": "plain forwarding",
+                     "ratelimit": "rate limiter"}.get(only, only), only))
     if cache:
         L.extend(cache_markdown(cache, meta))
     if forward:
         L.extend(forward_markdown(forward, meta))
+    if ratelimit:
+        L.extend(ratelimit_markdown(ratelimit, meta))
     if cg:
         L.append("## Instructions (callgrind)\n")
         if "error" in cg:

@@ -28,9 +28,13 @@
 #      forward-zone for the same zone to the same port, unique names under
 #      the zone (every query a miss), CPU per query; beside it dotp's TLS
 #      path in the same rounds (the same process, names outside the zone);
-#   9. counts dotp's instructions per query under callgrind
+#   9. the rate limiter's cost (section 10 below): two new dotp processes
+#      with the cache on, one with --rate-limit 1000000:1000000 (far above
+#      the load: nothing is limited) and one without, the all-hits load of
+#      the cache runs, alternated; CPU per query with and without;
+#  10. counts dotp's instructions per query under callgrind
 #      (bench/callgrind.sh), the binary and the image size;
-#  10. writes results.json and results.md to BENCH_OUT (build/bench; `make
+#  11. writes results.json and results.md to BENCH_OUT (build/bench; `make
 #      bench-publish` copies them to bench/), prints the table and
 #      the dotp target verdicts (as measured; the exit status does not
 #      depend on them).
@@ -68,10 +72,14 @@
 #   BENCH_ZIPF_QUERIES=200000 queries the hit ratio is taken over
 #   BENCH_FORWARD=1      0 skips the plain forwarding runs (3 runs of the
 #                        load-run length per round, on top of BENCH_TIME)
+#   BENCH_RATELIMIT=1    0 skips the rate limiter runs (2 runs of the
+#                        load-run length per round, on top of BENCH_TIME)
 #   BENCH_ONLY=forward   only the plain forwarding runs (no peers, resperf,
 #                        cache runs, callgrind or image); results go to
 #                        build/bench/forward unless BENCH_OUT says otherwise,
 #                        so that `make bench-publish` never sees them
+#   BENCH_ONLY=ratelimit only the rate limiter runs (the same way; results
+#                        in build/bench/ratelimit)
 #   DOTP_BIN=./dotp      the dotp binary measured (e.g. a copy, while ./dotp
 #                        is being rebuilt)
 #   BENCH_OUT=build/bench  where results.json and results.md are written
@@ -85,9 +93,10 @@ case ${DOTP_BIN:-} in '' | /*) ;; *) DOTP_BIN=$(pwd)/$DOTP_BIN ;; esac
 cd "$REPO"
 DOTP_BIN=${DOTP_BIN:-$REPO/dotp}
 # BENCH_OUT relative to the repository; tracked files are never written.
-# BENCH_ONLY=forward: a partial run, kept apart from the full one's results
-case ${BENCH_ONLY:-} in '' | forward) ;; *)
-	echo "bench: BENCH_ONLY must be empty or forward" >&2; exit 1 ;;
+# BENCH_ONLY=forward|ratelimit: a partial run, kept apart from the full
+# one's results
+case ${BENCH_ONLY:-} in '' | forward | ratelimit) ;; *)
+	echo "bench: BENCH_ONLY must be empty, forward or ratelimit" >&2; exit 1 ;;
 esac
 case ${BENCH_OUT:-} in
 '') BENCH_OUT=$REPO/build/bench${BENCH_ONLY:+/$BENCH_ONLY} ;;
@@ -102,7 +111,7 @@ if [ "${BENCH_INNER:-0}" != 1 ]; then
 	[ -x "$DOTP_BIN" ] || { echo "bench: $DOTP_BIN missing: run 'make dotp'" >&2; exit 1; }
 	rp=; [ "${BENCH_RESPERF:-1}" = 0 ] || rp=resperf
 	peers="stubby kresd kres-cache-gc dnsdist $rp valgrind"
-	# BENCH_ONLY=forward: unbound and dnsperf are all it runs
+	# BENCH_ONLY=forward|ratelimit: unbound and dnsperf are all it runs
 	[ -z "${BENCH_ONLY:-}" ] || peers=
 	for c in unbound unbound-checkconf unbound-control $peers dnsperf \
 	    openssl ss ip unshare /usr/bin/python3; do
@@ -110,7 +119,7 @@ if [ "${BENCH_INNER:-0}" != 1 ]; then
 		    { echo "bench: $c is not installed (make bench installs it)" >&2; exit 1; }
 	done
 	BENCH_T0=$(date +%s)
-	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP}${BENCH_CACHE:+ BENCH_CACHE=$BENCH_CACHE}${BENCH_FORWARD:+ BENCH_FORWARD=$BENCH_FORWARD}${BENCH_ONLY:+ BENCH_ONLY=$BENCH_ONLY})"
+	BENCH_CMD="${BENCH_CMD:-sh bench/run.sh} (BENCH_TIME=${BENCH_TIME:-10} BENCH_ROUNDS=${BENCH_ROUNDS:-3}${BENCH_DURATION:+ BENCH_DURATION=$BENCH_DURATION}${BENCH_RESPERF:+ BENCH_RESPERF=$BENCH_RESPERF}${BENCH_RESPERF_QPS:+ BENCH_RESPERF_QPS=$BENCH_RESPERF_QPS}${BENCH_RESPERF_RAMP:+ BENCH_RESPERF_RAMP=$BENCH_RESPERF_RAMP}${BENCH_CACHE:+ BENCH_CACHE=$BENCH_CACHE}${BENCH_FORWARD:+ BENCH_FORWARD=$BENCH_FORWARD}${BENCH_RATELIMIT:+ BENCH_RATELIMIT=$BENCH_RATELIMIT}${BENCH_ONLY:+ BENCH_ONLY=$BENCH_ONLY})"
 	export BENCH_T0 BENCH_CMD
 fi
 . "$BENCH_DIR/lib.sh"
@@ -124,16 +133,22 @@ enter_netns "$BENCH_DIR/run.sh" "$@"
 : "${BENCH_CACHE:=1}" "${BENCH_CACHE_SIZE:=1048576}" "${BENCH_CACHE_NAMES:=100}"
 : "${BENCH_ZIPF_NAMES:=200000}" "${BENCH_ZIPF_QUERIES:=200000}"
 : "${BENCH_ZIPF_WARM:=50000}" "${BENCH_ZIPF_UNIQUE:=10}" "${BENCH_ZIPF_S:=1.0}"
-: "${BENCH_FORWARD:=1}" "${BENCH_ONLY:=}"
+: "${BENCH_FORWARD:=1}" "${BENCH_RATELIMIT:=1}" "${BENCH_ONLY:=}"
 case $BENCH_FORWARD in 0 | 1) ;; *) die "BENCH_FORWARD must be 0 or 1" ;; esac
-# BENCH_ONLY=forward: the plain forwarding runs alone. The uncached
-# comparison runs no round (MAIN_ROUNDS 0, no targets started), and
-# resperf, the cache runs, callgrind and the image are off.
+case $BENCH_RATELIMIT in 0 | 1) ;; *) die "BENCH_RATELIMIT must be 0 or 1" ;; esac
+# BENCH_ONLY=forward (or ratelimit): the plain forwarding runs (or the rate
+# limiter runs) alone. The uncached comparison runs no round (MAIN_ROUNDS
+# 0, no targets started), and resperf, the cache runs, callgrind and the
+# image are off.
 MAIN_ROUNDS=$BENCH_ROUNDS
-if [ "$BENCH_ONLY" = forward ]; then
-	BENCH_FORWARD=1 BENCH_RESPERF=0 BENCH_CACHE=0 BENCH_CG_QUERIES=0 BENCH_IMAGE=0
-	MAIN_ROUNDS=0
-fi
+case $BENCH_ONLY in
+forward)
+	BENCH_FORWARD=1 BENCH_RATELIMIT=0 BENCH_RESPERF=0 BENCH_CACHE=0
+	BENCH_CG_QUERIES=0 BENCH_IMAGE=0 MAIN_ROUNDS=0 ;;
+ratelimit)
+	BENCH_RATELIMIT=1 BENCH_FORWARD=0 BENCH_RESPERF=0 BENCH_CACHE=0
+	BENCH_CG_QUERIES=0 BENCH_IMAGE=0 MAIN_ROUNDS=0 ;;
+esac
 case $BENCH_CACHE in 0 | 1) ;; *) die "BENCH_CACHE must be 0 or 1" ;; esac
 for _v in BENCH_CACHE_SIZE BENCH_CACHE_NAMES BENCH_ZIPF_NAMES BENCH_ZIPF_QUERIES \
     BENCH_ZIPF_WARM; do
@@ -192,9 +207,9 @@ else
 	D=$1 L=$2
 fi
 NAMES=$((150000 * D))     # unique names per file: > any rate seen here x D
-# BENCH_ONLY=forward: no peers started (the per-run time is still derived
-# from the whole list, as in a full run)
-[ "$BENCH_ONLY" != forward ] || BENCH_TARGETS=
+# BENCH_ONLY=forward|ratelimit: no peers started (the per-run time is
+# still derived from the whole list, as in a full run)
+[ -z "$BENCH_ONLY" ] || BENCH_TARGETS=
 
 T=$(mktemp -d /tmp/dotp-bench.XXXXXX)
 trap 'bench_cleanup' EXIT
@@ -229,9 +244,21 @@ else
 	    caveat "$DOTP_BIN has no --forward option: the plain forwarding runs are skipped"
 fi
 
+# dotp's per-client rate limit (section 10): a dotp without --rate-limit
+# (or without a cache: the runs are all hits) is left out of those runs
+if "$DOTP_BIN" --help 2>&1 | grep -q -e '--rate-limit' && [ "$DOTP_HAS_CACHE" = 1 ]; then
+	DOTP_HAS_RATELIMIT=1
+else
+	DOTP_HAS_RATELIMIT=0
+	[ "$BENCH_ONLY" != ratelimit ] ||
+	    die "BENCH_ONLY=ratelimit: $DOTP_BIN has no --rate-limit option (or no cache)"
+	[ "$BENCH_RATELIMIT" = 0 ] ||
+	    caveat "$DOTP_BIN has no --rate-limit option (or no cache): the rate limiter runs are skipped"
+fi
+
 log "budget ${BENCH_TIME} min, $BENCH_ROUNDS rounds, ${D} s per load run," \
     "${L} s per light run, dnsperf -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING," \
-    "targets: ${BENCH_TARGETS:-none (BENCH_ONLY=forward)} (temp dir $T)"
+    "targets: ${BENCH_TARGETS:-none (BENCH_ONLY=$BENCH_ONLY)} (temp dir $T)"
 
 # the binary measured; it is checked again at the end (a rebuild during the
 # run would mix two binaries)
@@ -487,7 +514,7 @@ PID_upstream=$UP_PID
 # relay with no parsing and no TLS, in front of the upstream's plain port.
 PORT_relay=5399 PID_relay=
 if [ "$MAIN_ROUNDS" = 0 ]; then
-	:	# BENCH_ONLY=forward: no light-load runs
+	:	# BENCH_ONLY=forward|ratelimit: no light-load runs
 elif cc -O2 -o "$T/relay" "$BENCH_DIR/relay.c" 2>"$T/relay-cc.log"; then
 	start relay "$T/relay" $PORT_relay $UP_PLAIN_PORT
 	PID_relay=$LAST_PID
@@ -874,6 +901,82 @@ if [ "$BENCH_FORWARD" = 1 ] && [ "$DOTP_HAS_FORWARD" = 1 ]; then
 	done
 fi
 
+# --- 10. the rate limiter's cost (--rate-limit) -------------------------------
+# Issue 15: what the per-client rate limit costs per query when nothing is
+# limited. Two new dotp processes, after every other run, identical but
+# for the limit, both with the answer cache on at CACHE_BYTES as in the
+# cache runs:
+#  - dotp-ratelimit-off: no --rate-limit;
+#  - dotp-ratelimit-on:  --rate-limit RL_LIMIT, the spec's maximum QPS and
+#    BURST, far above the load: every query takes a token, none is ever
+#    short of one (the exit line's ratelimit_truncated/_dropped show it).
+# The load is the cache runs' all-hits load (the cheapest path, so the
+# limiter's share of it is the largest): BENCH_CACHE_NAMES names under
+# c.bench.test. warmed, then dnsperf over UDP cycling through them for D s.
+# Each round both, the order alternated from round to round (off then on,
+# then on then off) so that drift over the run does not favour one; CPU
+# per query from /proc as everywhere. dnsperf sends from 127.0.0.1 only:
+# one client, its table entry always the same.
+RL_LIMIT=1000000:1000000
+RMEASURED=
+if [ "$BENCH_RATELIMIT" = 1 ] && [ "$DOTP_HAS_RATELIMIT" = 1 ]; then
+	for t in off on; do
+		case $t in
+		off) port=5341 rl= ;;
+		on) port=5342 rl="--rate-limit $RL_LIMIT" ;;
+		esac
+		start dotp-ratelimit-$t "$DOTP_BIN" -l "127.0.0.1:$port" -u "$UPSTREAM" \
+		    --ca-file "$CA" --cache-size "$CACHE_BYTES" $rl
+		pid=$LAST_PID
+		if wait_listen $port 20 && $BENCH_TOOL wait --port $port --timeout 20; then
+			sleep 0.5
+			set -- $($BENCH_TOOL rss $pid)
+			meta "ratelimit.proc.$t.idle_rss_kib" "$1"
+			eval "PIDR_$t=$pid PORTR_$t=$port"
+			RMEASURED="$RMEASURED $t"
+			log "dotp-ratelimit-$t pid $pid on 127.0.0.1:$port (idle RSS $1 KiB)"
+		else
+			caveat "dotp-ratelimit-$t did not answer on 127.0.0.1:$port within 20 s; not measured ($(tail -n 2 "$T/dotp-ratelimit-$t.log" | tr '\n' ' '))"
+			stop $pid
+		fi
+	done
+	RMEASURED=${RMEASURED# }
+	meta ratelimit.targets "$RMEASURED"
+	[ "$RMEASURED" = "off on" ] ||
+	    caveat "rate limiter runs: only '$RMEASURED' started, no comparison"
+	$BENCH_TOOL names --out "$T/rl-hits.txt" --prefix h --digits 7 \
+	    --count "$BENCH_CACHE_NAMES" --zone c.bench.test
+	r=1
+	while [ -n "$RMEASURED" ] && [ $r -le "$BENCH_ROUNDS" ]; do
+		if [ $((r % 2)) = 1 ]; then order="off on"; else order="on off"; fi
+		log "rate limiter round $r of $BENCH_ROUNDS: all hits ($BENCH_CACHE_NAMES names), $order"
+		for t in $order; do
+			case " $RMEASURED " in *" $t "*) ;; *) continue ;; esac
+			p=$(eval echo "\$PORTR_$t") pid=$(eval echo "\$PIDR_$t")
+			$BENCH_TOOL warm --port "$p" --datafile "$T/rl-hits.txt" ||
+			    caveat "rate limiter: warming dotp-ratelimit-$t failed in round $r"
+			$BENCH_TOOL measure --target "dotp-ratelimit-$t" --transport udp \
+			    --names hits --port "$p" --datafile "$T/rl-hits.txt" \
+			    --datafile-lines "$BENCH_CACHE_NAMES" --round $r --pid "$pid" \
+			    --upstream-pid "$UP_PID" --upstream-control "$UP_CONF" \
+			    --duration "$D" --clients "$BENCH_CLIENTS" \
+			    --outstanding "$BENCH_OUTSTANDING" --tmp "$T" --out "$RUNS" \
+			    --thread-cpu ||
+			    caveat "measure dotp-ratelimit-$t udp hits round $r failed"
+		done
+		r=$((r + 1))
+	done
+	rm -f "$T/rl-hits.txt"
+	for t in $RMEASURED; do
+		pid=$(eval echo "\$PIDR_$t")
+		final_rss "ratelimit.proc.$t" "$pid"
+		stop "$pid" 50
+		meta ratelimit.proc.$t.exit_status "$STOP_RC"
+		meta ratelimit.proc.$t.exit_line "$(grep -o 'dotp exiting.*' "$T/dotp-ratelimit-$t.log" | tail -n 1)"
+		[ "$STOP_RC" = 0 ] || caveat "dotp-ratelimit-$t exited with status $STOP_RC on SIGTERM"
+	done
+fi
+
 # --- 6. callgrind, binary, image ---------------------------------------------
 if [ "$BENCH_CG_QUERIES" -gt 0 ]; then
 	log "callgrind: $BENCH_CG_QUERIES queries"
@@ -924,8 +1027,10 @@ meta settings.unique_names_per_file "$NAMES"
 meta settings.dnsperf "dnsperf -m udp|tcp|dot -c $BENCH_CLIENTS -q $BENCH_OUTSTANDING -l $D -t 2 -v (per-query latencies from -v)"
 _order=
 [ "$MAIN_ROUNDS" = 0 ] || _order="each round: for scenario in udp/unique tcp/unique udp/repeat tcp/repeat: for target in $MEASURED (+ upstream DoT and UDP after udp/unique); then light load$([ "$BENCH_RESPERF" = 0 ] || echo "; after all rounds, resperf rounds: $MEASURED, upstream UDP, upstream DoT")$([ "$BENCH_CACHE" = 0 ] || echo "; then the cache runs (forwarders restarted with caches on): each round all-hits load then light load over ${CMEASURED:-none}; then one Zipf stream per target, each a fresh process")"
-[ -z "$FMEASURED" ] || _order="${_order:+$_order; then }${BENCH_ONLY:+BENCH_ONLY=forward: }the plain forwarding runs (two new processes): each round, UDP, unique names under $FWD_ZONE to $(echo " $FMEASURED" | sed -e 's/ dotp/ dotp-plain-forward/' -e 's/ unbound/ unbound-forward-zone/' -e 's/^ //'), then unique names outside the zone to the same dotp (dotp-forward-tls)"
+[ -z "$FMEASURED" ] || _order="${_order:+$_order; then }${BENCH_ONLY:+BENCH_ONLY=$BENCH_ONLY: }the plain forwarding runs (two new processes): each round, UDP, unique names under $FWD_ZONE to $(echo " $FMEASURED" | sed -e 's/ dotp/ dotp-plain-forward/' -e 's/ unbound/ unbound-forward-zone/' -e 's/^ //'), then unique names outside the zone to the same dotp (dotp-forward-tls)"
+[ -z "$RMEASURED" ] || _order="${_order:+$_order; then }${BENCH_ONLY:+BENCH_ONLY=$BENCH_ONLY: }the rate limiter runs (two new dotp processes, cache on): each round, UDP, all hits ($BENCH_CACHE_NAMES warmed names) to dotp-ratelimit-off and dotp-ratelimit-on (--rate-limit $RL_LIMIT), the order alternated from round to round"
 meta settings.order "$_order"
+meta settings.only "$BENCH_ONLY"
 meta settings.resperf.enabled "$([ "$BENCH_RESPERF" = 1 ] && echo true || echo false)"
 if [ "$BENCH_RESPERF" = 1 ]; then
 	meta settings.resperf.command "resperf -M udp|dot -C $BENCH_CLIENTS -m $BENCH_RESPERF_QPS -r $BENCH_RESPERF_RAMP -i $RP_INTERVAL -t $RP_TIMEOUT -L 1 -F $RP_FALL -b $RP_BUF"
@@ -976,6 +1081,15 @@ if [ -n "$FMEASURED" ]; then
 	meta forward.config.unbound-forward-zone "as the uncached unbound (forward-zone \".\" over TLS, msg/rrset/key/neg-cache-size 0, prefetch off) plus forward-zone \"$FWD_ZONE.\" forward-addr 127.0.0.1@$UP_PLAIN_PORT (plain)"
 	meta forward.config.dotp-forward-tls "the same dotp process, unique names outside $FWD_ZONE (its default zone: TLS to $UPSTREAM)"
 	caveat "plain forwarding runs: new processes after every other run (dotp-plain-forward on 127.0.0.1:5331, unbound-forward-zone on :5332), both forwarding $FWD_ZONE to the upstream unbound's plain port $UP_PLAIN_PORT (the same local data as over DoT); unique names, the same file for both in a round; dotp-forward-tls is the same dotp with names outside the zone (its TLS path), measured in the same rounds"
+fi
+meta ratelimit.enabled "$([ -n "$RMEASURED" ] && echo true || echo false)"
+if [ -n "$RMEASURED" ]; then
+	meta ratelimit.limit "$RL_LIMIT"
+	meta ratelimit.cache_bytes "$CACHE_BYTES"
+	meta ratelimit.hit_names "$BENCH_CACHE_NAMES"
+	meta ratelimit.config.dotp-ratelimit-off "-u $UPSTREAM --cache-size $CACHE_BYTES (no --rate-limit)"
+	meta ratelimit.config.dotp-ratelimit-on "-u $UPSTREAM --cache-size $CACHE_BYTES --rate-limit $RL_LIMIT"
+	caveat "rate limiter runs: two new dotp processes after every other run (dotp-ratelimit-off on 127.0.0.1:5341, dotp-ratelimit-on on :5342 with --rate-limit $RL_LIMIT, far above the load: nothing is limited), cache on ($CACHE_BYTES bytes), the all-hits load of the cache runs, the order alternated each round; dnsperf's queries all come from 127.0.0.1, one client: the table lookup always finds the same entry (the cost with thousands of clients, whose entries miss the CPU caches, is not measured)"
 fi
 caveat "2 cores shared by dnsperf, the forwarder under test and the upstream unbound (2 threads): every figure is for this contended setup, not a forwarder alone"
 caveat "forwarders run their default threading: dotp, stubby, kresd and unbound (num-threads 1) one thread each for queries; dnsdist uses its own threads (CPU/query counts all threads)"

@@ -406,14 +406,12 @@ test_cfg_parse(void)
 
 	setenv("DOTP_UPSTREAM", "127.0.0.2#a.test, 127.0.0.3:54#b.test", 1);
 	setenv("DOTP_LISTEN", "127.0.0.9:53", 1);
-	optind = 1;
 	cfg_parse(&cfg, 8, argv1);
 	ok(cfg.nlisten == 1 && !strcmp(cfg.listen[0].text, "127.0.0.1:5300"),
 	    "flag listen wins over env");
 	ok(cfg.nup == 1 && !strcmp(cfg.up[0].a.text, "[::1]:8853") &&
 	    !strcmp(cfg.up[0].name, "dot.test"), "flag upstream");
 	ok(cfg.timeout_ms == 1500 && cfg.verbosity == LVL_ERROR, "timeout, -q");
-	optind = 1;
 	cfg_parse(&cfg, 1, argv0);
 	ok(cfg.nup == 2 && !strcmp(cfg.up[1].a.text, "127.0.0.3:54") &&
 	    !strcmp(cfg.up[1].name, "b.test"), "env upstream list");
@@ -421,7 +419,6 @@ test_cfg_parse(void)
 	    "env listen");
 	unsetenv("DOTP_UPSTREAM");
 	unsetenv("DOTP_LISTEN");
-	optind = 1;
 	cfg_parse(&cfg, 1, argv0);
 	ok(cfg.nlisten == 2 && !strcmp(cfg.listen[1].text, "[::1]:53"),
 	    "default listen");
@@ -1075,7 +1072,6 @@ test_forward(void)
 	    "bad characters");
 	ok(parse_zone("a234567890123456789012345678901234567890123456789012"
 	    "345678901234", &z) != NULL, "label of 64");
-	optind = 1;
 	cfg_parse(&cfg, 7, argv1);
 	ok(cfg.nzone == 4 && cfg.nfwd == 4 && cfg.nup == 1, "zones, servers");
 	ok(cfg.zone[0].first == 0 && cfg.zone[0].n == 2 &&
@@ -1116,7 +1112,6 @@ test_forward(void)
 	/* "." by --forward takes the built-in default's place; the env
 	 * splits entries at ';' and newlines. */
 	setenv("DOTP_FORWARD", ".=dns://127.0.0.4\nlan=dns://127.0.0.5;", 1);
-	optind = 1;
 	cfg_parse(&cfg, 1, argv2);
 	ok(cfg.nup == 1 && cfg.up[0].plain && cfg.up_by == UP_BY_FORWARD &&
 	    cfg.nzone == 1 && !strcmp(cfg.fwd[0].a.text, "127.0.0.5:53"),
