@@ -4,7 +4,9 @@
  * parse_int(), valid_cert_name() and parse_cidr(), and what they accept
  * is checked: an address prints and parses back to itself, a number
  * prints back, a prefix has its host bits clear, matches its own
- * addresses and no others. cfg_parse() is not called (it exits).
+ * addresses and no others; a pin prints back to itself, and a server
+ * (parse_server, with @ pins) keeps its rules. cfg_parse() is not
+ * called (it exits).
  */
 #define DOTP_NO_MAIN 1
 #include "../../dotp.c"
@@ -164,6 +166,41 @@ check_cidr(const char *s, const struct sockaddr_text *pa)
 		    pa->u.sin6.sin6_addr.s6_addr));
 }
 
+/* A pin accepted prints back (pin_text) to the text it came from. */
+static void
+check_pin(const char *s)
+{
+	unsigned char p[32];
+	char	 t[52];
+
+	if (pin_parse(s, p) < 0)
+		return;
+	pin_text(p, t);
+	CHECK(strncmp(t, "sha256/", 7) == 0 && strcmp(t + 7, s) == 0);
+}
+
+/* A server accepted keeps the rules of its pins, each of which is in
+ * the text as given. */
+static void
+check_server(const char *s)
+{
+	struct server sv;
+	char	 t[52];
+	int	 k;
+
+	if (parse_server(s, 1, &sv) != NULL)
+		return;
+	CHECK(sv.npin <= DOTP_MAX_PINS);
+	CHECK(!sv.no_name || sv.pin_only);
+	CHECK(!sv.pin_only || sv.npin > 0);
+	CHECK(!sv.plain || (sv.npin == 0 && sv.name[0] == '\0'));
+	CHECK(sv.plain || valid_cert_name(sv.name));
+	for (k = 0; k < sv.npin; k++) {
+		pin_text(sv.pin[k], t);
+		CHECK(strstr(s, t) != NULL);
+	}
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -176,6 +213,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	check_addr(s);
 	check_int(s);
 	check_cert_name(s);
+	check_pin(s);
+	check_server(s);
 	have_pa = parse_addr(s, 53, &pa) == 0;
 	check_cidr(s, have_pa ? &pa : NULL);
 	free(s);
