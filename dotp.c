@@ -4586,7 +4586,7 @@ conn_end(struct conn *c, const char *failed, const char *fields,
 	struct upstream *u = &G.up[c->up];
 	struct qlist moved = QLIST_ZERO;
 	struct qlist *from[3] = { &c->fl, &c->late, &u->tx };
-	char	 f[160];
+	char	 f[DOTP_MAX_PINS * 53 + 120];	/* conn=, gen=, pin_fields */
 	int	 i, k, stall = failed && c->state == C_READY, recycled;
 
 	if (failed && c->state != C_READY && up_has_ready(c->up)) {
@@ -8111,7 +8111,8 @@ opt_version(UNUSED struct config *cfg, UNUSED const struct optdef *o,
 	    opt_upstream, "1.1.1.1#cloudflare-dns.com " \
 	    "1.0.0.1#cloudflare-dns.com", \
 	    "DoT resolver: IP literal, port (853), and the name its " \
-	    "certificate must carry (repeatable)") \
+	    "certificate must carry (repeatable); then @sha256/BASE64 pins " \
+	    "a key, @pin-only trusts the pin alone (see the README)") \
 	VALUE(0, OPT_VALUE, "forward", "DOTP_FORWARD", \
 	    "ZONE[,ZONE...]=SERVER[,SERVER...]", opt_forward, "", \
 	    "names at or under ZONE go to these servers: DoT as for -u, or " \

@@ -1120,6 +1120,93 @@ test_forward(void)
 	G = saved;	/* what the other tests set up, tables included */
 }
 
+/* Pins: the text form both ways, the SPKI hash of embedded anchors of
+ * every key type against what openssl computes (`openssl x509 -pubkey
+ * | openssl pkey -pubin -outform der | openssl dgst -sha256`), and the
+ * @ items of a server. */
+static void
+test_pins(void)
+{
+	static const struct { const char *cn, *pin; } roots[] = {
+		{ "ISRG Root X1", "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=" },
+		{ "ISRG Root X2", "diGVwiVYbubAI3RW4hB9xU8e/CH2GnkuvVFZE8zmgzI=" },
+		{ "Amazon Root CA 3",
+		    "NqvDJlas/GRcYbcWE8S/IceH9cq77kg0jVhZeAPXq8k=" },
+		{ "GTS Root R4", "mEflZT5enoR1FuXLgYYGqnVEoZvmf9c2bVBpiOjYQ0c=" },
+	};
+	static const char *const bad[] = {
+		"C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M",	/* no '=' */
+		"C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M==",
+		"C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8N=",	/* pad bits */
+		"C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8=",
+		"C5-lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=",	/* alphabet */
+		"",
+	};
+	const br_x509_trust_anchor *ta = ta_embedded();
+	struct server sv;
+	unsigned char pin[32], h[32];
+	char	 t[52], v[200];
+	size_t	 i, k, found;
+
+	for (i = 0; i < sizeof roots / sizeof roots[0]; i++) {
+		ok(pin_parse(roots[i].pin, pin) == 0, "pin %s parses",
+		    roots[i].pin);
+		pin_text(pin, t);
+		ok(strcmp(t + 7, roots[i].pin) == 0, "pin %s prints back",
+		    roots[i].pin);
+		for (k = 0, found = 0; k < DOTP_EMBEDDED_TAS_NUM; k++) {
+			size_t	 n = strlen(roots[i].cn), j;
+
+			for (j = 0; j + n <= ta[k].dn.len; j++)
+				if (memcmp(ta[k].dn.data + j, roots[i].cn, n) == 0 &&
+				    (j + n == ta[k].dn.len ||
+				    ta[k].dn.data[j + n] < ' '))
+					break;
+			if (j + n > ta[k].dn.len)
+				continue;
+			found++;
+			ok(spki_hash(&ta[k].pkey, h) == 0 &&
+			    memcmp(h, pin, 32) == 0, "spki_hash of %s (key "
+			    "type %d) is openssl's", roots[i].cn,
+			    ta[k].pkey.key_type);
+		}
+		ok(found == 1, "anchor %s found once (%zu)", roots[i].cn, found);
+	}
+	for (i = 0; i < sizeof bad / sizeof bad[0]; i++)
+		ok(pin_parse(bad[i], pin) < 0, "pin '%s' refused", bad[i]);
+
+	snprintf(v, sizeof v, "10.0.0.1#dns.example@sha256/%s@pin-only",
+	    roots[0].pin);
+	ok(parse_server(v, 0, &sv) == NULL && sv.npin == 1 && sv.pin_only &&
+	    !sv.no_name && strcmp(sv.name, "dns.example") == 0, "pin-only");
+	snprintf(v, sizeof v, "10.0.0.1#dns.example@sha256/%s@pin-only"
+	    "@no-name-check@sha256/%s", roots[0].pin, roots[1].pin);
+	ok(parse_server(v, 0, &sv) == NULL && sv.npin == 2 && sv.no_name,
+	    "two pins, no-name-check");
+	snprintf(v, sizeof v, "10.0.0.1#dns.example@no-name-check@sha256/%s",
+	    roots[0].pin);
+	ok(parse_server(v, 0, &sv) != NULL, "no-name-check alone refused");
+	ok(parse_server("10.0.0.1#dns.example@pin-only", 0, &sv) != NULL,
+	    "pin-only without a pin refused");
+	ok(parse_server("10.0.0.1#dns.example@", 0, &sv) != NULL,
+	    "empty @ item refused");
+	ok(parse_server("10.0.0.1#dns.example@sha1/abc=", 0, &sv) != NULL,
+	    "sha1 refused");
+	snprintf(v, sizeof v, "dns://10.0.0.1@sha256/%s", roots[0].pin);
+	ok(parse_server(v, 1, &sv) != NULL, "pin on dns:// refused");
+	ok(parse_server("10.0.0.1#a.example@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=@sha256/"
+	    "C5+lpZ7tcVwmwQIMcRtPbsQtWLABXhQzejna0wHFr8M=", 0, &sv) != NULL,
+	    "a ninth pin refused");
+}
+
 /* The sandbox (sandbox_enter), in a child: what the loop does is
  * allowed; a file, a program or another kind of socket ends the child
  * with SIGSYS. */
@@ -1203,6 +1290,7 @@ main(void)
 	test_readme_options();
 	test_embedded_anchors();
 	test_cache();
+	test_pins();
 	test_sandbox();
 	printf("unit: %d passed, %d failed\n", t_pass, t_fail);
 	return t_fail != 0;
