@@ -3721,13 +3721,15 @@ pin_find(const struct server *sv, const unsigned char *h)
 
 /* The verified path ended at a trust anchor the server did not send:
  * does the anchor's key match? It is an anchor whose subject is the
- * issuer xc hashed last (saved_dn_hash, SHA-256 as set in tls_setup). */
+ * issuer xc hashed last (saved_dn_hash, SHA-256 as set in tls_setup);
+ * if several anchors have that subject, each must match. */
 static int
 pin_anchor(const struct pinx509 *p)
 {
 	unsigned char dn[32], h[32];
 	br_sha256_context sc;
 	size_t	 k;
+	int	 match = 0;
 
 	for (k = 0; k < G.ntas; k++) {
 		const br_x509_trust_anchor *ta = &G.tas[k];
@@ -3737,11 +3739,15 @@ pin_anchor(const struct pinx509 *p)
 		br_sha256_init(&sc);
 		br_sha256_update(&sc, ta->dn.data, ta->dn.len);
 		br_sha256_out(&sc, dn);
-		if (memcmp(dn, p->xc->saved_dn_hash, sizeof dn) == 0 &&
-		    spki_hash(&ta->pkey, h) == 0 && pin_find(p->sv, h))
-			return 1;
+		if (memcmp(dn, p->xc->saved_dn_hash, sizeof dn) != 0)
+			continue;
+		/* Anchors sharing a subject (a CA re-keyed under its name):
+		 * which one verified is not known, so all must match. */
+		if (spki_hash(&ta->pkey, h) < 0 || !pin_find(p->sv, h))
+			return 0;
+		match = 1;
 	}
-	return 0;
+	return match;
 }
 
 static void
@@ -3775,8 +3781,8 @@ px_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
 	struct pinx509 *p = (struct pinx509 *)(void *)ctx;
 
 	p->xc->vtable->append(&p->xc->vtable, buf, len);
-	if (!p->past)
-		br_x509_decoder_push(&p->dc, buf, len);
+	if (!p->past && p->dc.err == 0)	/* it must not run on after */
+		br_x509_decoder_push(&p->dc, buf, len);	/* an error */
 }
 
 /* A certificate of the path: hash its key; the leaf's is kept. */
@@ -3872,6 +3878,10 @@ tls_setup(struct conn *c)
 	br_ssl_engine_context *eng = &c->cc.eng;
 
 	br_ssl_client_zero(&c->cc);
+	/* tls_attach injects getrandom() bytes before every reset: BearSSL
+	 * must not seed from the system too (RDRAND, or else an open() of
+	 * /dev/urandom, which the sandbox forbids). */
+	c->cc.eng.rng_os_rand_done = 1;
 	br_ssl_engine_set_versions(eng, BR_TLS12, BR_TLS12);
 	if (tls_have_aesni())
 		br_ssl_engine_set_suites(eng, dotp_suites_aesni,
@@ -6103,10 +6113,14 @@ client_query(const unsigned char *m, size_t len, const struct client *cl,
  */
 
 /* The network of the client at sa, as --rate-limit counts clients:
- * an IPv4 address as IPv4-mapped IPv6, cut to its prefix. */
+ * an IPv4 address as IPv4-mapped IPv6, cut to its prefix (V4 bits of
+ * an IPv4 address, mapped or not; V6 bits of another). */
 static void
 rl_key(const struct sockaddr *sa, uint64_t key[2])
 {
+	static const unsigned char v4map[12] = {
+		0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff
+	};
 	unsigned char a[16];
 	int	 bits, k;
 
@@ -6115,12 +6129,13 @@ rl_key(const struct sockaddr *sa, uint64_t key[2])
 		a[10] = a[11] = 0xff;
 		memcpy(a + 12, &((const struct sockaddr_in *)(const void *)
 		    sa)->sin_addr, 4);
-		bits = 96 + G.cfg.rl_v4;
 	} else {
 		memcpy(a, &((const struct sockaddr_in6 *)(const void *)
 		    sa)->sin6_addr, 16);
-		bits = G.cfg.rl_v6;
 	}
+	/* IPv4, also mapped (a client of a dual-stack [::] listener) */
+	bits = memcmp(a, v4map, sizeof v4map) == 0 ? 96 + G.cfg.rl_v4 :
+	    G.cfg.rl_v6;
 	for (k = 0; k < 16; k++, bits -= 8)
 		a[k] &= bits >= 8 ? 0xff : bits <= 0 ? 0 :
 		    (unsigned char)(0xff << (8 - bits));
@@ -6131,7 +6146,7 @@ rl_key(const struct sockaddr *sa, uint64_t key[2])
 static int32_t
 rl_refill(int32_t tokens, int64_t ms, int32_t cap)
 {
-	int64_t	 t = tokens + ms * G.cfg.rl_qps;
+	int64_t	 t = tokens + (ms > 0 ? ms : 0) * G.cfg.rl_qps;
 
 	return t > cap ? cap : (int32_t)t;
 }
@@ -6512,7 +6527,9 @@ rl_resume(int64_t now)
 {
 	int	 j;
 
-	if (G.rl_wake == 0 || now < G.rl_wake || G.draining)
+	if (G.draining)		/* no new queries: the paused wait */
+		G.rl_wake = 0;
+	if (G.rl_wake == 0 || now < G.rl_wake)
 		return;
 	G.rl_wake = 0;
 	for (j = G.ntcp - 1; j >= 0; j--) {
@@ -6563,7 +6580,8 @@ tcp_pollset(int64_t now, int64_t *deadline)
 			ev |= POLLIN;
 		if (c->out_len > 0)
 			ev |= POLLOUT;
-		loop_add(FK_TCP, G.tcp_live[j], c->fd, ev);
+		if (ev != 0)	/* else poll() would report a reset forever */
+			loop_add(FK_TCP, G.tcp_live[j], c->fd, ev);
 	}
 }
 
@@ -7183,7 +7201,7 @@ expire(int64_t now)
 		struct tcpclient *c = &G.tcp[G.tcp_live[j]];
 		int64_t	 due = c->idle_since + G.cfg.tcp_idle_ms;
 
-		if (c->pending > 0 || c->out_len > 0)
+		if (c->pending > 0 || c->out_len > 0 || c->rl_until != 0)
 			continue;
 		if (c->eof || now >= due)
 			tcp_close(c);
@@ -8363,6 +8381,8 @@ opt_find(const char *name, size_t n, int chr)
 {
 	int	 k;
 
+	if (n == 0 && chr == 0)		/* "--=..." */
+		return -1;
 	for (k = 0; k < NOPTS; k++)
 		if (n ? strlen(opts[k].name) == n &&
 		    memcmp(opts[k].name, name, n) == 0 : opts[k].chr == chr)
@@ -8834,9 +8854,11 @@ setup_user(void)
  * calls below and kills the process on any other (SIGSYS), so a bug
  * that slipped past the fuzzers cannot open a file, run a program or
  * reach anything but the network. The list is the loop's: every call
- * made after sandbox_enter(), with why. socket() is further held to
- * AF_INET and AF_INET6. The filter checks the architecture first, so a
- * call of another ABI (x32, or 32-bit) is killed too.
+ * made after sandbox_enter(), with why. Three are held further by their
+ * arguments: socket() to AF_INET and AF_INET6, mmap() and mprotect() to
+ * memory that is not executable. The filter checks the architecture
+ * first (a call of a 32-bit ABI is killed), and x32 calls carry numbers
+ * that match none of these.
  */
 static const uint16_t sandbox_calls[] = {
 #ifdef __NR_poll
@@ -8852,7 +8874,8 @@ static const uint16_t sandbox_calls[] = {
 	__NR_sendmsg,		/* UDP answers from the address asked */
 	__NR_recvmmsg,		/* plain DNS answers, a batch per call */
 	__NR_sendmmsg,		/* UDP answers and plain queries, batched */
-	__NR_socket,		/* upstream connections, plain DNS sockets */
+	__NR_socket,		/* upstream connections, plain DNS sockets
+				   (and see sandbox_enter) */
 	__NR_connect,		/* upstream connections */
 	__NR_accept4,		/* TCP clients, --metrics clients */
 	__NR_getsockopt,	/* SO_ERROR of a connect */
@@ -8869,11 +8892,13 @@ static const uint16_t sandbox_calls[] = {
 	__NR_lseek,		/* /proc/self/fd, opened before, rewound */
 	__NR_getdents64,	/* /proc/self/fd: process_open_fds */
 	__NR_brk,		/* malloc */
-	__NR_mmap,		/* malloc */
+	__NR_mmap,		/* malloc (and see sandbox_enter) */
+	__NR_mprotect,		/* malloc, when brk cannot grow (likewise) */
 	__NR_munmap,		/* free */
 	__NR_mremap,		/* realloc */
 	__NR_madvise,		/* free */
 	__NR_rt_sigreturn,	/* the end of the SIGTERM handler */
+	__NR_restart_syscall,	/* poll() resumed after SIGSTOP/SIGCONT */
 	__NR_rt_sigprocmask,	/* libc around signals */
 	__NR_exit_group,	/* exit */
 	__NR_exit,		/* the same */
@@ -8887,6 +8912,7 @@ static const uint16_t sandbox_calls[] = {
  * the arguments from 16. */
 #define SB_LD_W		0x20	/* BPF_LD | BPF_W | BPF_ABS */
 #define SB_JEQ		0x15	/* BPF_JMP | BPF_JEQ | BPF_K */
+#define SB_JSET		0x45	/* BPF_JMP | BPF_JSET | BPF_K */
 #define SB_RET		0x06	/* BPF_RET | BPF_K */
 #define SB_ALLOW	0x7fff0000U	/* SECCOMP_RET_ALLOW */
 #define SB_KILL		0x80000000U	/* SECCOMP_RET_KILL_PROCESS */
@@ -8896,7 +8922,9 @@ static const uint16_t sandbox_calls[] = {
 #define SB_ARCH		0xc00000b7U	/* AUDIT_ARCH_AARCH64 */
 #endif
 #define SB_NCALLS	(sizeof sandbox_calls / sizeof sandbox_calls[0])
-#define SB_MAX		(2 * SB_NCALLS + 12)
+#define SB_MAX		(2 * SB_NCALLS + 16)
+#define SB_ARG(k)	(16 + 8 * (k))	/* its low half (little-endian) */
+_Static_assert(2 * SB_NCALLS + 6 < 256, "BPF jumps are 8 bits");
 
 struct sb_insn {
 	uint16_t code;
@@ -8928,21 +8956,28 @@ sandbox_enter(void)
 	struct { unsigned short len; struct sb_insn *filter; } prog;
 	size_t	 n = 0, k;
 
-	sb_put(p, &n, SB_LD_W, 0, 0, 4);		/* arch */
+	/* 0: the architecture; 3: the number, to the argument checks
+	 * or the list (2N, in pairs); past it: kill. */
+	sb_put(p, &n, SB_LD_W, 0, 0, 4);
 	sb_put(p, &n, SB_JEQ, 1, 0, SB_ARCH);
 	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
-	sb_put(p, &n, SB_LD_W, 0, 0, 0);		/* nr */
-	sb_put(p, &n, SB_JEQ, 0, 4, __NR_socket);	/* socket(domain) */
-	sb_put(p, &n, SB_LD_W, 0, 0, 16);	/* the low half of domain */
-	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 3, 0, AF_INET);	/* to the */
-	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 2, 0, AF_INET6);	/* last */
-	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
-	for (k = 0; k < SB_NCALLS; k++) {	/* nr is still loaded */
+	sb_put(p, &n, SB_LD_W, 0, 0, 0);
+	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 3, 0, __NR_socket);	/* S */
+	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 6, 0, __NR_mmap);	/* X */
+	sb_put(p, &n, SB_JEQ, 2 * SB_NCALLS + 5, 0, __NR_mprotect);	/* X */
+	for (k = 0; k < SB_NCALLS; k++) {
 		sb_put(p, &n, SB_JEQ, 0, 1, sandbox_calls[k]);
 		sb_put(p, &n, SB_RET, 0, 0, SB_ALLOW);
 	}
 	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
-	sb_put(p, &n, SB_RET, 0, 0, SB_ALLOW);	/* socket: a family allowed */
+	sb_put(p, &n, SB_LD_W, 0, 0, SB_ARG(0));	/* S: socket(domain) */
+	sb_put(p, &n, SB_JEQ, 5, 0, AF_INET);		/* to A */
+	sb_put(p, &n, SB_JEQ, 4, 0, AF_INET6);		/* to A */
+	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
+	sb_put(p, &n, SB_LD_W, 0, 0, SB_ARG(2));	/* X: prot */
+	sb_put(p, &n, SB_JSET, 0, 1, PROT_EXEC);
+	sb_put(p, &n, SB_RET, 0, 0, SB_KILL);
+	sb_put(p, &n, SB_RET, 0, 0, SB_ALLOW);		/* A */
 	prog.len = (unsigned short)n;
 	prog.filter = p;
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)

@@ -1210,7 +1210,8 @@ test_pins(void)
 /* The sandbox (sandbox_enter), in a child: what the loop does is
  * allowed; a file, a program or another kind of socket ends the child
  * with SIGSYS. */
-enum { SB_EXIT, SB_OPEN, SB_OPENAT, SB_EXEC, SB_UNIX, SB_INET, SB_STATUS };
+enum { SB_EXIT, SB_OPEN, SB_OPENAT, SB_EXEC, SB_UNIX, SB_INET, SB_MMAP_X,
+    SB_MPROTECT_X, SB_MMAP, SB_STATUS };
 
 static void
 sandbox_child(int what)
@@ -1238,6 +1239,22 @@ sandbox_child(int what)
 	case SB_INET:
 		fd = socket(AF_INET6, SOCK_DGRAM, 0);
 		_exit(fd >= 0 && close(fd) == 0 ? 0 : 5);
+	case SB_MMAP_X:
+		fd = mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE |
+		    MAP_ANONYMOUS, -1, 0) == MAP_FAILED ? -1 : 0;
+		break;
+	case SB_MPROTECT_X:
+	case SB_MMAP: {
+		void	*m = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (m == MAP_FAILED)
+			_exit(5);
+		if (what == SB_MMAP)
+			_exit(munmap(m, 4096) == 0 ? 0 : 5);
+		fd = mprotect(m, 4096, PROT_READ | PROT_EXEC);
+		break;
+	}
 	default:
 		_exit(0);
 	}
@@ -1248,12 +1265,14 @@ static void
 test_sandbox(void)
 {
 	static const char *const names[] = { "exit", "open", "openat",
-	    "execve", "socket(AF_UNIX)", "socket(AF_INET6)" };
+	    "execve", "socket(AF_UNIX)", "socket(AF_INET6)",
+	    "mmap(PROT_EXEC)", "mprotect(PROT_EXEC)", "mmap, munmap" };
 	int	 what, status;
 	pid_t	 pid;
 
 	for (what = SB_EXIT; what < SB_STATUS; what++) {
-		int	 allowed = what == SB_EXIT || what == SB_INET;
+		int	 allowed = what == SB_EXIT || what == SB_INET ||
+		    what == SB_MMAP;
 
 		if ((pid = fork()) == 0)
 			sandbox_child(what);

@@ -739,6 +739,20 @@ def test_prefix_v4(mdotp, upstream, prefix):
         assert res[b] == "AAA", "/32: %s is a client of its own: %s" % (b, info)
 
 
+def test_prefix_v4_on_dual_stack_listener(mdotp, upstream, ports):
+    """A [::] listener alone takes IPv4 clients too, as ::ffff:a.b.c.d: they
+    are still cut to the V4 prefix (/32), not to /64 (which would make all
+    IPv4 clients one)."""
+    port = ports.get()
+    d = mdotp([upstream], extra=["--rate-limit", "1:10"], listen=["[::]:%d" % port])
+    a, b = "127.0.5.2", "127.0.5.3"
+    res = _flood_then(d, a, [b], dst=("127.0.0.1", port))
+    info = "--rate-limit 1:10 on [::]:%d: %s%s" % (port, res, ctx(d))
+    assert res[a][:10] == "A" * 10 and "-" in res[a], info
+    assert res[b] == "AAA", "%s is a client of its own on a dual-stack listener: %s" % (
+        b, info)
+
+
 @pytest.fixture
 def v6_addrs():
     """ULA addresses (inside the default --allow fc00::/7) on lo: two in
